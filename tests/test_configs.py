@@ -1,0 +1,110 @@
+"""Config schema: every shipped YAML loads; bad keys, types and values fail with the key named."""
+
+from pathlib import Path
+
+import pytest
+
+from utils.config import Config, load_config, parse_opts, schema_markdown
+from utils.errors import BanaError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").rglob("*.yml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in SHIPPED}
+    assert {"stage1.yml", "stage2.yml", "stage3_vgg.yml", "stage3_res.yml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_voc_configs_carry_the_spec_values():
+    s1 = load_config(ROOT / "configs/stage1.yml")
+    assert (s1.MODEL.POOLING, s1.MODEL.GRID_SIZE, s1.MODEL.ROI_SIZE) == ("bap", 4, [2, 2])
+    assert (s1.SOLVER.LR, s1.SOLVER.MAX_ITER, s1.SOLVER.MILESTONES, s1.DATA.BATCH_SIZE) == \
+        (1e-3, 8000, [5000], 20)
+    s2 = load_config(ROOT / "configs/stage2.yml")
+    assert (s2.MODEL.GRID_SIZE, s2.MODEL.BG_THRESHOLD, s2.MODEL.DCRF) == (1, 0.99, [4, 55, 3, 3, 3])
+    vgg = load_config(ROOT / "configs/stage3_vgg.yml")
+    assert (vgg.MODEL.FC6_DILATION, vgg.MODEL.TEMPERATURE, vgg.MODEL.GAMMA, vgg.MODEL.LAMBDA) == \
+        (12, 20.0, 7.0, 0.1)
+    assert (vgg.SOLVER.MAX_ITER, vgg.SOLVER.SCHEDULER, vgg.MODEL.DCRF) == \
+        (23805, "poly", [4, 121, 5, 3, 3])
+    res = load_config(ROOT / "configs/stage3_res.yml")
+    assert (res.MODEL.BACKBONE, res.SOLVER.LR, res.DATA.BATCH_SIZE, res.SOLVER.MAX_ITER,
+            res.MODEL.DCRF) == ("resnet101", 2.5e-4, 10, 20000, [4, 67, 3, 3, 1])
+
+
+def test_opts_override_dotted_keys_with_yaml_values():
+    cfg = load_config(ROOT / "configs/stage1.yml",
+                      ["DATA.ROOT", "/data/VOC2012", "OUTPUT_DIR", "runs/x", "SOLVER.MAX_ITER",
+                       "100", "MODEL.ROI_SIZE", "[3, 3]", "DATA.FLIP", "false",
+                       "SOLVER.MILESTONES", "[50]"])
+    assert cfg.DATA.ROOT == "/data/VOC2012" and cfg.OUTPUT_DIR == "runs/x"
+    assert cfg.SOLVER.MAX_ITER == 100 and cfg.MODEL.ROI_SIZE == [3, 3] and cfg.DATA.FLIP is False
+
+
+def test_int_is_accepted_for_float_keys_but_not_the_reverse():
+    assert load_config(None, ["SOLVER.LR", "1"]).SOLVER.LR == 1.0
+    with pytest.raises(BanaError, match="SOLVER.MAX_ITER.*integer"):
+        load_config(None, ["SOLVER.MAX_ITER", "1.5"])
+
+
+@pytest.mark.parametrize("yaml_text, pattern", [
+    ("DATA:\n  ROOTS: x\n", r"unknown config key 'DATA.ROOTS'.*DATA.ROOT"),
+    ("FOO: 1\n", r"unknown config key 'FOO'"),
+    ("SOLVER:\n  MAX_ITER: many\n", r"SOLVER.MAX_ITER: expected an integer, found 'many'"),
+    ("MODEL:\n  POOLING: max\n", r"MODEL.POOLING = 'max' is not allowed; choose one of bap, gap"),
+    ("MODEL:\n  LOSS: focal\n", r"MODEL.LOSS.*nal, ce_crf, ce_ret, baseline, er, bs"),
+    ("DATA:\n  BATCH_SIZE: 0\n", r"DATA.BATCH_SIZE = 0 is impossible; it must be > 0"),
+    ("MODEL:\n  BG_THRESHOLD: 1.5\n", r"MODEL.BG_THRESHOLD.*in \[0, 1\]"),
+    ("MODEL:\n  DCRF: [4, 55, 3]\n", r"MODEL.DCRF.*five numbers"),
+    ("SOLVER:\n  MAX_ITER: 100\n  MILESTONES: [200]\n", r"MILESTONES.*below SOLVER.MAX_ITER"),
+    ("DATA: 3\n", r"'DATA' is a section"),
+    ("- a\n- b\n", r"expected a mapping"),
+    ("MODEL:\n  POOLING: [bap\n", r"not valid YAML"),
+])
+def test_bad_yaml_fails_naming_file_and_key(tmp_path, yaml_text, pattern):
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml_text)
+    with pytest.raises(BanaError, match=pattern) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_bad_opts_fail_naming_the_key():
+    with pytest.raises(BanaError, match=r"--opts SOLVER.MAXITER: unknown config key"):
+        load_config(None, ["SOLVER.MAXITER", "3"])
+    with pytest.raises(BanaError, match="odd number"):
+        parse_opts(["SOLVER.MAX_ITER"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(BanaError, match="does not exist"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_paths_resolve_against_output_dir_and_data_root():
+    cfg = load_config(ROOT / "configs/stage2.yml",
+                      ["OUTPUT_DIR", "runs/x", "DATA.ROOT", "/data/voc"])
+    assert cfg.output_path(cfg.MODEL.WEIGHTS) == Path("runs/x/stage1/checkpoints/final.ckpt")
+    assert cfg.output_path("/abs/w.ckpt") == Path("/abs/w.ckpt")
+    assert cfg.pseudo_label_dir == Path("/data/voc/Generation")
+    assert cfg.run_dir == Path("runs/x/stage2")
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(ROOT / "configs/stage3_vgg.yml", ["OUTPUT_DIR", str(tmp_path)])
+    saved = cfg.save()
+    assert saved == tmp_path / "stage3_vgg" / "config.yaml"
+    assert load_config(saved) == cfg
+
+
+def test_configs_readme_is_current():
+    """configs/README.md is generated from the schema; regenerate with
+    `python -m utils.config > configs/README.md`."""
+    assert (ROOT / "configs/README.md").read_text() == schema_markdown()

@@ -1,0 +1,129 @@
+"""What every entry script shares: arguments, device choice, and errors as messages.
+
+A stage script is `main(run, description)`: it parses `--config-file`, `--gpu-id`, `--opts`
+(plus the script's own flags), loads the config and calls `run(cfg, args)`. A `BanaError`
+(or another error a user can act on, e.g. a full disk) becomes one paragraph on stderr and exit
+status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+from utils.errors import BanaError
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where to run: Lightning's `accelerator` and `devices`, plus a line saying why."""
+
+    accelerator: str  # "gpu" or "cpu"
+    devices: list[int] | int  # GPU ids, or the number of CPU processes
+    note: str
+
+    @property
+    def count(self) -> int:
+        return len(self.devices) if isinstance(self.devices, list) else self.devices
+
+
+def resolve_devices(gpu_id: str, cuda_count: int | None = None) -> Devices:
+    """`0` / `0,1` -> those GPUs; `cpu` -> one CPU process; `cpu:2` -> two CPU processes (DDP over
+    gloo, for testing multi-process code without GPUs). Without CUDA, `--gpu-id 0` falls back to
+    the CPU and says so; asking for any other GPU there is an error."""
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    spec = gpu_id.strip().lower()
+    if spec == "cpu" or spec.startswith("cpu:"):
+        n = 1
+        if spec.startswith("cpu:"):
+            try:
+                n = int(spec[4:])
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise BanaError(f"--gpu-id {gpu_id}: expected cpu:N with N >= 1 processes.")
+        return Devices("cpu", n, f"Running on CPU ({n} process{'es' if n > 1 else ''}).")
+    try:
+        ids = [int(x) for x in spec.split(",") if x != ""]
+    except ValueError:
+        raise BanaError(f"--gpu-id {gpu_id}: expected GPU ids like 0 or 0,1, or 'cpu'.") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise BanaError(f"--gpu-id {gpu_id}: expected distinct GPU ids like 0 or 0,1, or 'cpu'.")
+    if cuda_count == 0:
+        if ids == [0]:
+            return Devices("cpu", 1, "CUDA is not available on this machine: running on CPU "
+                                     "(pass --gpu-id cpu to silence this note).")
+        raise BanaError(f"--gpu-id {gpu_id}: this machine has no CUDA GPU. Use --gpu-id cpu "
+                        "(or cpu:N for N processes).")
+    missing = [i for i in ids if i >= cuda_count]
+    if missing:
+        raise BanaError(f"--gpu-id {gpu_id}: GPU {missing[0]} does not exist; this machine has "
+                        f"{cuda_count} GPU(s), ids 0..{cuda_count - 1}.")
+    return Devices("gpu", ids, f"Running on GPU {','.join(map(str, ids))}.")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config-file", required=True, metavar="FILE", help="YAML config")
+    p.add_argument("--gpu-id", default="0", metavar="ID",
+                   help="GPU ids ('0', '0,1'), 'cpu', or 'cpu:N' for N CPU processes "
+                        "(default 0; falls back to CPU when CUDA is absent)")
+    p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                   help="override config keys, e.g. --opts SOLVER.MAX_ITER 100 OUTPUT_DIR runs/x")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def report_error(message: str) -> None:
+    wrapped = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
+    print(f"error: {wrapped}", file=sys.stderr)
+
+
+def guarded(fn: Callable[[], object], debug: bool) -> object:
+    """Run `fn`; turn user-fixable errors into a message and exit status 2."""
+    try:
+        return fn()
+    except BanaError as e:
+        if debug:
+            raise
+        report_error(str(e))
+    except PermissionError as e:
+        if debug:
+            raise
+        report_error(f"cannot write {e.filename}: permission denied. Choose a writable "
+                     "folder (e.g. --opts OUTPUT_DIR runs/mine).")
+    except OSError as e:
+        if debug or e.errno not in (28, 30):  # ENOSPC, EROFS: the user's disk, not our bug
+            raise
+        report_error(f"cannot write {e.filename}: {e.strerror}.")
+    except KeyboardInterrupt:
+        report_error("interrupted; outputs written so far are complete files, rerun to resume.")
+        sys.exit(130)
+    sys.exit(2)
+
+
+def main(run: Callable, description: str,
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+         argv: list[str] | None = None):
+    """Parse arguments, load the config, and call `run(cfg, args)` with errors as messages."""
+    parser = base_parser(description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def go():
+        from utils.config import load_config
+
+        cfg = load_config(args.config_file, args.opts)
+        return run(cfg, args)
+
+    # Quieter logs from libraries, unless debugging.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:lightning_fabric")
+    return guarded(go, args.debug)

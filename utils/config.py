@@ -1,0 +1,366 @@
+"""One config schema for every stage, in code.
+
+The YAML keys are the reference's (`NAME`, `SEED`, `OUTPUT_DIR`, `DATA.*`, `MODEL.*`, `SOLVER.*`)
+plus `TEST.*` for evaluation. Defaults live here, every key is documented by its `help`, and a
+YAML file or `--opts KEY VALUE` override can only name keys that exist. Each stage reads the keys
+it needs; the shipped YAML files set the values the paper uses for that stage.
+
+Path conventions (so that overriding `DATA.ROOT` and `OUTPUT_DIR` re-targets the whole pipeline):
+- `DATA.ROOT` and `MODEL.INIT` (when a path) are relative to the working directory.
+- `DATA.PSEUDO_LABEL_DIR` is relative to `DATA.ROOT`.
+- `MODEL.WEIGHTS` names an earlier stage's output and is relative to `OUTPUT_DIR`.
+- A stage writes into its run folder `OUTPUT_DIR/NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from utils.errors import BanaError
+
+LOSSES = ("nal", "ce_crf", "ce_ret", "baseline", "er", "bs")
+BACKBONES = ("vgg16", "resnet101", "tiny")
+
+
+def _key(default, help: str, choices=None, check: Callable[[Any], bool] | None = None,
+         rule: str = ""):
+    """A config field: its default, what it means, and what values are allowed."""
+    meta = {"help": help, "choices": choices, "check": check, "rule": rule}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _unit(v) -> bool:
+    return 0 <= v <= 1
+
+
+@dataclass
+class DataConfig:
+    DATASET: str = _key("voc", "Dataset layout.", choices=("voc",))
+    ROOT: str = _key("datasets/VOC2012", "Dataset root holding JPEGImages/, Annotations/, "
+                     "ImageSets/Segmentation/, SegmentationClassAug/, BgMaskfromBoxes/.")
+    SPLIT: str = _key("train_aug", "Split list (ImageSets/Segmentation/<SPLIT>.txt) the stage "
+                      "trains on (stage 1, 3) or labels (stage 2).")
+    VAL_SPLIT: str = _key("val", "Split used for validation during stage 3.")
+    NUM_CLASSES: int = _key(21, "Number of classes including background.", check=lambda v: v >= 2,
+                            rule=">= 2")
+    BATCH_SIZE: int = _key(20, "Images per optimisation step (summed over all devices).",
+                           check=_positive, rule="> 0")
+    CROP_SIZE: int = _key(321, "Square training crop size in pixels.", check=_positive, rule="> 0")
+    SCALE_RANGE: list[float] = _key([0.5, 1.5], "Random rescaling range [min, max] before the crop.",
+                                    check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+                                    rule="two numbers 0 < min <= max")
+    FLIP: bool = _key(True, "Random horizontal flip (p = 0.5) during training.")
+    COLOR_JITTER: list[float] = _key([0.5, 0.5, 0.5, 0.0], "Colour jitter strength: brightness, "
+                                     "contrast, saturation, hue.",
+                                     check=lambda v: len(v) == 4 and all(x >= 0 for x in v),
+                                     rule="four numbers >= 0")
+    NUM_WORKERS: int = _key(4, "Data-loading worker processes per device.", check=_non_negative,
+                            rule=">= 0")
+    PSEUDO_LABEL_DIR: str = _key("Generation", "Folder of stage 2's Y_crf/ and Y_ret/ label maps, "
+                                 "relative to DATA.ROOT (stage 2 writes it, stage 3 reads it).")
+    GT_IDS: str = _key("", "Semi-supervised setting: a list file of image ids whose GT masks "
+                       "(SegmentationClassAug) replace the pseudo labels. Empty = none.")
+
+
+@dataclass
+class ModelConfig:
+    BACKBONE: str = _key("vgg16", "Feature extractor.", choices=BACKBONES)
+    INIT: str = _key("imagenet", "Backbone initialisation: 'imagenet' (torchvision weights), "
+                     "'none' (random), or a path to a state dict (torchvision layout or the "
+                     "authors' Caffe-converted vgg_caffe.pth).")
+    INPUT_NORM: str = _key("auto", "Input normalisation; 'auto' follows the weights (Caffe BGR "
+                           "mean for Caffe-converted VGG, ImageNet mean/std otherwise).",
+                           choices=("auto", "caffe", "imagenet"))
+    FC6_DILATION: int = _key(1, "VGG-16 fc6 dilation (1 in stage 1, 12 in stage 3).",
+                             check=_positive, rule="> 0")
+    WEIGHTS: str = _key("", "Checkpoint of an earlier stage, relative to OUTPUT_DIR (stage 2: the "
+                        "stage-1 model; evaluate.py: the stage-3 model).")
+    POOLING: str = _key("bap", "Stage-1 pooling: background-aware (bap) or global average (gap).",
+                        choices=("bap", "gap"))
+    ROI_SIZE: list[int] = _key([2, 2], "ROI grid per box (rows, cols) for foreground prototypes.",
+                               check=lambda v: len(v) == 2 and all(x > 0 for x in v),
+                               rule="two integers > 0")
+    GRID_SIZE: int = _key(4, "G x G grid for background prototypes (stage 1: 4, stage 2: 1).",
+                          check=_positive, rule="> 0")
+    BG_FRACTION_MIN: float = _key(0.125, "Images whose background fraction is <= this use GAP for "
+                                  "their boxes.", check=_unit, rule="in [0, 1]")
+    BG_THRESHOLD: float = _key(0.99, "Stage 2: tau; background attention below tau * max is set to "
+                               "0 in u0.", check=_unit, rule="in [0, 1]")
+    USE_U0: bool = _key(True, "Stage 2: use the background attention u0 as the background unary "
+                        "inside boxes (False = the 'Y_crf w/o u0' ablation).")
+    DCRF: list[float] = _key([4, 55, 3, 3, 3], "DenseCRF [bi_w, bi_xy_std, bi_rgb_std, pos_w, "
+                             "pos_xy_std] (stage 2, and evaluate.py's post-processing).",
+                             check=lambda v: len(v) == 5 and all(x >= 0 for x in v),
+                             rule="five numbers >= 0")
+    LOSS: str = _key("nal", "Stage-3 loss: noise-aware (nal), CE on Y_crf (ce_crf) or Y_ret "
+                     "(ce_ret), reliable pixels only (baseline), entropy regularisation (er), "
+                     "bootstrapping (bs).", choices=LOSSES)
+    TEMPERATURE: float = _key(20.0, "T: logits = T * cosine similarity.", check=_positive,
+                              rule="> 0")
+    GAMMA: float = _key(7.0, "gamma: sharpness of the NAL confidence map.", check=_non_negative,
+                        rule=">= 0")
+    LAMBDA: float = _key(0.1, "lambda: weight of the loss term on unreliable pixels.",
+                         check=_non_negative, rule=">= 0")
+    BETA: float = _key(0.8, "Bootstrapping: weight of Y_crf in the soft target.", check=_unit,
+                       rule="in [0, 1]")
+    FREEZE_BN: bool = _key(False, "Stage 3: keep BatchNorm statistics and affine parameters fixed.")
+
+
+@dataclass
+class SolverConfig:
+    LR: float = _key(1e-3, "Base learning rate (pretrained weights; biases 2x, new weights 10x, "
+                     "new biases 20x).", check=_positive, rule="> 0")
+    MOMENTUM: float = _key(0.9, "SGD momentum.", check=_unit, rule="in [0, 1]")
+    WEIGHT_DECAY: float = _key(5e-4, "Weight decay (not applied to biases).", check=_non_negative,
+                               rule=">= 0")
+    SCHEDULER: str = _key("multistep", "Learning-rate schedule.", choices=("multistep", "poly"))
+    MILESTONES: list[int] = _key([5000], "Multistep: iterations where lr is multiplied by "
+                                 "LR_DECAY.", check=lambda v: all(x > 0 for x in v),
+                                 rule="integers > 0")
+    LR_DECAY: float = _key(0.1, "Multistep: lr factor at each milestone.", check=_positive,
+                           rule="> 0")
+    POLY_POWER: float = _key(0.9, "Poly: lr = LR * (1 - it / MAX_ITER) ** POLY_POWER.",
+                             check=_non_negative, rule=">= 0")
+    MAX_ITER: int = _key(8000, "Number of optimisation steps.", check=_positive, rule="> 0")
+    CKPT_EVERY: int = _key(1000, "Save the 'last' checkpoint every this many iterations.",
+                           check=_positive, rule="> 0")
+    VAL_EVERY: int = _key(2000, "Stage 3: validate every this many iterations (and at the end).",
+                          check=_positive, rule="> 0")
+    LOG_EVERY: int = _key(20, "Log training scalars every this many iterations.",
+                          check=_positive, rule="> 0")
+
+
+@dataclass
+class TestConfig:
+    SPLIT: str = _key("val", "Split evaluate.py scores ('test' writes the VOC server layout).")
+    SCALES: list[float] = _key([1.0, 0.5, 0.75, 1.5], "Multi-scale inference scales.",
+                               check=lambda v: len(v) > 0 and all(x > 0 for x in v),
+                               rule="a non-empty list of numbers > 0")
+    FLIP: bool = _key(True, "Also average horizontally flipped inputs.")
+    CRF: bool = _key(True, "Also report results after DenseCRF post-processing (MODEL.DCRF).")
+
+
+@dataclass
+class Config:
+    NAME: str = _key("stage1", "Run name; outputs go to OUTPUT_DIR/NAME.")
+    SEED: int = _key(0, "Random seed (python, numpy, torch, data order, augmentation).")
+    OUTPUT_DIR: str = _key("runs/voc", "Root of all run folders of one pipeline.")
+    DATA: DataConfig = field(default_factory=DataConfig)
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    SOLVER: SolverConfig = field(default_factory=SolverConfig)
+    TEST: TestConfig = field(default_factory=TestConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.OUTPUT_DIR) / self.NAME
+
+    def output_path(self, path: str) -> Path:
+        """A path naming an earlier stage's output: relative paths resolve against OUTPUT_DIR."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else Path(self.OUTPUT_DIR) / p
+
+    @property
+    def data_root(self) -> Path:
+        return Path(os.path.expanduser(self.DATA.ROOT))
+
+    @property
+    def pseudo_label_dir(self) -> Path:
+        p = Path(os.path.expanduser(self.DATA.PSEUDO_LABEL_DIR))
+        return p if p.is_absolute() else self.data_root / p
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: Path | None = None) -> Path:
+        """Write the resolved config into the run folder (atomically)."""
+        from utils.io import atomic_write_text
+
+        path = Path(path) if path is not None else self.run_dir / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.dump())
+        return path
+
+
+def iter_keys(cfg_type=Config, prefix: str = ""):
+    """Yield (dotted key, dataclass field) for every leaf key of the schema, in order."""
+    for f in dataclasses.fields(cfg_type):
+        t = _field_type(cfg_type, f)
+        if dataclasses.is_dataclass(t):
+            yield from iter_keys(t, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f
+
+
+def _field_type(cls, f):
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _describe_type(t) -> str:
+    if typing.get_origin(t) is list:
+        return f"a list of {typing.get_args(t)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[t]
+
+
+def _coerce(value, t, where: str):
+    """Check `value` against the annotated type `t`; ints are accepted where floats are."""
+    bad = BanaError(f"{where}: expected {_describe_type(t)}, found {value!r} "
+                    f"({type(value).__name__}).")
+    if typing.get_origin(t) is list:
+        item_t = typing.get_args(t)[0]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item_t, where) for v in value]
+    if t is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if t is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported schema type {t}")
+
+
+def _set(cfg: Config, dotted: str, value, source: str) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            prefix = ".".join(parts[:i])
+            here = f"{prefix}." if prefix else ""
+            raise BanaError(
+                f"{source}: unknown config key '{dotted}'. Keys allowed under "
+                f"'{prefix or 'the top level'}': {', '.join(here + n for n in names)}. "
+                f"See configs/README.md for every key.")
+        f = next(f for f in dataclasses.fields(node) if f.name == part)
+        t = _field_type(type(node), f)
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(t):
+                raise BanaError(f"{source}: '{'.'.join(parts[:i + 1])}' is a value, not a "
+                                f"section, so '{dotted}' does not exist.")
+            node = getattr(node, part)
+            continue
+        if dataclasses.is_dataclass(t):
+            if not isinstance(value, dict):
+                raise BanaError(f"{source}: '{dotted}' is a section; expected a mapping of its "
+                                f"keys, found {value!r}.")
+            for k, v in value.items():
+                _set(cfg, f"{dotted}.{k}", v, source)
+            return
+        setattr(node, part, _coerce(value, t, f"{source}: {dotted}"))
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for dotted, f in iter_keys():
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices and value not in choices:
+            raise BanaError(f"{source}: {dotted} = {value!r} is not allowed; choose one of "
+                            f"{', '.join(map(str, choices))}.")
+        if check and not check(value):
+            raise BanaError(f"{source}: {dotted} = {value!r} is impossible; it must be "
+                            f"{f.metadata['rule']}.")
+    if cfg.SOLVER.SCHEDULER == "multistep" and any(m >= cfg.SOLVER.MAX_ITER
+                                                   for m in cfg.SOLVER.MILESTONES):
+        raise BanaError(f"{source}: SOLVER.MILESTONES {cfg.SOLVER.MILESTONES} must all be "
+                        f"below SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}.")
+    if not cfg.NAME or "/" in cfg.NAME:
+        raise BanaError(f"{source}: NAME = {cfg.NAME!r} must be a non-empty folder name "
+                        "without '/'.")
+
+
+def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
+    """`['A.B', '1', 'C', '[1, 2]']` -> `[('A.B', 1), ('C', [1, 2])]` (values read as YAML)."""
+    if len(opts) % 2:
+        raise BanaError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}.")
+    pairs = []
+    for key, raw in zip(opts[::2], opts[1::2]):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        # A bare YAML scalar like `runs/x` stays a string; '' means an empty string.
+        pairs.append((key, "" if raw == "" else value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, opts: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `--opts` overrides; validated as a whole."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BanaError(f"Config file {path} does not exist. Shipped configs live in "
+                            "configs/ (e.g. configs/stage1.yml, configs/demo/stage1.yml).")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise BanaError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise BanaError(f"{path}: expected a mapping of config keys at the top level, "
+                            f"found {type(data).__name__}.")
+        for key, value in data.items():
+            _set(cfg, str(key), value, str(path))
+    for key, value in parse_opts(list(opts or [])):
+        _set(cfg, key, value, f"--opts {key}")
+    _validate(cfg, str(path) if path is not None else "config")
+    return cfg
+
+
+def schema_markdown() -> str:
+    """Every key with its default and meaning: the body of configs/README.md."""
+    lines = ["# Config keys", "",
+             "Generated from `utils/config.py` by `python -m utils.config > configs/README.md`; "
+             "a test checks it is current.", "",
+             "Every stage script takes `--config-file FILE` and `--opts KEY VALUE ...` "
+             "(values are read as YAML, e.g. `--opts SOLVER.MAX_ITER 100 MODEL.ROI_SIZE [2,2]`). "
+             "Unknown keys, wrong types and impossible values are errors.", "",
+             "| key | default | allowed | meaning |", "|---|---|---|---|"]
+    defaults = Config()
+    for dotted, f in iter_keys():
+        value = defaults
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        allowed = (" \\| ".join(map(str, f.metadata["choices"])) if f.metadata.get("choices")
+                   else f.metadata.get("rule") or "")
+        lines.append(f"| `{dotted}` | `{value!r}` | {allowed} | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")
