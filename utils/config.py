@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import yaml
 
+from models.losses import LOSSES
 from utils.errors import BanaError
 
-LOSSES = ("nal", "ce_crf", "ce_ret", "baseline", "er", "bs")
 BACKBONES = ("vgg16", "resnet101", "tiny")
 
 
