@@ -1,0 +1,332 @@
+"""Feature extractors at output stride 8: VGG-16 (DeepLab-LargeFOV), ResNet-101 (DeepLab-V2), tiny.
+
+Shape shorthand: N images, H×W image, D = `out_channels`, h×w feature map (about H/8 × W/8;
+the exact size depends on the backbone's padding, so callers derive the scale from shapes).
+
+Every backbone takes float RGB images in 0..255 and normalises them itself with an `InputNorm`
+whose constants are buffers: they are saved and loaded with the weights, so a checkpoint always
+carries the normalisation it was trained with.
+"""
+
+import math
+import os
+import pickle
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models import ResNet101_Weights, VGG16_Weights
+
+from utils.errors import BanaError
+
+# Per-channel mean in RGB order and 0..255 units, e.g. the colour to pad images with.
+MEAN_RGB = {
+    "caffe": (122.675, 116.669, 104.008),
+    "imagenet": (0.485 * 255, 0.456 * 255, 0.406 * 255),
+}
+_IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+INPUT_NORMS = tuple(MEAN_RGB)
+
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+_CAFFE_VGG16_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                      "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
+_FC_SHAPES = {"fc6": (1024, 512, 3, 3), "fc7": (1024, 1024, 1, 1)}
+
+
+def _norm_buffers(kind):
+    """The `InputNorm` buffers for `kind`: channel order, mean and std in that order, 0..255 units."""
+    if kind == "caffe":
+        order, mean, std = (2, 1, 0), MEAN_RGB["caffe"][::-1], (1.0, 1.0, 1.0)
+    else:
+        order, mean, std = (0, 1, 2), MEAN_RGB["imagenet"], _IMAGENET_STD_RGB
+    return {"order": torch.tensor(order), "mean": torch.tensor(mean), "std": torch.tensor(std)}
+
+
+class InputNorm(nn.Module):
+    """(N,3,H,W) RGB 0..255 -> network input: Caffe (BGR minus mean) or ImageNet (RGB, mean/std)."""
+
+    def __init__(self, kind="imagenet"):
+        super().__init__()
+        for name, value in _norm_buffers(kind).items():
+            self.register_buffer(name, value)
+
+    @property
+    def kind(self):
+        return "caffe" if self.order[0].item() == 2 else "imagenet"
+
+    def forward(self, images):
+        return (images[:, self.order] - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+
+
+class _Backbone(nn.Module):
+    """Shared interface: `normalize` first, `input_norm` names it, `new_modules()` for lr groups."""
+
+    out_channels: int
+
+    def __init__(self, input_norm):
+        super().__init__()
+        self.normalize = InputNorm(input_norm)
+
+    @property
+    def input_norm(self):
+        return self.normalize.kind
+
+    def new_modules(self):
+        return []
+
+    def convert_state_dict(self, state_dict):
+        """(own-layout state dict without `normalize.*`, norm the weights expect or None)."""
+        return state_dict, None
+
+
+class VGG16LargeFOV(_Backbone):
+    """VGG-16 as in DeepLab-LargeFOV (SPEC §1); `features` keeps torchvision's layer indices."""
+
+    out_channels = 1024
+
+    def __init__(self, fc6_dilation=1, input_norm="imagenet"):
+        super().__init__(input_norm)
+        layers, in_ch, pools = [], 3, 0
+        for v in _VGG16_CFG:
+            if v == "M":
+                pools += 1
+                # Caffe pools with ceil; pools 4 and 5 keep the resolution so the stride stays 8.
+                layers.append(nn.MaxPool2d(3, stride=2 if pools <= 3 else 1, padding=1, ceil_mode=True))
+            else:
+                dilation = 2 if pools == 4 else 1
+                layers += [nn.Conv2d(in_ch, v, 3, padding=dilation, dilation=dilation),
+                           nn.ReLU(inplace=True)]
+                in_ch = v
+        self.features = nn.Sequential(*layers)
+        self.pool5a = nn.AvgPool2d(3, stride=1, padding=1)
+        self.fc6 = nn.Conv2d(512, 1024, 3, padding=fc6_dilation, dilation=fc6_dilation)
+        self.fc7 = nn.Conv2d(1024, 1024, 1)
+        self.drop6 = nn.Dropout2d(0.5)
+        self.drop7 = nn.Dropout2d(0.5)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # torchvision's VGG initialisation, used when no weights are loaded.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images):
+        x = self.pool5a(self.features(self.normalize(images)))
+        x = self.drop6(F.relu(self.fc6(x), inplace=True))
+        return self.drop7(F.relu(self.fc7(x), inplace=True))
+
+    def convert_state_dict(self, state_dict):
+        if "conv1_1.weight" in state_dict:
+            return convert_caffe_vgg16(state_dict), "caffe"
+        if "classifier.0.weight" in state_dict:
+            return convert_torchvision_vgg16(state_dict), "imagenet"
+        return state_dict, None
+
+
+class ResNet101DeepLabV2(_Backbone):
+    """torchvision ResNet-101 at stride 8 plus DeepLab-V2's four summed dilated 3×3 convs (SPEC §1)."""
+
+    out_channels = 256
+
+    def __init__(self, input_norm="imagenet"):
+        super().__init__(input_norm)
+        net = torchvision.models.resnet101(weights=None,
+                                           replace_stride_with_dilation=[False, True, True])
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        self.body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
+        self.head = nn.ModuleList(
+            nn.Conv2d(2048, 256, 3, padding=d, dilation=d, bias=False) for d in (6, 12, 18, 24))
+        for conv in self.head:
+            nn.init.normal_(conv.weight, std=0.01)
+
+    def forward(self, images):
+        x = self.body(self.normalize(images))
+        return F.relu(sum(conv(x) for conv in self.head))
+
+    def new_modules(self):
+        return list(self.head)
+
+    def convert_state_dict(self, state_dict):
+        if "conv1.weight" in state_dict:
+            own = {f"body.{k}": v for k, v in state_dict.items() if not k.startswith("fc.")}
+            return own, "imagenet"
+        return state_dict, None
+
+
+class TinyBackbone(_Backbone):
+    """Five 3×3 conv + GroupNorm + ReLU layers, stride 8, D = 128: for CPU demos and tests.
+
+    GroupNorm rather than BatchNorm so that training from scratch on tiny batches behaves the
+    same in train and eval mode.
+    """
+
+    out_channels = 128
+
+    def __init__(self, input_norm="imagenet"):
+        super().__init__(input_norm)
+        plan = ((3, 32, 2, 1), (32, 64, 2, 1), (64, 64, 1, 1), (64, 128, 2, 1), (128, 128, 1, 2))
+        layers = []
+        for in_ch, out_ch, stride, dilation in plan:
+            layers += [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation,
+                                 dilation=dilation, bias=False),
+                       nn.GroupNorm(8, out_ch), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, images):
+        return self.features(self.normalize(images))
+
+
+def convert_torchvision_vgg16(state_dict):
+    """torchvision `vgg16` state dict -> `VGG16LargeFOV` layout (without `normalize.*`).
+
+    fc6/fc7 are decimated as DeepLab's "vgg16_20M": fc6 (4096, 25088) is viewed as
+    (4096, 512, 7, 7) and every 4th output and every 3rd spatial tap (0, 3, 6) is kept ->
+    (1024, 512, 3, 3); fc7 keeps every 4th row and column -> (1024, 1024, 1, 1); biases every
+    4th. The 1000-way classifier (classifier.6) is dropped.
+    """
+    own = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
+    try:
+        fc6 = state_dict["classifier.0.weight"].view(4096, 512, 7, 7)
+        own["fc6.weight"] = fc6[::4, :, ::3, ::3].clone()
+        own["fc6.bias"] = state_dict["classifier.0.bias"][::4].clone()
+        own["fc7.weight"] = state_dict["classifier.3.weight"][::4, ::4].reshape(1024, 1024, 1, 1).clone()
+        own["fc7.bias"] = state_dict["classifier.3.bias"][::4].clone()
+    except (KeyError, RuntimeError) as err:
+        raise BanaError(f"not a torchvision VGG-16 state dict: its classifier.0 / classifier.3 "
+                        f"tensors are missing or have the wrong shape ({err})") from err
+    return own
+
+
+def convert_caffe_vgg16(state_dict):
+    """The BANA authors' Caffe-converted `vgg_caffe.pth` (conv1_1 ... conv5_3, fc6, fc7) -> own layout.
+
+    fc6/fc7 there are already the reduced 1024-channel convolutions; a `fc8*` classifier of the
+    source network, if present, is not part of the backbone and is dropped.
+    """
+    conv_indices = [i for i, v in enumerate(_features_layout()) if v == "conv"]
+    names = dict(zip(_CAFFE_VGG16_CONVS, conv_indices))
+    own = {}
+    for key, value in state_dict.items():
+        layer, _, param = key.rpartition(".")
+        if layer in names:
+            own[f"features.{names[layer]}.{param}"] = value
+        elif param == "weight" and layer in _FC_SHAPES and value.numel() == math.prod(_FC_SHAPES[layer]):
+            # Converters store a Caffe fully connected layer flat or as a convolution.
+            own[key] = value.reshape(_FC_SHAPES[layer])
+        elif not layer.startswith("fc8"):
+            own[key] = value
+    return own
+
+
+def _features_layout():
+    """Kinds of the modules in `VGG16LargeFOV.features`, index by index ("conv", "relu", "pool")."""
+    kinds = []
+    for v in _VGG16_CFG:
+        kinds += ["pool"] if v == "M" else ["conv", "relu"]
+    return kinds
+
+
+_BUILDERS = {
+    "vgg16": lambda fc6_dilation, norm: VGG16LargeFOV(fc6_dilation, norm),
+    "resnet101": lambda fc6_dilation, norm: ResNet101DeepLabV2(norm),
+    "tiny": lambda fc6_dilation, norm: TinyBackbone(norm),
+}
+_IMAGENET_WEIGHTS = {"vgg16": VGG16_Weights.IMAGENET1K_V1, "resnet101": ResNet101_Weights.IMAGENET1K_V1}
+
+
+def build_backbone(name, *, fc6_dilation=1, init="none", input_norm="auto"):
+    """A backbone by name ("vgg16" | "resnet101" | "tiny"), initialised from `init`.
+
+    init: "none" (random), "imagenet" (torchvision weights, from `$TORCH_HOME/hub/checkpoints/`
+    or downloaded), or a path to a state dict in torchvision layout, the authors' Caffe VGG-16
+    layout, or this module's own layout. input_norm: "auto" follows the weights (Caffe layout ->
+    "caffe", otherwise "imagenet"); naming one that contradicts the weights is an error.
+    fc6_dilation only affects vgg16.
+    """
+    if name not in _BUILDERS:
+        raise BanaError(f"unknown backbone {name!r}: MODEL.BACKBONE must be one of {sorted(_BUILDERS)}")
+    if input_norm not in ("auto", *INPUT_NORMS):
+        raise BanaError(f"unknown input normalisation {input_norm!r}: MODEL.INPUT_NORM must be "
+                        f"'auto', 'caffe' or 'imagenet'")
+    net = _BUILDERS[name](fc6_dilation, "imagenet")
+    if init == "none":
+        source, state_dict = None, None
+    elif init == "imagenet":
+        source, state_dict = f"torchvision's ImageNet {name}", _imagenet_state_dict(name)
+    else:
+        source, state_dict = str(init), _read_state_dict(init)
+
+    weights_norm = None
+    if state_dict is not None:
+        state_dict, weights_norm = net.convert_state_dict(state_dict)
+        if weights_norm is None:  # own layout: the normalisation is stored with the weights
+            weights_norm = _stored_norm(state_dict, source)
+    if input_norm == "auto":
+        input_norm = weights_norm or "imagenet"
+    elif weights_norm is not None and input_norm != weights_norm:
+        raise BanaError(f"MODEL.INPUT_NORM={input_norm!r} contradicts the weights from {source}, "
+                        f"which expect {weights_norm!r} inputs: set MODEL.INPUT_NORM to 'auto'")
+
+    if state_dict is None:
+        net.normalize.load_state_dict(_norm_buffers(input_norm))
+    else:
+        norm = {f"normalize.{k}": v for k, v in _norm_buffers(input_norm).items()}
+        state_dict = {**state_dict, **norm}
+        _load_strict(net, state_dict, source)
+    return net
+
+
+def _stored_norm(state_dict, source):
+    order = state_dict.get("normalize.order")
+    if order is None:
+        return None
+    if order.tolist() not in ([0, 1, 2], [2, 1, 0]):
+        raise BanaError(f"normalize.order in {source} is {order.tolist()}, expected [0, 1, 2] "
+                        f"(RGB, ImageNet) or [2, 1, 0] (BGR, Caffe)")
+    return "caffe" if order[0].item() == 2 else "imagenet"
+
+
+def _load_strict(net, state_dict, source):
+    expected = net.state_dict().keys()
+    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    if missing or unexpected:
+        raise BanaError(
+            f"the weights from {source} do not fit {type(net).__name__}: "
+            f"{len(missing)} missing keys (e.g. {sorted(missing)[:4]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:4]}). Expected a "
+            f"torchvision, Caffe-converted VGG-16 (vgg_caffe.pth) or this project's own state dict.")
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise BanaError(f"the weights from {source} have the wrong shapes for "
+                        f"{type(net).__name__}: {err}") from err
+
+
+def _read_state_dict(path):
+    if not os.path.isfile(path):
+        raise BanaError(f"MODEL.INIT is {path!r}, which is not a file: expected 'none', 'imagenet' "
+                        f"or the path of a state dict (.pth)")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise BanaError(f"could not read the state dict {path}: {err}") from err
+    if not isinstance(state_dict, dict):
+        raise BanaError(f"{path} holds a {type(state_dict).__name__}, expected a state dict "
+                        f"(a dict of tensor names to tensors)")
+    return state_dict
+
+
+def _imagenet_state_dict(name):
+    if name not in _IMAGENET_WEIGHTS:
+        raise BanaError(f"there are no ImageNet weights for the {name!r} backbone: set MODEL.INIT "
+                        f"to 'none' or to the path of a state dict")
+    weights = _IMAGENET_WEIGHTS[name]
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise BanaError(
+            f"could not get the ImageNet weights for {name} ({type(err).__name__}: {err}). "
+            f"Without internet, download {weights.url} elsewhere and put it at {target} "
+            f"(the folder follows $TORCH_HOME), or set MODEL.INIT to the path of a state dict.") from err
