@@ -1,0 +1,207 @@
+"""Training plumbing shared by stage 1 and stage 3: optimiser groups, schedules, checkpoints,
+the Lightning trainer, and loading an earlier stage's checkpoint.
+
+Checkpoints are Lightning checkpoints with one extra entry, `checkpoint["bana"]`, saying which
+stage wrote it and how to rebuild its network (backbone, classes, pooling, input norm). Every
+checkpoint file is written to a temporary name and renamed, so a run killed at any moment leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from utils.config import Config, SolverConfig
+from utils.errors import BanaError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parameter_groups(pretrained: Iterable[nn.Module], new: Iterable[nn.Module], lr: float,
+                     weight_decay: float) -> list[dict]:
+    """The reference's four SGD groups.
+
+    Pretrained weights train at lr, their biases at 2*lr without decay (Caffe's habit, kept by
+    DeepLab); newly initialised layers learn 10x faster (20x for biases) since they start from
+    noise. A parameter found in a `new` module is new even if a `pretrained` module (e.g. the
+    whole backbone) also contains it; frozen parameters are left out.
+    """
+    groups = {k: [] for k in ("pw", "pb", "nw", "nb")}
+    seen: set[int] = set()
+    for kind, modules in (("n", new), ("p", pretrained)):
+        for module in modules:
+            for name, param in module.named_parameters():
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                groups[kind + ("b" if name.endswith("bias") else "w")].append(param)
+    spec = {"pw": (1, weight_decay), "pb": (2, 0.0), "nw": (10, weight_decay), "nb": (20, 0.0)}
+    return [{"params": groups[k], "lr": lr * mult, "weight_decay": wd, "name": k}
+            for k, (mult, wd) in spec.items() if groups[k]]
+
+
+def network_groups(backbone: nn.Module, head: Iterable[nn.Module], solver: SolverConfig):
+    """Groups for a backbone (pretrained except its `new_modules()`) plus new head modules."""
+    new = [*getattr(backbone, "new_modules", lambda: [])(), *head]
+    return parameter_groups([backbone], new, solver.LR, solver.WEIGHT_DECAY)
+
+
+def lr_factor(iteration: int, solver: SolverConfig) -> float:
+    """Learning-rate multiplier at `iteration` (0-based) for the configured schedule."""
+    if solver.SCHEDULER == "poly":
+        return max(0.0, 1.0 - iteration / solver.MAX_ITER) ** solver.POLY_POWER
+    passed = sum(iteration >= m for m in solver.MILESTONES)
+    return solver.LR_DECAY ** passed
+
+
+def make_optimizer(groups: list[dict], solver: SolverConfig):
+    """SGD plus an iteration-based LambdaLR; Lightning steps the scheduler every iteration."""
+    optimizer = torch.optim.SGD(groups, lr=solver.LR, momentum=solver.MOMENTUM,
+                                weight_decay=solver.WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda it: lr_factor(it, solver))
+    return {"optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
+    """Stop training at the first non-finite loss term, naming it, before anything is saved."""
+    for name, value in losses.items():
+        if not torch.isfinite(value.detach()).all():
+            raise BanaError(
+                f"non-finite loss at iteration {iteration}: term '{name}' = {value.item()}. "
+                "Training stopped; the last checkpoint was written before this iteration and is "
+                "intact. Lower SOLVER.LR, check the labels, or rerun with --resume.")
+
+
+def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(str(tmp), weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier("atomic_save_checkpoint")
+
+
+class AtomicCheckpoint(pl.Callback):
+    """`last.ckpt` every `every` iterations, `best.ckpt` on a better `monitor` value, and
+    `final.ckpt` when training reaches its last iteration; all written atomically."""
+
+    def __init__(self, dirpath: Path, every: int, monitor: str | None = None):
+        self.dirpath = Path(dirpath)
+        self.every = every
+        self.monitor = monitor
+        self.best = -math.inf
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0 and step < trainer.max_steps:
+            atomic_save_checkpoint(trainer, self.dirpath / "last.ckpt")
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.monitor is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and float(value) > self.best:
+            self.best = float(value)
+            atomic_save_checkpoint(trainer, self.dirpath / "best.ckpt")
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step >= trainer.max_steps:
+            atomic_save_checkpoint(trainer, self.dirpath / "last.ckpt")
+            atomic_save_checkpoint(trainer, self.dirpath / "final.ckpt")
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict):
+        self.best = state_dict.get("best", -math.inf)
+
+
+def resume_path(cfg: Config, resume: bool) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    A fresh run refuses to start over an existing one, so nothing already trained is lost.
+    """
+    last = cfg.run_dir / CHECKPOINT_DIR / "last.ckpt"
+    if resume:
+        if last.is_file():
+            print(f"Resuming from {last}.")
+            return str(last)
+        print(f"--resume: no checkpoint at {last} yet; starting from iteration 0.")
+        return None
+    if last.is_file():
+        raise BanaError(f"{cfg.run_dir} already holds a run ({last}). Pass --resume to continue "
+                        "it, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
+    return None
+
+
+def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
+                 val_every: int | None = None) -> pl.Trainer:
+    """An iteration-based Lightning trainer writing CSV and TensorBoard logs to the run folder."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    run_dir = cfg.run_dir
+    # One version folder per launch (logs/version_0, version_1 after a resume, ...): a resumed
+    # run must never delete the logs of the attempt before it.
+    loggers = [CSVLogger(str(run_dir), name="logs"), TensorBoardLogger(str(run_dir), name="tb")]
+    strategy = "ddp" if devices.count > 1 else "auto"
+    if strategy == "ddp" and devices.accelerator == "cpu":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    kwargs = {}
+    if val_every is not None:
+        kwargs.update(val_check_interval=val_every, check_val_every_n_epoch=None,
+                      num_sanity_val_steps=0)
+    else:
+        kwargs.update(limit_val_batches=0, num_sanity_val_steps=0)
+    return pl.Trainer(
+        accelerator=devices.accelerator, devices=devices.devices, strategy=strategy,
+        max_steps=cfg.SOLVER.MAX_ITER, max_epochs=-1, logger=loggers,
+        log_every_n_steps=cfg.SOLVER.LOG_EVERY, enable_checkpointing=False,
+        callbacks=[*callbacks, LearningRateMonitor("step"), TQDMProgressBar(refresh_rate=10)],
+        default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",
+        enable_model_summary=False, use_distributed_sampler=True, **kwargs)
+
+
+def load_stage_checkpoint(path: Path, stage: int, hint: str) -> dict:
+    """Read a checkpoint and check it was written by `stage`; returns the checkpoint dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise BanaError(f"checkpoint {path} does not exist. {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
+        raise BanaError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). {hint}") \
+            from None
+    meta = ckpt.get("bana") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "stage" not in meta:
+        raise BanaError(f"{path} is not a checkpoint written by this project's stage {stage}. "
+                        f"{hint}")
+    if meta["stage"] != stage:
+        raise BanaError(f"{path} was written by stage {meta['stage']}, but stage {stage}'s "
+                        f"model is needed here. {hint}")
+    return ckpt
+
+
+def model_state(ckpt: dict, prefix: str = "net.") -> dict:
+    """The wrapped network's weights from a LightningModule checkpoint."""
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

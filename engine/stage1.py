@@ -1,0 +1,111 @@
+"""Stage 1: train the box classifier (`models.labeler.Labeler`) with BAP or GAP (SPEC §2)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
+                           make_trainer, network_groups, resume_path, seed_everything)
+from utils.config import Config
+
+STAGE = 1
+
+
+class Stage1LitModule(pl.LightningModule):
+    """Wraps a built `Labeler`; one step = mean cross-entropy over all fg and bg prototypes."""
+
+    def __init__(self, net, cfg: Config):
+        super().__init__()
+        self.net = net
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.to_dict()})
+
+    def training_step(self, batch, batch_idx):
+        images = batch["image"].float()
+        # Padding is 255 in the bg mask: it is neither background nor inside a box.
+        bg_mask = (batch["bg_mask"] == 1).float()
+        logits, targets = self.net(images, batch["boxes"], bg_mask)
+        loss = F.cross_entropy(logits, targets)
+        check_finite({"ce": loss}, self.global_step)
+        with torch.no_grad():
+            correct = logits.argmax(1) == targets
+            fg = targets > 0
+            fg_acc = correct[fg].float().mean() if fg.any() else correct.new_tensor(float("nan"))
+            bg_acc = correct[~fg].float().mean() if (~fg).any() else correct.new_tensor(
+                float("nan"))
+        n = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=False)
+        self.log("train/fg_acc", fg_acc.float(), prog_bar=True, batch_size=n)
+        self.log("train/bg_acc", bg_acc.float(), prog_bar=True, batch_size=n)
+        return loss
+
+    def configure_optimizers(self):
+        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
+        return make_optimizer(groups, self.cfg.SOLVER)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["bana"] = checkpoint_meta(self.net, self.cfg)
+
+
+def checkpoint_meta(net, cfg: Config) -> dict:
+    return {"stage": STAGE, "backbone": cfg.MODEL.BACKBONE, "num_classes": cfg.DATA.NUM_CLASSES,
+            "pooling": cfg.MODEL.POOLING, "fc6_dilation": cfg.MODEL.FC6_DILATION,
+            "input_norm": net.backbone.input_norm, "config": cfg.to_dict()}
+
+
+def build_labeler(cfg: Config, init: str | None = None, input_norm: str | None = None):
+    from models.backbones import build_backbone
+    from models.labeler import Labeler
+
+    backbone = build_backbone(cfg.MODEL.BACKBONE, fc6_dilation=cfg.MODEL.FC6_DILATION,
+                              init=cfg.MODEL.INIT if init is None else init,
+                              input_norm=cfg.MODEL.INPUT_NORM if input_norm is None
+                              else input_norm)
+    return Labeler(cfg.DATA.NUM_CLASSES, backbone, pooling=cfg.MODEL.POOLING,
+                   roi_size=tuple(cfg.MODEL.ROI_SIZE), grid_size=cfg.MODEL.GRID_SIZE,
+                   bg_fraction_min=cfg.MODEL.BG_FRACTION_MIN)
+
+
+def train_loader(cfg: Config, per_device_batch: int, fill) -> DataLoader:
+    from data.transforms import TrainTransform
+    from data.voc import VOCBoxDataset, collate_boxes
+
+    transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
+                               flip=cfg.DATA.FLIP, color_jitter=tuple(cfg.DATA.COLOR_JITTER),
+                               fill=fill)
+    dataset = VOCBoxDataset(cfg.data_root, cfg.DATA.SPLIT, transform=transform)
+    return DataLoader(dataset, batch_size=per_device_batch, shuffle=True, drop_last=True,
+                      num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_boxes,
+                      persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=False)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Train stage 1; returns the final training metrics and the checkpoint path."""
+    from models.backbones import MEAN_RGB
+    from utils.cli import resolve_devices
+
+    devices = resolve_devices(args.gpu_id)
+    print(devices.note)
+    ckpt_path = resume_path(cfg, getattr(args, "resume", False))
+    seed_everything(cfg.SEED)
+    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
+    cfg.save()
+
+    net = build_labeler(cfg)
+    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
+    loader = train_loader(cfg, per_device, MEAN_RGB[net.backbone.input_norm])
+    module = Stage1LitModule(net, cfg)
+    ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final = ckpt_dir / "final.ckpt"
+    if trainer.is_global_zero:
+        print(f"Stage 1 done: {trainer.global_step} iterations, checkpoint {final}")
+    return {"iterations": trainer.global_step, "checkpoint": str(final), **metrics}

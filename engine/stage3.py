@@ -1,0 +1,161 @@
+"""Stage 3: train DeepLab on the pseudo labels with the noise-aware loss (SPEC §4)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
+                           make_trainer, network_groups, resume_path, seed_everything)
+from utils.config import Config
+from utils.errors import BanaError
+
+STAGE = 3
+
+
+class Stage3LitModule(pl.LightningModule):
+    """Wraps a built `DeepLab`; trains with `models.losses.compute_loss`, validates mIoU."""
+
+    def __init__(self, net, cfg: Config):
+        super().__init__()
+        from utils.metrics import ConfusionMatrix
+
+        self.net = net
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.to_dict()})
+        self.confmat = ConfusionMatrix(cfg.DATA.NUM_CLASSES)
+
+    def training_step(self, batch, batch_idx):
+        from models.losses import compute_loss
+
+        images, labels = batch["image"].float(), batch["label"].long()
+        cos = self.net(images, out_size=images.shape[-2:])
+        m = self.cfg.MODEL
+        losses = compute_loss(m.LOSS, cos, labels[:, 0], labels[:, 1], temperature=m.TEMPERATURE,
+                              gamma=m.GAMMA, lam=m.LAMBDA, beta=m.BETA)
+        check_finite(losses, self.global_step)
+        n = images.shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=n)
+        return losses["loss"]
+
+    def on_validation_epoch_start(self):
+        self.confmat.reset()
+
+    def validation_step(self, batch, batch_idx):
+        images, gt = batch["image"].float(), batch["label"][:, 0]
+        pred = self.net(images, out_size=images.shape[-2:]).argmax(1)
+        self.confmat.update(pred.cpu(), gt.cpu())
+
+    def on_validation_epoch_end(self):
+        # Each process saw a shard of the val split: add the confusion matrices up.
+        mat = self.confmat.matrix.to(self.device, torch.float64)
+        mat = self.trainer.strategy.reduce(mat, reduce_op="sum")
+        self.confmat.matrix.copy_(mat.round().long().cpu())
+        metrics = self.confmat.compute()
+        self.log("val/miou", float(metrics["miou"]), prog_bar=True, sync_dist=False)
+        self.log("val/pixel_acc", float(metrics["pixel_acc"]), sync_dist=False)
+
+    def configure_optimizers(self):
+        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
+        return make_optimizer(groups, self.cfg.SOLVER)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["bana"] = {"stage": STAGE, "backbone": self.cfg.MODEL.BACKBONE,
+                              "num_classes": self.cfg.DATA.NUM_CLASSES,
+                              "fc6_dilation": self.cfg.MODEL.FC6_DILATION,
+                              "input_norm": self.net.backbone.input_norm,
+                              "config": self.cfg.to_dict()}
+
+
+def build_deeplab_from_config(cfg: Config, init: str | None = None,
+                              input_norm: str | None = None):
+    from models.backbones import build_backbone
+    from models.deeplab import DeepLab
+
+    backbone = build_backbone(cfg.MODEL.BACKBONE, fc6_dilation=cfg.MODEL.FC6_DILATION,
+                              init=cfg.MODEL.INIT if init is None else init,
+                              input_norm=cfg.MODEL.INPUT_NORM if input_norm is None
+                              else input_norm)
+    return DeepLab(cfg.DATA.NUM_CLASSES, backbone, frozen_bn=cfg.MODEL.FREEZE_BN)
+
+
+def read_gt_ids(path: str) -> set[str] | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise BanaError(f"DATA.GT_IDS names {p}, which does not exist. Give a text file with "
+                        "one image id per line, or set DATA.GT_IDS to '' for no GT masks.")
+    return {line.strip() for line in p.read_text().splitlines() if line.strip()}
+
+
+def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
+    root = cfg.pseudo_label_dir
+    dirs = (root / "Y_crf", root / "Y_ret")
+    for d in dirs:
+        if not d.is_dir():
+            raise BanaError(
+                f"pseudo labels {d} do not exist. Run stage 2 first: python stage2.py "
+                f"--config-file configs/stage2.yml --opts DATA.ROOT {cfg.DATA.ROOT} "
+                f"DATA.PSEUDO_LABEL_DIR {cfg.DATA.PSEUDO_LABEL_DIR}")
+    return str(dirs[0]), str(dirs[1])
+
+
+def loaders(cfg: Config, per_device_batch: int, fill) -> tuple[DataLoader, DataLoader]:
+    from data.transforms import TrainTransform
+    from data.voc import VOCMaskDataset, collate_masks
+
+    transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
+                               flip=cfg.DATA.FLIP, color_jitter=tuple(cfg.DATA.COLOR_JITTER),
+                               fill=fill)
+    train = VOCMaskDataset(cfg.data_root, cfg.DATA.SPLIT, label_dirs=pseudo_label_dirs(cfg),
+                           transform=transform, gt_ids=read_gt_ids(cfg.DATA.GT_IDS),
+                           num_classes=cfg.DATA.NUM_CLASSES)
+    val = VOCMaskDataset(cfg.data_root, cfg.DATA.VAL_SPLIT, num_classes=cfg.DATA.NUM_CLASSES)
+    workers = cfg.DATA.NUM_WORKERS
+    train_loader = DataLoader(train, batch_size=per_device_batch, shuffle=True, drop_last=True,
+                              num_workers=workers, collate_fn=collate_masks,
+                              persistent_workers=workers > 0)
+    # Val images differ in size: one at a time, at full resolution (SPEC §5 single scale).
+    val_loader = DataLoader(val, batch_size=1, shuffle=False, num_workers=min(workers, 2),
+                            collate_fn=collate_masks)
+    return train_loader, val_loader
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Train stage 3; returns the last validation metrics and the checkpoint paths."""
+    from models.backbones import MEAN_RGB
+    from utils.cli import resolve_devices
+
+    devices = resolve_devices(args.gpu_id)
+    print(devices.note)
+    ckpt_path = resume_path(cfg, getattr(args, "resume", False))
+    seed_everything(cfg.SEED)
+    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
+    cfg.save()
+
+    net = build_deeplab_from_config(cfg)
+    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
+    train_loader, val_loader = loaders(cfg, per_device, MEAN_RGB[net.backbone.input_norm])
+    module = Stage3LitModule(net, cfg)
+    ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    val_every = min(cfg.SOLVER.VAL_EVERY, cfg.SOLVER.MAX_ITER)
+    checkpoint = AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY, monitor="val/miou")
+    trainer = make_trainer(cfg, devices, [checkpoint], val_every=val_every)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                ckpt_path=ckpt_path)
+    if trainer.global_step % val_every:
+        trainer.validate(module, dataloaders=val_loader, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        print(f"Stage 3 done: {trainer.global_step} iterations, val mIoU "
+              f"{metrics.get('val/miou', float('nan')):.2f} (best {checkpoint.best:.2f}), "
+              f"checkpoints in {ckpt_dir}")
+    return {"iterations": trainer.global_step, "best_miou": checkpoint.best,
+            "checkpoint": str(ckpt_dir / "best.ckpt"), **metrics}

@@ -1,0 +1,116 @@
+"""Stage 3 end to end on a tiny synthetic VOC tree with hand-made pseudo labels."""
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import engine.common
+from engine.common import lr_factor
+from engine.stage3 import run
+from utils.config import load_config
+from utils.errors import BanaError
+from utils.io import atomic_write_png, read_index_png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def labelled_voc(synthetic_voc, tmp_path_factory):
+    """The synthetic tree plus pseudo labels: Y_crf = GT, Y_ret = GT with a band relabelled."""
+    root = tmp_path_factory.mktemp("stage3") / "voc"
+    shutil.copytree(synthetic_voc, root)
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    for i in ids:
+        gt = read_index_png(root / "SegmentationClassAug" / f"{i}.png")
+        y = np.where(gt == 255, 0, gt).astype(np.uint8)
+        atomic_write_png(root / "Generation/Y_crf" / f"{i}.png", y)
+        noisy = y.copy()
+        noisy[: y.shape[0] // 4] = 0
+        atomic_write_png(root / "Generation/Y_ret" / f"{i}.png", noisy)
+    return root
+
+
+def small_cfg(data_root, out, *opts):
+    return load_config(ROOT / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(data_root), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
+        "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "6",
+        "SOLVER.CKPT_EVERY", "2", "SOLVER.VAL_EVERY", "3", "SOLVER.LOG_EVERY", "1", *opts])
+
+
+def args(resume=False):
+    return argparse.Namespace(gpu_id="cpu", resume=resume)
+
+
+@pytest.mark.parametrize("loss", ["nal", "ce_crf", "ce_ret", "baseline", "er", "bs"])
+def test_every_loss_trains_and_validates(labelled_voc, tmp_path, loss):
+    cfg = small_cfg(labelled_voc, tmp_path, "MODEL.LOSS", loss, "SOLVER.MAX_ITER", "3")
+    result = run(cfg, args())
+    assert result["iterations"] == 3
+    assert 0 <= result["val/miou"] <= 100
+    ckpt = torch.load(cfg.run_dir / "checkpoints/best.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["bana"]["stage"] == 3
+
+
+def test_resume_continues_the_poly_schedule_exactly(labelled_voc, tmp_path, monkeypatch):
+    cfg = small_cfg(labelled_voc, tmp_path)
+    make_trainer = engine.common.make_trainer
+
+    class Crash(pl.Callback):
+        def on_train_batch_end(self, trainer, *a):
+            if trainer.global_step == 3:
+                raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr("engine.stage3.make_trainer",
+                        lambda c, d, cbs, **kw: make_trainer(c, d, [*cbs, Crash()], **kw))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, args())
+    monkeypatch.setattr("engine.stage3.make_trainer", make_trainer)
+    result = run(cfg, args(resume=True))
+    assert result["iterations"] == 6
+    final = torch.load(cfg.run_dir / "checkpoints/final.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert final["lr_schedulers"][0]["last_epoch"] == 6
+    lrs = {g["name"]: g["lr"] for g in final["optimizer_states"][0]["param_groups"]}
+    assert lrs["pw"] == pytest.approx(cfg.SOLVER.LR * lr_factor(6, cfg.SOLVER), abs=1e-12)
+
+
+def test_semi_supervised_ids_train_on_gt(labelled_voc, tmp_path):
+    ids_file = tmp_path / "gt_ids.txt"
+    ids_file.write_text("\n".join((labelled_voc / "ImageSets/Segmentation/train.txt")
+                                  .read_text().split()[:3]))
+    cfg = small_cfg(labelled_voc, tmp_path, "DATA.GT_IDS", str(ids_file),
+                    "SOLVER.MAX_ITER", "2")
+    assert run(cfg, args())["iterations"] == 2
+
+
+def test_missing_pseudo_labels_name_the_stage2_command(synthetic_voc, tmp_path):
+    cfg = small_cfg(synthetic_voc, tmp_path, "DATA.PSEUDO_LABEL_DIR", "nowhere")
+    with pytest.raises(BanaError, match="Run stage 2 first"):
+        run(cfg, args())
+
+
+def test_missing_gt_ids_file_is_named(labelled_voc, tmp_path):
+    cfg = small_cfg(labelled_voc, tmp_path, "DATA.GT_IDS", str(tmp_path / "none.txt"))
+    with pytest.raises(BanaError, match="DATA.GT_IDS"):
+        run(cfg, args())
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(labelled_voc, tmp_path):
+    cmd = [sys.executable, "stage3.py", "--config-file", "configs/demo/stage3.yml",
+           "--gpu-id", "cpu:2", "--opts", "DATA.ROOT", str(labelled_voc), "OUTPUT_DIR",
+           str(tmp_path), "DATA.CROP_SIZE", "48", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
+           "SOLVER.MAX_ITER", "4", "SOLVER.CKPT_EVERY", "2", "SOLVER.VAL_EVERY", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = torch.load(tmp_path / "stage3" / "checkpoints" / "final.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert final["global_step"] == 4 and final["bana"]["stage"] == 3
