@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny synthetic VOC tree, written once per test session."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory) -> Path:
+    """Root of a read-only synthetic VOC tree: 12 train / 6 val images of 64 px, seed 0, the five
+    default classes. Tests that damage a tree use `synthetic_voc_copy`."""
+    from data.synthetic import make_synthetic_voc
+
+    root = tmp_path_factory.mktemp("synthetic_voc") / "VOC"
+    make_synthetic_voc(root, n_train=12, n_val=6, size=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def synthetic_voc_copy(synthetic_voc, tmp_path) -> Path:
+    """A private copy of `synthetic_voc` that a test may modify."""
+    return Path(shutil.copytree(synthetic_voc, tmp_path / "VOC"))
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """Run a repository script as a user would (`python data/x.py ...` from the repo root)."""
+    import subprocess
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    return run

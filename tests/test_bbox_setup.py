@@ -1,0 +1,154 @@
+"""Background masks from boxes (hand-drawn cases), the mask writer, its CLI and setup_voc.bash."""
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.voc_bbox_setup import main, write_bg_masks
+from utils.boxes import bg_mask_from_boxes, fill_boxes
+from utils.errors import BanaError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bg_mask_hand_drawn():
+    # 5 x 6 image; box (1, 1)-(4, 3) covers rows 1..2, cols 1..3.
+    expected = np.array([[1, 1, 1, 1, 1, 1],
+                         [1, 0, 0, 0, 1, 1],
+                         [1, 0, 0, 0, 1, 1],
+                         [1, 1, 1, 1, 1, 1],
+                         [1, 1, 1, 1, 1, 1]], np.uint8)
+    assert np.array_equal(bg_mask_from_boxes([[1, 1, 4, 3]], 5, 6), expected)
+
+
+def test_bg_mask_truncates_float_coordinates():
+    # int(1.9) = 1, int(3.99) = 3: cols 1..2; int(0.5) = 0, int(2.01) = 2: rows 0..1.
+    # Rounding would give cols 2..3 instead.
+    mask = bg_mask_from_boxes(np.array([[1.9, 0.5, 3.99, 2.01, 12]]), 4, 5)
+    expected = np.ones((4, 5), np.uint8)
+    expected[0:2, 1:3] = 0
+    assert np.array_equal(mask, expected)
+
+
+def test_bg_mask_union_clipping_and_no_boxes():
+    boxes = [[-3.0, -2.0, 2.0, 2.0], [4.0, 1.0, 99.0, 3.0], [2.0, 2.0, 2.0, 4.0]]  # last: zero width
+    expected = np.array([[0, 0, 1, 1, 1, 1],
+                         [0, 0, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 1, 1]], np.uint8)
+    assert np.array_equal(bg_mask_from_boxes(boxes, 4, 6), expected)
+    assert np.array_equal(bg_mask_from_boxes(np.zeros((0, 4)), 2, 3), np.ones((2, 3), np.uint8))
+    assert bg_mask_from_boxes([], 2, 3).dtype == np.uint8
+
+
+def test_fill_boxes_paints_smaller_boxes_on_top():
+    # The small box (class 7) is listed first but painted last because it is smaller.
+    boxes = [[1, 1, 3, 3, 7], [0, 0, 4, 4, 3], [3, 0, 5, 2, 9]]
+    expected = np.array([[3, 3, 3, 9, 9],
+                         [3, 7, 7, 9, 9],
+                         [3, 7, 7, 3, 0],
+                         [3, 3, 3, 3, 0]], np.uint8)
+    assert np.array_equal(fill_boxes(boxes, 4, 5), expected)
+    assert not fill_boxes([], 2, 2).any()
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_writer_reproduces_masks_in_parallel_and_skips_existing(synthetic_voc_copy):
+    root = synthetic_voc_copy
+    folder = root / "BgMaskfromBoxes"
+    original = _bytes(folder)
+    for path in list(folder.iterdir())[:7]:
+        path.unlink()
+    counts = write_bg_masks(root, workers=2, progress=False)
+    assert counts == {"written": 7, "skipped": 11, "total": 18}
+    assert _bytes(folder) == original
+    assert write_bg_masks(root, progress=False)["written"] == 0
+
+
+def test_cli_with_splits(synthetic_voc_copy, capsys):
+    folder = synthetic_voc_copy / "BgMaskfromBoxes"
+    for path in folder.iterdir():
+        path.unlink()
+    counts = main(["--data-root", str(synthetic_voc_copy), "--splits", "val", "--workers", "1"])
+    assert counts["written"] == 6 and len(list(folder.iterdir())) == 6
+    assert "wrote 6" in capsys.readouterr().out
+
+
+def test_writer_errors(synthetic_voc_copy, tmp_path):
+    with pytest.raises(BanaError, match=r"Annotations does not exist"):
+        write_bg_masks(tmp_path, progress=False)
+    (synthetic_voc_copy / "JPEGImages" / "val_00001.jpg").unlink()
+    (synthetic_voc_copy / "BgMaskfromBoxes" / "val_00001.png").unlink()
+    with pytest.raises(BanaError, match=r"image .*val_00001.jpg of annotation .*val_00001.xml not found"):
+        write_bg_masks(synthetic_voc_copy, ["val_00001"], progress=False)
+
+
+@pytest.mark.parametrize("case", ["missing_root", "unknown_class"])
+def test_cli_bad_input_exits_2_without_traceback(case, synthetic_voc_copy, tmp_path, run_script):
+    root = tmp_path / "absent"
+    if case == "unknown_class":
+        root = synthetic_voc_copy
+        (root / "Annotations" / "val_00005.xml").write_text(
+            "<annotation><object><name>zebra</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+            "<xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
+        (root / "BgMaskfromBoxes" / "val_00005.png").unlink()
+    result = run_script("data/voc_bbox_setup.py", "--data-root", root, "--workers", "2")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    expected = ("absent does not exist" if case == "missing_root"
+                else "val_00005.xml has an object of unknown class 'zebra'")
+    assert expected in result.stderr.replace("\n", " ")
+
+
+def _setup(*args):
+    return subprocess.run(["bash", "data/setup_voc.bash", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_setup_script_parses():
+    assert subprocess.run(["bash", "-n", "data/setup_voc.bash"], cwd=REPO).returncode == 0
+
+
+def test_setup_check_accepts_the_synthetic_tree_and_not_full_counts(synthetic_voc):
+    ok = _setup(synthetic_voc, "--check")
+    assert ok.returncode == 0, ok.stderr
+    assert "tree is consistent" in ok.stdout
+    full = _setup(synthetic_voc, "--check", "--expect-full")
+    assert full.returncode == 1
+    assert "JPEGImages/*.jpg: found 18, expected 17125" in full.stderr
+    assert "train_aug.txt ids: found 12, expected 10582" in full.stderr
+
+
+def test_setup_check_names_what_is_missing(synthetic_voc_copy, tmp_path):
+    root = synthetic_voc_copy
+    (root / "JPEGImages" / "train_00003.jpg").unlink()
+    (root / "BgMaskfromBoxes" / "val_00002.png").unlink()
+    with open(root / "ImageSets" / "Segmentation" / "train_aug.txt", "a") as f:
+        f.write("val_00000\n")
+    result = _setup(root, "--check")
+    assert result.returncode == 1
+    assert f"{root}/JPEGImages/train_00003.jpg" in result.stderr
+    assert f"{root}/BgMaskfromBoxes/val_00002.png: run 'python data/voc_bbox_setup.py" in result.stderr
+    assert "1 ids are in both train_aug.txt and val.txt" in result.stderr
+    assert _setup(tmp_path / "absent", "--check").returncode == 1
+    assert _setup(root, "--bogus").returncode == 2
+
+
+def test_setup_derives_train_aug_and_skips_finished_steps(synthetic_voc_copy):
+    # Markers say steps 1-2 (downloads) are done; step 3 must rebuild train_aug.txt as
+    # SegmentationClassAug ids minus val ids (= train here), then the full-count check fails.
+    root = synthetic_voc_copy
+    (root / ".setup").mkdir()
+    for step in ("voc2012", "segaug"):
+        (root / ".setup" / f"{step}.done").touch()
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "train_aug.txt").unlink()
+    result = _setup(root)
+    assert "step 1/3: VOC 2012 trainval already extracted, skipping" in result.stdout
+    assert (lists / "train_aug.txt").read_text() == (lists / "train.txt").read_text()
+    assert result.returncode == 1 and "expected 17125" in result.stderr

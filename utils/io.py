@@ -1,0 +1,130 @@
+"""File I/O for the whole project: atomic writes and image reads that fail with a clear message.
+
+Every writer goes through `_atomic_write`: the bytes land in a temporary file in the target
+folder, are fsync'ed, then `os.replace`d over the target. A crash or a Ctrl-C mid-write never
+leaves a truncated PNG behind, which matters because the setup scripts skip files that exist.
+"""
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from utils.errors import BanaError
+
+# What Pillow raises on a truncated or garbled file, besides its own UnidentifiedImageError.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def _atomic_write(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_png(path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a PNG atomically.
+
+    array: uint8 (H, W) or (H, W, 3). With `palette` (uint8 (256, 3), e.g. `voc_palette()`) and
+    an (H, W) array the file is an index ("P" mode) PNG, the format of VOC's label files: the
+    pixel values are the labels and viewers show the palette colours.
+    """
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"PNG data must be uint8, got {array.dtype} for {path}")
+    if palette is None:
+        image = Image.fromarray(array)
+    else:
+        if array.ndim != 2:
+            raise ValueError(f"an index PNG needs an (H, W) array, got shape {array.shape} for {path}")
+        # frombytes keeps the values as indices; convert("P") would quantise them as colours.
+        image = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
+        image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    _atomic_write(path, buffer.getvalue())
+
+
+def atomic_write_jpeg(path, rgb: np.ndarray, quality: int = 95) -> None:
+    """Write uint8 (H, W, 3) RGB as a JPEG atomically (4:4:4, no chroma subsampling)."""
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"JPEG data must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape} for {path}")
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality, subsampling=0)
+    _atomic_write(path, buffer.getvalue())
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    _atomic_write(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    """Write `obj` as indented JSON (keys in insertion order) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _open(path, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise BanaError(f"{what} not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except _DECODE_ERRORS as err:
+        raise BanaError(
+            f"cannot read {what} {path}: the file is corrupt or not an image ({err}). "
+            "Re-create or re-download it."
+        ) from None
+    return image
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as uint8 (H, W, 3) RGB. Corrupt or missing → BanaError naming the file."""
+    image = _open(path, "image")
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_index_png(path) -> np.ndarray:
+    """Read a label PNG as its raw indices, uint8 (H, W).
+
+    Palette ("P") PNGs such as VOC's SegmentationClass give their indices, not their colours;
+    greyscale ("L") PNGs such as SegmentationClassAug give their values. A colour PNG is refused:
+    converting colours back to labels would silently guess.
+    """
+    image = _open(path, "label PNG")
+    if image.mode not in ("P", "L"):
+        raise BanaError(
+            f"{path} is a {image.mode} image, but a label PNG must hold class indices "
+            "(palette 'P' or greyscale 'L' mode, as VOC's SegmentationClassAug)."
+        )
+    return np.array(image, dtype=np.uint8)
+
+
+def read_image_size(path) -> tuple[int, int]:
+    """(height, width) of an image from its header, without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise BanaError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except _DECODE_ERRORS as err:
+        raise BanaError(f"cannot read image {path}: the file is corrupt or not an image ({err}). "
+                        "Re-create or re-download it.") from None
+    return height, width
