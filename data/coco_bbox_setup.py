@@ -1,0 +1,90 @@
+"""Write the background masks of COCO: BgMaskfromBoxes/<split>/<image_id>.png for every image.
+
+    python data/coco_bbox_setup.py --data-root datasets/coco [--splits train2017 val2017] [--workers 8]
+
+Each mask is uint8, 1 outside every box of annotations/instances_<split>.json and 0 inside
+(crowd boxes and every category included: see data/coco.py), the size the annotation file gives
+the image. Existing masks are skipped and every write is atomic, so an interrupted run resumes
+where it stopped.
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data/coco_bbox_setup.py`: make `data` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import os
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+from data.coco import SPLITS, load_instances
+from utils.boxes import bg_mask_from_boxes
+from utils.cli import guarded
+from utils.io import atomic_write_png
+
+
+def _write_one(job: tuple[Path, int, int, np.ndarray]) -> bool:
+    """Write one mask unless it exists; True when written. job: (path, height, width, boxes
+    float32 (A, 4) x1, y1, x2, y2 of every annotation)."""
+    out, height, width, boxes = job
+    if out.is_file():
+        return False
+    atomic_write_png(out, bg_mask_from_boxes(boxes, height, width))
+    return True
+
+
+def write_bg_masks(root, splits=SPLITS, workers: int = 1, progress: bool = True) -> dict:
+    """Write the masks of every image of `splits`; returns counts.
+
+    Returns {"written": n, "skipped": n (already there), "total": n}. Every split's annotation
+    file is read before anything is written, so a missing one fails at once.
+    """
+    root = Path(root)
+    all_instances = [load_instances(root, split) for split in splits]
+    jobs = []
+    for split, inst in zip(splits, all_instances):
+        folder = root / "BgMaskfromBoxes" / split
+        jobs += [(folder / f"{image_id}.png", int(inst.heights[n]), int(inst.widths[n]),
+                  inst.boxes[inst.rows(n)]) for n, image_id in enumerate(inst.image_ids.tolist())]
+    del all_instances
+    bar = tqdm(total=len(jobs), desc="BgMaskfromBoxes", unit="img", disable=not progress)
+    written = 0
+    if workers <= 1:
+        for job in jobs:
+            written += _write_one(job)
+            bar.update()
+    else:
+        with Pool(workers) as pool:
+            for done in pool.imap_unordered(_write_one, jobs, chunksize=64):
+                written += done
+                bar.update()
+    bar.close()
+    return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", required=True, metavar="ROOT",
+                        help="COCO root holding annotations/instances_<split>.json")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), metavar="SPLIT",
+                        help=f"annotation files to read (default: {' '.join(SPLITS)})")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="parallel processes (default: min(8, CPUs))")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    args = parser.parse_args(argv)
+
+    def go():
+        counts = write_bg_masks(args.data_root, args.splits, workers=args.workers)
+        print(f"BgMaskfromBoxes: wrote {counts['written']}, kept {counts['skipped']} existing "
+              f"({counts['total']} images) in {Path(args.data_root) / 'BgMaskfromBoxes'}")
+        return counts
+
+    return guarded(go, args.debug)
+
+
+if __name__ == "__main__":
+    main()
