@@ -324,10 +324,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (0)")
     parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), metavar="NAME",
                         help=f"VOC class names to draw (default: {' '.join(DEFAULT_CLASSES)})")
+    parser.add_argument("--format", choices=("voc", "coco"), default="voc",
+                        help="VOC layout (default) or an MS-COCO layout with instance annotations")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = parser.parse_args(argv)
 
     def go():
+        if args.format == "coco":
+            from data.synthetic_coco import make_synthetic_coco
+
+            info = make_synthetic_coco(args.out, args.n_train, args.n_val, args.size, args.seed)
+            print(f"Wrote a COCO-layout tree of {args.n_train} train + {args.n_val} val images "
+                  f"of {args.size} px to {args.out}.")
+            return info
         info = make_synthetic_voc(args.out, args.n_train, args.n_val, args.size, args.seed,
                                   tuple(args.classes))
         print(f"Wrote {info['n_train']} train + {info['n_val']} val images of {info['size']} px "

@@ -107,8 +107,9 @@ class ModelConfig:
                         "inside boxes (False = the 'Y_crf w/o u0' ablation).")
     DCRF: list[float] = _key([4, 55, 3, 3, 3], "DenseCRF [bi_w, bi_xy_std, bi_rgb_std, pos_w, "
                              "pos_xy_std] (stage 2, and evaluate.py's post-processing).",
-                             check=lambda v: len(v) == 5 and all(x >= 0 for x in v),
-                             rule="five numbers >= 0")
+                             check=lambda v: len(v) == 5 and v[0] >= 0 and v[3] >= 0
+                             and min(v[1], v[2], v[4]) > 0,
+                             rule="five numbers: weights >= 0, standard deviations > 0")
     LOSS: str = _key("nal", "Stage-3 loss: noise-aware (nal), CE on Y_crf (ce_crf) or Y_ret "
                      "(ce_ret), reliable pixels only (baseline), entropy regularisation (er), "
                      "bootstrapping (bs).", choices=LOSSES)

@@ -1,0 +1,243 @@
+"""Stage-2 pseudo labels of one image (SPEC §3): unaries from the stage-1 network, DenseCRF ->
+Y_crf, prototype retrieval -> Y_ret.
+
+Shape shorthand: D feature channels, h×w backbone map, H×W image, K boxes, n classes present in
+the boxes, L = 1 + n label channels (background first, then the present classes by increasing
+id), J = G*G background cells.
+
+Everything is defined on F↑, the features brought to H×W by bilinear interpolation
+(align_corners=True, SPEC §3.1), but F↑ itself (D×H×W floats, 770 MB for a VOC image with D=1024)
+is never built: every quantity of §3 is a linear map of F↑ or a cosine with it, and both can be
+evaluated exactly from the h×w features (`UpsampledFeatures`). The cosines are still taken at every
+image pixel, as the reference does, not upsampled from feature resolution (which would differ).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Guards divisions by a sum or a maximum that is zero (a cell without background, a box whose CAM
+# is zero everywhere); the numerator is then zero too. Same value as F.normalize's eps.
+_EPS = 1e-12
+
+
+def _interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """A (n_out, n_in): 1-D linear interpolation with align_corners=True as a matrix, taken from
+    F.interpolate itself so that its weights are exactly those of the bilinear upsampling."""
+    eye = torch.eye(n_in)[None]  # channel i holds the unit signal e_i
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=True)[0].T.contiguous()
+
+
+def _corners(a: torch.Tensor):
+    """For an interpolation matrix (n_out, n_in): the first source index i0 (n_out,) and the
+    weights of i0 and i0 + 1 (n_out, 2); the second is 0 where i0 is the last index."""
+    i0 = (a > 0).to(torch.int32).argmax(1)  # first non-zero; its weight is > 0 for linear weights
+    padded = F.pad(a, (0, 1))
+    rows = torch.arange(len(a))
+    return i0, torch.stack([padded[rows, i0], padded[rows, i0 + 1]], 1)
+
+
+class UpsampledFeatures:
+    """F↑ = bilinear(F) at H×W (align_corners=True), evaluated through exact identities.
+
+    F↑[:, y, x] = Σ_ij Ah[y, i] Aw[x, j] F[:, i, j] with interpolation matrices Ah (H,h), Aw (W,w)
+    whose rows hold at most two adjacent non-zeros. Hence, with no D×H×W tensor:
+    - v · F↑(p) = bilinear(v · F)(p)                          (linear in F)
+    - Σ_p m(p) F↑(p) = Σ_ij (Ahᵀ m Aw)[i, j] F[:, i, j]         (linear in F)
+    - |F↑(p)|² = Σ_ab α_a(p) α_b(p) <F(c_a), F(c_b)>, over the 4 corners c_a of the feature cell
+      around p with bilinear weights α_a(p): a 4×4 Gram matrix per cell, computed at h×w.
+    The Gram form loses precision only where F↑(p) nearly cancels, which cannot happen for the
+    post-ReLU (non-negative) features of both backbones.
+
+    features (D,h,w) float32; size (H, W).
+    """
+
+    def __init__(self, features: torch.Tensor, size):
+        self.features = features
+        self.size = (int(size[0]), int(size[1]))
+        _, h, w = features.shape
+        self.ah = _interpolation_matrix(h, self.size[0])
+        self.aw = _interpolation_matrix(w, self.size[1])
+        self.norm = self._norm()
+
+    def _norm(self) -> torch.Tensor:
+        """|F↑(p)| (H,W)."""
+        _, h, w = self.features.shape
+        padded = F.pad(self.features, (0, 1, 0, 1))  # the missing neighbour of the last row/col
+        corners = [padded[:, r:r + h, s:s + w] for r in (0, 1) for s in (0, 1)]  # a = 2r + s
+        gram = torch.empty(4, 4, h, w)
+        for a in range(4):
+            for b in range(a, 4):
+                gram[a, b] = gram[b, a] = (corners[a] * corners[b]).sum(0)
+        i0, wy = _corners(self.ah)
+        j0, wx = _corners(self.aw)
+        # Contract the column corners at h×W, then the row corners at H×W.
+        gram = gram.view(2, 2, 2, 2, h, w)[..., j0]  # (r,s,r',s',h,W)
+        rows = torch.einsum("xs,xt,rsqtix->rqix", wx, wx, gram)[:, :, i0]  # (2,2,H,W)
+        sq = torch.einsum("yr,yq,rqyx->yx", wy, wy, rows)
+        return sq.clamp_min(0).sqrt()
+
+    def dot(self, vectors: torch.Tensor) -> torch.Tensor:
+        """v_k · F↑(p): vectors (K,D) -> (K,H,W)."""
+        low = torch.einsum("kd,dij->kij", vectors, self.features)
+        return F.interpolate(low[None], size=self.size, mode="bilinear", align_corners=True)[0]
+
+    def cosine(self, vectors: torch.Tensor) -> torch.Tensor:
+        """cos(F↑(p), v_k), a zero vector giving 0 as with F.normalize: (K,D) -> (K,H,W)."""
+        scale = vectors.norm(dim=1).clamp_min(_EPS)[:, None, None] * self.norm.clamp_min(_EPS)
+        return self.dot(vectors) / scale
+
+    def masked_sum(self, masks: torch.Tensor) -> torch.Tensor:
+        """Σ_p m_k(p) F↑(p): masks (K,H,W) float -> (K,D)."""
+        weights = self.ah.T @ (masks @ self.aw)  # (K,h,w)
+        return torch.einsum("kij,dij->kd", weights, self.features)
+
+
+def background_prototypes_2d(feats: UpsampledFeatures, bg_mask: torch.Tensor, grid_size: int):
+    """q_j = Σ_{p∈j} M(p) F↑(p) / Σ_{p∈j} M(p) over a G×G grid of the H×W image (SPEC §2 step 1,
+    at full resolution as stage 2 does).
+
+    bg_mask (H,W), 1 = background. Cells are those of the image padded at the bottom/right to a
+    multiple of G (padding is never background), as `models.pooling` does at feature resolution.
+    Returns protos (J,D), zero for cells without background, and valid (J,) bool.
+    """
+    height, width = bg_mask.shape
+    g = grid_size
+    cell_h, cell_w = -(-height // g), -(-width // g)
+    cell = (torch.arange(height) // cell_h)[:, None] * g + (torch.arange(width) // cell_w)[None]
+    masks = (cell == torch.arange(g * g)[:, None, None]) & (bg_mask > 0)  # (J,H,W)
+    counts = masks.sum((1, 2))
+    protos = feats.masked_sum(masks.float()) / counts.clamp_min(1)[:, None]
+    return protos, counts > 0
+
+
+def background_attention_2d(feats: UpsampledFeatures, protos: torch.Tensor,
+                            valid: torch.Tensor) -> torch.Tensor:
+    """A_bg(p) = mean over the valid cells j of ReLU(cos(F↑(p), q_j)) (H,W); zero everywhere when
+    no cell is valid (an image covered by its boxes), where the reference would give NaN."""
+    if not valid.any():
+        return torch.zeros(feats.size)
+    return feats.cosine(protos[valid]).relu().mean(0)
+
+
+def box_masks(boxes: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(K,H,W) bool; box k covers rows y1:y2 and columns x1:x2 (as slices) after clipping to the
+    image, so negative coordinates never wrap around. boxes (K,≥4) int, x1,y1,x2,y2 first."""
+    b = torch.as_tensor(np.asarray(boxes)[:, :4], dtype=torch.int64)
+    x1, x2 = b[:, 0].clamp(0, width), b[:, 2].clamp(0, width)
+    y1, y2 = b[:, 1].clamp(0, height), b[:, 3].clamp(0, height)
+    ys, xs = torch.arange(height), torch.arange(width)
+    rows = (ys >= y1[:, None]) & (ys < y2[:, None])  # (K,H)
+    cols = (xs >= x1[:, None]) & (xs < x2[:, None])  # (K,W)
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def unary_probabilities(feats: UpsampledFeatures, class_weight: torch.Tensor, bg_mask: torch.Tensor,
+                        masks: torch.Tensor, box_channel: torch.Tensor, grid_size: int,
+                        bg_threshold: float, use_u0: bool = True) -> torch.Tensor:
+    """The CRF's input probabilities (L,H,W) (SPEC §3 steps 1–3).
+
+    class_weight (n,D): classifier rows of the present classes; bg_mask (H,W) 1 = background, for
+    the background prototypes; masks (K,H,W) bool box regions; box_channel (K,) long in [0, n),
+    each box's class among the present ones.
+    - background: u0 inside the boxes (0 without u0), 1 outside them; u0 = A_bg with the values
+      below bg_threshold × max_p A_bg set to 0.
+    - class c: CAM_c = ReLU(w_c · F↑) divided by its maximum inside each box of class c. Where two
+      boxes of class c overlap, a pixel has one normalised value per box and keeps the larger (the
+      reference overwrites with whichever box comes later in the annotation, an order that means
+      nothing). 0 outside the boxes of class c.
+    Inside the union of boxes the L channels go through a softmax; outside they stay (1, 0, …, 0).
+    """
+    n = len(class_weight)
+    inside = masks.any(0)
+    if use_u0:
+        protos, valid = background_prototypes_2d(feats, bg_mask, grid_size)
+        u0 = background_attention_2d(feats, protos, valid)
+        u0 = torch.where(u0 < bg_threshold * u0.max(), 0.0, u0)
+        bg = torch.where(inside, u0, 1.0)
+    else:
+        bg = (~inside).float()
+    cam = feats.dot(class_weight).relu()  # (n,H,W)
+    per_box = cam[box_channel] * masks  # (K,H,W)
+    per_box /= per_box.amax((1, 2)).clamp_min(_EPS)[:, None, None]
+    index = box_channel[:, None, None].expand_as(per_box)
+    fg = torch.zeros(n, *feats.size).scatter_reduce_(0, index, per_box, "amax")
+    unary = torch.cat([bg[None], fg])
+    return torch.where(inside, unary.softmax(0), unary)
+
+
+def retrieval_scores(feats: UpsampledFeatures, label_weight: torch.Tensor, y_crf: torch.Tensor,
+                     class_regions: torch.Tensor) -> torch.Tensor:
+    """S_k(p) (L,H,W) of Y_ret (SPEC §3 step 6).
+
+    label_weight (L,D): classifier rows [w_0, w_c, …]; y_crf (H,W) long, channel index in [0, L);
+    class_regions (L-1,H,W) bool, the union of each present class's boxes. p_k = mean of F↑ where
+    y_crf = k (w_k if there is no such pixel); S_k = ReLU(cos(F↑, p_k)); the background score is 1
+    outside every box; each class's score is 0 outside its own boxes.
+    """
+    labels = torch.arange(len(label_weight))
+    masks = y_crf[None] == labels[:, None, None]  # (L,H,W)
+    counts = masks.sum((1, 2))
+    means = feats.masked_sum(masks.float()) / counts.clamp_min(1)[:, None]
+    protos = torch.where((counts > 0)[:, None], means, label_weight)
+    scores = feats.cosine(protos).relu()
+    scores[0] = torch.where(class_regions.any(0), scores[0], 1.0)
+    scores[1:] *= class_regions
+    return scores
+
+
+def _as_float32(x, name: str, ndim: int) -> torch.Tensor:
+    x = torch.as_tensor(x).detach().to("cpu", torch.float32)
+    if x.ndim != ndim:
+        raise ValueError(f"make_pseudo_labels: {name} must have {ndim} dimensions, got shape "
+                         f"{tuple(x.shape)}.")
+    return x
+
+
+def make_pseudo_labels(features, classifier_weight, image: np.ndarray, boxes, bg_mask: np.ndarray,
+                       grid_size: int, bg_threshold: float, crf, use_u0: bool = True):
+    """Y_crf and Y_ret of one image (SPEC §3 steps 1–6).
+
+    features (D,h,w) float, the backbone output (upsampled here); classifier_weight (C,D), row c =
+    class c (row 0 = background); image uint8 (H,W,3) RGB; boxes (K,5) int = x1,y1,x2,y2,class in
+    pixels, class in [1, C) (K may be 0); bg_mask (H,W), 1 outside every box (used for the
+    background prototypes); crf: a `utils.crf.DenseCRF`. Returns (y_crf, y_ret), uint8 (H,W) VOC
+    class ids. A pixel outside every box is 0 in both; a pixel labelled c lies in a box of class c.
+    """
+    features = _as_float32(features, "features (D,h,w)", 3)
+    weight = _as_float32(classifier_weight, "classifier_weight (C,D)", 2)
+    bg_mask = torch.as_tensor(np.asarray(bg_mask))
+    boxes = np.asarray(boxes).reshape(-1, 5) if np.size(boxes) == 0 else np.asarray(boxes)
+    if weight.shape[1] != features.shape[0]:
+        raise ValueError(f"make_pseudo_labels: classifier_weight {tuple(weight.shape)} expects "
+                         f"{weight.shape[1]} feature channels, features {tuple(features.shape)} "
+                         f"have {features.shape[0]}.")
+    if bg_mask.ndim != 2 or tuple(np.shape(image)) != (*bg_mask.shape, 3):
+        raise ValueError(f"make_pseudo_labels: image {np.shape(image)} must be (H,W,3) and bg_mask "
+                         f"{tuple(bg_mask.shape)} (H,W) of the same image.")
+    if boxes.ndim != 2 or boxes.shape[1] != 5:
+        raise ValueError(f"make_pseudo_labels: boxes must be (K,5) = x1,y1,x2,y2,class, got shape "
+                         f"{boxes.shape}.")
+    height, width = bg_mask.shape
+    if len(boxes) == 0:
+        return np.zeros((height, width), np.uint8), np.zeros((height, width), np.uint8)
+    classes, box_channel = np.unique(boxes[:, 4].astype(np.int64), return_inverse=True)
+    if classes[0] < 1 or classes[-1] >= len(weight):
+        raise ValueError(f"make_pseudo_labels: box classes {classes.tolist()} must lie in "
+                         f"[1, {len(weight) - 1}] (the classifier has {len(weight)} rows, row 0 = "
+                         "background).")
+    box_channel = torch.as_tensor(box_channel.reshape(-1), dtype=torch.int64)
+    masks = box_masks(boxes, height, width)
+    class_regions = torch.zeros(len(classes), height, width).index_add_(
+        0, box_channel, masks.float()) > 0
+    label_weight = weight[torch.as_tensor(np.concatenate([[0], classes]))]
+
+    feats = UpsampledFeatures(features, (height, width))
+    probs = unary_probabilities(feats, label_weight[1:], bg_mask, masks, box_channel, grid_size,
+                                bg_threshold, use_u0)
+    refined = torch.from_numpy(crf(image, probs.numpy()))
+    refined[1:] *= class_regions
+    y_crf = refined.argmax(0)
+    y_ret = retrieval_scores(feats, label_weight, y_crf, class_regions).argmax(0)
+    ids = np.concatenate([[0], classes]).astype(np.uint8)
+    return ids[y_crf.numpy()], ids[y_ret.numpy()]
