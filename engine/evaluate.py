@@ -1,0 +1,438 @@
+"""Evaluation (SPEC §5): a stage-3 model on a split, or a folder of label PNGs, against the GT.
+
+Shape shorthand: C classes, H×W image, h×w a rescaled input.
+
+Model mode streams like stage 2: the main process decodes images and runs the network at every
+configured scale, a pool of worker processes runs the DenseCRF of earlier images meanwhile, and
+at most `2 × workers` CRF jobs are in flight, so memory stays bounded whatever the split size.
+The modes are "single" (scale 1, no flip), "multiscale" (TEST.SCALES, TEST.FLIP) and the same two
+"+crf" (TEST.CRF with MODEL.DCRF), each scored by one `utils.metrics.ConfusionMatrix`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.voc import VOCMaskDataset, read_split
+from utils.cli import resolve_devices
+from utils.config import Config
+from utils.crf import DenseCRF
+from utils.errors import BanaError
+from utils.io import (atomic_write_json, atomic_write_png, atomic_write_text, read_image,
+                      read_index_png)
+from utils.metrics import ConfusionMatrix, format_table
+from utils.palette import VOC_CLASSES, colorize, voc_palette
+
+EVAL_DIR = "eval"
+# Where the PASCAL VOC evaluation server expects test-set predictions (tar the `results` folder).
+SERVER_LAYOUT = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
+MISSING_SHOWN = 5
+
+
+def predict_multiscale(net, image: torch.Tensor, scales, flip: bool) -> torch.Tensor:
+    """Cosine scores averaged over rescaled (and mirrored) copies of one image, at full size.
+
+    image: float (3, H, W) RGB 0..255; net(images (N, 3, h, w), out_size) -> (N, C, *out_size).
+    Each copy is resized to (⌊H·s + ½⌋, ⌊W·s + ½⌋) bilinearly with align_corners=True, the
+    resampling the network's own upsampling uses, and its scores come back at H×W. A mirrored
+    copy's scores are mirrored back before averaging. Cosine scores, not probabilities, are
+    averaged (SPEC §5). Returns float (C, H, W).
+    """
+    height, width = image.shape[-2:]
+    batch = image[None]
+    total, count = None, 0
+    for scale in scales:
+        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+        x = batch if size == (height, width) else F.interpolate(
+            batch, size=size, mode="bilinear", align_corners=True)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        cos = net(x, out_size=(height, width))
+        if flip:
+            cos = torch.stack([cos[0], cos[1].flip(-1)])
+        part = cos.sum(0)
+        total = part if total is None else total + part
+        count += cos.shape[0]
+    return total / count
+
+
+def softmax_np(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def crf_postprocess(crf, image: np.ndarray, cos: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(T·cos) refined by the DenseCRF, then argmax.
+
+    crf(image uint8 (H, W, 3), probs (C, H, W)) -> probs (C, H, W); image is the real RGB image
+    (not the network input: SPEC §7); cos float (C, H, W) in [-1, 1]. Returns uint8 (H, W).
+    """
+    probs = softmax_np(temperature * cos.astype(np.float32), axis=0)
+    return np.asarray(crf(image, probs)).argmax(0).astype(np.uint8)
+
+
+def _worker_init() -> None:
+    # Each worker runs one CRF at a time; more threads would only fight over the cores.
+    torch.set_num_threads(1)
+
+
+def crf_job(job: dict) -> tuple[str, str, np.ndarray]:
+    """Worker: one image's CRF. Returns (image id, mode, label uint8 (H, W))."""
+    label = crf_postprocess(job["crf"], job["image"], job["cos"], job["temperature"])
+    return job["id"], job["mode"], label
+
+
+def modes_of(cfg: Config) -> list[str]:
+    """The configured evaluation modes, the most refined last."""
+    test = cfg.TEST
+    modes = ["single"]
+    if list(test.SCALES) != [1.0] or test.FLIP:
+        modes.append("multiscale")
+    if test.CRF:
+        modes += [f"{m}+crf" for m in modes]
+    return modes
+
+
+def class_names(num_classes: int) -> list[str]:
+    if num_classes <= len(VOC_CLASSES):
+        return list(VOC_CLASSES[:num_classes])
+    return [f"class_{c}" for c in range(num_classes)]
+
+
+def load_model(path: Path, cfg: Config | None = None):
+    """The stage-3 DeepLab of a checkpoint, in eval mode, rebuilt from the checkpoint's own
+    description (backbone, classes, fc6 dilation, input normalisation). With `cfg`, a backbone or
+    class count that contradicts MODEL.BACKBONE / DATA.NUM_CLASSES is an error."""
+    # Lightning comes with engine.common: imported here, it stays out of the CRF workers.
+    from engine.common import load_stage_checkpoint, model_state
+    from models.backbones import build_backbone
+    from models.deeplab import DeepLab
+
+    hint = ("Train stage 3 first (python stage3.py --config-file CONFIG) with the same "
+            "OUTPUT_DIR, or pass --checkpoint PATH.")
+    ckpt = load_stage_checkpoint(path, stage=3, hint=hint)
+    meta = ckpt["bana"]
+    if cfg is not None and meta["backbone"] != cfg.MODEL.BACKBONE:
+        raise BanaError(f"{path} holds a '{meta['backbone']}' stage-3 model but MODEL.BACKBONE "
+                        f"is '{cfg.MODEL.BACKBONE}': use the config the model was trained with, "
+                        "or another checkpoint.")
+    if cfg is not None and meta["num_classes"] != cfg.DATA.NUM_CLASSES:
+        raise BanaError(f"{path} was trained with {meta['num_classes']} classes but "
+                        f"DATA.NUM_CLASSES is {cfg.DATA.NUM_CLASSES}.")
+    backbone = build_backbone(meta["backbone"], fc6_dilation=meta["fc6_dilation"], init="none",
+                              input_norm=meta["input_norm"])
+    net = DeepLab(meta["num_classes"], backbone)
+    try:
+        net.load_state_dict(model_state(ckpt))
+    except RuntimeError as e:
+        raise BanaError(f"{path}: the weights do not fit a '{meta['backbone']}' DeepLab with "
+                        f"{meta['num_classes']} classes ({str(e).splitlines()[0]}). {hint}") \
+            from None
+    return net.eval()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of a split without labels (VOC test): items {"id", "image" uint8 (3, H, W)}."""
+
+    def __init__(self, root: Path, split: str):
+        self.root = Path(root)
+        self.ids = read_split(self.root, split)
+        missing = [i for i in self.ids if not self.image_path(i).is_file()]
+        if missing:
+            raise BanaError(f"{len(missing)} of {len(self.ids)} images of split '{split}' are "
+                            f"missing from {self.root / 'JPEGImages'} (first: "
+                            f"{', '.join(missing[:MISSING_SHOWN])}).")
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = read_image(self.image_path(image_id))
+        return {"id": image_id, "image": torch.from_numpy(np.ascontiguousarray(
+            image.transpose(2, 0, 1)))}
+
+
+def _panel(image: np.ndarray, maps: list[np.ndarray]) -> np.ndarray:
+    """image uint8 (H, W, 3) | colourised maps, separated by white gaps -> uint8 (H, W', 3)."""
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    parts = [image]
+    for m in maps:
+        parts += [gap, colorize(m)]
+    return np.concatenate(parts, axis=1)
+
+
+def _device(gpu_id: str) -> torch.device:
+    devices = resolve_devices(gpu_id)
+    print(devices.note)
+    if devices.accelerator == "gpu":
+        if len(devices.devices) > 1:
+            print(f"Evaluation runs on one device: using GPU {devices.devices[0]}.")
+        return torch.device(f"cuda:{devices.devices[0]}")
+    return torch.device("cpu")
+
+
+def _json_safe(value):
+    """NaN (a class absent from GT and prediction) -> None, so metrics.json is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def format_report(metrics: dict, names: list[str]) -> str:
+    """Per-class IoU table for each mode, then one summary line per mode."""
+    parts = []
+    for mode, m in metrics.items():
+        parts += [f"### {mode}", "", format_table(m, names), ""]
+    parts += [f"{mode:>16}: mIoU {m['miou']:6.2f}  pixel acc {m['pixel_acc']:6.2f}  "
+              f"mean acc {m['mean_acc']:6.2f}" for mode, m in metrics.items()]
+    return "\n".join(parts)
+
+
+def _write_report(out_dir: Path, summary: dict, names: list[str]) -> None:
+    atomic_write_json(out_dir / "metrics.json", _json_safe(summary))
+    atomic_write_text(out_dir / "metrics.md", format_report(summary["modes"], names) + "\n")
+
+
+class _Evaluation:
+    """Bookkeeping of the streamed evaluation: the confusion matrices, what each image still
+    waits for, and the files written once an image's most refined prediction is known."""
+
+    def __init__(self, modes: list[str], num_classes: int, out_dir: Path, *, score: bool,
+                 save_dir: Path | None, vis_ids: set[str]):
+        self.modes = modes
+        self.final = modes[-1]
+        self.matrices = {m: ConfusionMatrix(num_classes) for m in modes} if score else {}
+        self.save_dir = save_dir
+        self.vis_dir = out_dir / "vis"
+        self.vis_ids = vis_ids
+        self.waiting: dict[str, dict] = {}
+        self.done = 0
+
+    def start(self, image_id: str, image: np.ndarray, gt: np.ndarray | None) -> None:
+        self.waiting[image_id] = {"left": len(self.modes), "gt": gt,
+                                  "image": image if image_id in self.vis_ids else None}
+
+    def record(self, image_id: str, mode: str, pred: np.ndarray) -> None:
+        entry = self.waiting[image_id]
+        if self.matrices:
+            self.matrices[mode].update(pred, entry["gt"])
+        if mode == self.final:
+            if self.save_dir is not None:
+                atomic_write_png(self.save_dir / f"{image_id}.png", pred, palette=voc_palette())
+            if entry["image"] is not None:
+                maps = [pred] if entry["gt"] is None else [entry["gt"], pred]
+                atomic_write_png(self.vis_dir / f"{image_id}.png", _panel(entry["image"], maps))
+        entry["left"] -= 1
+        if entry["left"] == 0:
+            del self.waiting[image_id]
+            self.done += 1
+
+
+def _loader(cfg: Config, split: str, score: bool):
+    if score:
+        dataset = VOCMaskDataset(cfg.data_root, split, num_classes=cfg.DATA.NUM_CLASSES)
+    else:
+        dataset = ImageDataset(cfg.data_root, split)
+    # Images differ in size: one at a time, at full resolution.
+    return dataset, torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                                num_workers=min(cfg.DATA.NUM_WORKERS, 2))
+
+
+def _checkpoint_path(cfg: Config, args: argparse.Namespace) -> Path:
+    if getattr(args, "checkpoint", None):
+        return Path(args.checkpoint)
+    if cfg.MODEL.WEIGHTS:
+        return cfg.output_path(cfg.MODEL.WEIGHTS)
+    raise BanaError("no model to evaluate: set MODEL.WEIGHTS (relative to OUTPUT_DIR, e.g. "
+                    "--opts MODEL.WEIGHTS stage3_vgg/checkpoints/best.ckpt) or pass "
+                    "--checkpoint PATH.")
+
+
+def _make_crf(cfg: Config, modes: list[str]):
+    """The DenseCRF of MODEL.DCRF when a "+crf" mode is configured, else None."""
+    if not any(m.endswith("+crf") for m in modes):
+        return None
+    try:
+        return DenseCRF.from_list(cfg.MODEL.DCRF)
+    except ValueError as e:
+        raise BanaError(f"MODEL.DCRF = {cfg.MODEL.DCRF}: {e} Or set TEST.CRF false.") from None
+
+
+def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, crf,
+            workers: int, bar) -> None:
+    """Run the network on every image and hand each configured mode's prediction to `state`;
+    CRF jobs go to `workers` processes (0: run here), at most 2 × workers in flight."""
+    modes = set(state.modes)
+    pool = None
+    if crf is not None and workers > 0:
+        # spawn, not fork: forked children of a process that already ran torch's OpenMP can hang.
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
+                                   mp_context=multiprocessing.get_context("spawn"))
+    in_flight: set = set()
+
+    def collect(futures) -> None:
+        for f in futures:
+            state.record(*f.result())
+
+    try:
+        for item in loader:
+            image_id, image = item["id"], item["image"]
+            rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+            state.start(image_id, rgb, item["label"][0].numpy() if "label" in item else None)
+            x = image.float().to(device)
+            scores = {}
+            with torch.inference_mode():
+                if {"single", "single+crf"} & modes:
+                    scores["single"] = net(x[None], out_size=x.shape[-2:])[0]
+                if {"multiscale", "multiscale+crf"} & modes:
+                    scores["multiscale"] = predict_multiscale(net, x, cfg.TEST.SCALES,
+                                                              cfg.TEST.FLIP)
+            for base, cos in scores.items():
+                if base in modes:
+                    state.record(image_id, base, cos.argmax(0).byte().cpu().numpy())
+                if f"{base}+crf" not in modes:
+                    continue
+                job = {"crf": crf, "image": rgb, "cos": cos.float().cpu().numpy(),
+                       "temperature": cfg.MODEL.TEMPERATURE, "id": image_id,
+                       "mode": f"{base}+crf"}
+                if pool is None:
+                    state.record(*crf_job(job))
+                    continue
+                in_flight.add(pool.submit(crf_job, job))
+                if len(in_flight) >= 2 * workers:
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    collect(finished)
+            bar.update(state.done - bar.n)
+        collect(in_flight)
+        bar.update(state.done - bar.n)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Evaluate the stage-3 model on TEST.SPLIT; returns {"split", "images", "checkpoint",
+    "classes", "modes": {mode: ConfusionMatrix.compute() output}, "seconds", ...}, which
+    metrics.json holds too (NaN written as null). On the test split nothing is scored ("modes"
+    is empty) and the most refined predictions go to the evaluation server's layout."""
+    workers = getattr(args, "workers", None)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 0:
+        raise BanaError(f"--workers {workers}: give 0 (CRF in the main process) or more.")
+    split = cfg.TEST.SPLIT
+    score = split != "test"
+    modes = modes_of(cfg) if score else modes_of(cfg)[-1:]
+    crf = _make_crf(cfg, modes)
+    ckpt_path = _checkpoint_path(cfg, args)
+    device = _device(getattr(args, "gpu_id", "cpu"))
+    net = load_model(ckpt_path, cfg).to(device)
+    dataset, loader = _loader(cfg, split, score)
+    out_dir = cfg.run_dir / EVAL_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "config.yaml")
+    if not score:
+        save_dir = out_dir / SERVER_LAYOUT
+    elif getattr(args, "save_pred", False):
+        save_dir = out_dir / "pred"
+    else:
+        save_dir = None
+    state = _Evaluation(modes, cfg.DATA.NUM_CLASSES, out_dir, score=score, save_dir=save_dir,
+                        vis_ids=set(dataset.ids[:getattr(args, "save_vis", 0) or 0]))
+    print(f"Evaluating {ckpt_path} on '{split}' ({len(dataset)} images), modes: "
+          f"{', '.join(modes)}" + (f"; {workers} CRF worker(s)" if crf else "") + ".")
+
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), desc="evaluate", unit="img", dynamic_ncols=True) as bar:
+        _stream(cfg, net, loader, device, state, crf, workers, bar)
+    seconds = time.perf_counter() - start
+
+    names = class_names(cfg.DATA.NUM_CLASSES)
+    summary = {"split": split, "images": len(dataset), "checkpoint": str(ckpt_path),
+               "seconds": round(seconds, 2),
+               "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
+               "scales": list(cfg.TEST.SCALES), "flip": cfg.TEST.FLIP,
+               "dcrf": list(cfg.MODEL.DCRF) if crf else None, "classes": names,
+               "modes": {m: mat.compute() for m, mat in state.matrices.items()}}
+    if score:
+        _write_report(out_dir, summary, names)
+        print(format_report(summary["modes"], names))
+        print(f"Wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}.")
+        if save_dir is not None:
+            print(f"Predictions ({modes[-1]}): {save_dir}")
+    else:
+        atomic_write_json(out_dir / "metrics.json", _json_safe(summary))
+        print(f"'{split}' has no ground truth: wrote the {modes[0]} predictions to {save_dir} "
+              f"for the evaluation server (upload a tar of {out_dir / 'results'}).")
+    if state.vis_ids:
+        print(f"Panels image | {'GT | ' if score else ''}prediction ({modes[-1]}): "
+              f"{state.vis_dir}")
+    return summary
+
+
+def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int = 21) -> dict:
+    """Score `<pred_dir>/<id>.png` index PNGs against `<data_root>/SegmentationClassAug` for
+    every id of the split; returns `ConfusionMatrix.compute()`'s dict. Every prediction must
+    exist and match its GT's size; 255 in a prediction is not a class and is an error."""
+    pred_dir, data_root = Path(pred_dir), Path(data_root)
+    ids = read_split(data_root, split)
+    if not pred_dir.is_dir():
+        raise BanaError(f"--pred-dir {pred_dir} does not exist or is not a folder.")
+    gt_dir = data_root / "SegmentationClassAug"
+    for folder, what in ((pred_dir, "predictions"), (gt_dir, "GT masks")):
+        missing = [i for i in ids if not (folder / f"{i}.png").is_file()]
+        if missing:
+            raise BanaError(
+                f"{len(missing)} of {len(ids)} {what} of split '{split}' are missing from "
+                f"{folder} (first: {', '.join(missing[:MISSING_SHOWN])}). Every id of "
+                f"{data_root}/ImageSets/Segmentation/{split}.txt needs an <id>.png there; "
+                "check --split and the folder.")
+    matrix = ConfusionMatrix(num_classes)
+    for image_id in tqdm(ids, desc="score", unit="img", dynamic_ncols=True):
+        pred_path, gt_path = pred_dir / f"{image_id}.png", gt_dir / f"{image_id}.png"
+        pred, gt = read_index_png(pred_path), read_index_png(gt_path)
+        if pred.shape != gt.shape:
+            raise BanaError(f"{pred_path} is {pred.shape[1]}x{pred.shape[0]} but its GT "
+                            f"{gt_path} is {gt.shape[1]}x{gt.shape[0]}.")
+        try:
+            matrix.update(pred, gt)
+        except ValueError as e:
+            raise BanaError(f"cannot score {pred_path} against {gt_path}: {e}.") from None
+    return matrix.compute()
+
+
+def run_folder(args: argparse.Namespace) -> dict:
+    """Folder mode of evaluate.py: print the report (last line `mIoU: XX.XX`), and write
+    metrics.json and metrics.md to --out when given. Returns the metrics dict."""
+    if args.num_classes < 2:
+        raise BanaError(f"--num-classes {args.num_classes}: need at least 2 classes.")
+    metrics = score_folder(args.pred_dir, args.data_root, args.split, args.num_classes)
+    names = class_names(args.num_classes)
+    if args.out:
+        summary = {"split": args.split, "pred_dir": str(args.pred_dir), "classes": names,
+                   "modes": {"folder": metrics}}
+        _write_report(Path(args.out), summary, names)
+        print(f"Wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}.")
+    print(format_report({"folder": metrics}, names))
+    print(f"mIoU: {metrics['miou']:.2f}")
+    return metrics

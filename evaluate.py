@@ -1,0 +1,74 @@
+"""Evaluation (SPEC §5), in one of two modes.
+
+    python evaluate.py --config-file configs/stage3_vgg.yml --gpu-id 0 [--checkpoint PATH]
+                       [--workers N] [--save-pred] [--save-vis N] [--opts KEY VALUE ...]
+        the stage-3 model (MODEL.WEIGHTS, or --checkpoint) on TEST.SPLIT: single scale,
+        multi-scale + flip, each with and without DenseCRF; writes OUTPUT_DIR/NAME/eval/.
+    python evaluate.py --pred-dir DIR --data-root ROOT [--split val] [--out DIR]
+        a folder of index PNGs (predictions or pseudo labels) against SegmentationClassAug;
+        the last line printed is `mIoU: XX.XX`.
+"""
+
+import argparse
+import os
+
+from utils.cli import guarded
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a stage-3 model, or score a folder of "
+                                "label PNGs, against the VOC ground truth (SPEC §5).")
+    model = p.add_argument_group("model mode")
+    model.add_argument("--config-file", metavar="FILE", help="YAML config of the stage-3 run")
+    model.add_argument("--gpu-id", default="0", metavar="ID",
+                       help="GPU id, or 'cpu' (default 0; falls back to CPU without CUDA)")
+    model.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                       help="override config keys, e.g. --opts TEST.SCALES [1.0] TEST.CRF false")
+    model.add_argument("--checkpoint", metavar="PATH",
+                       help="stage-3 checkpoint (default: MODEL.WEIGHTS under OUTPUT_DIR)")
+    model.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="CRF worker processes (default: number of cores; 0 = in the main "
+                            "process)")
+    model.add_argument("--save-pred", action="store_true",
+                       help="write the predictions as index PNGs to OUTPUT_DIR/NAME/eval/pred")
+    model.add_argument("--save-vis", type=int, default=0, metavar="N",
+                       help="write image | GT | prediction panels for the first N images")
+    folder = p.add_argument_group("folder mode")
+    folder.add_argument("--pred-dir", metavar="DIR", help="folder of <id>.png index PNGs")
+    folder.add_argument("--data-root", metavar="ROOT",
+                        help="dataset root holding SegmentationClassAug/ and ImageSets/")
+    folder.add_argument("--split", default="val", help="split list to score (default val)")
+    folder.add_argument("--num-classes", type=int, default=21, help="classes incl. background")
+    folder.add_argument("--out", metavar="DIR", help="also write metrics.json and metrics.md here")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pred_dir is not None:
+        if args.config_file is not None:
+            parser.error("--pred-dir (folder mode) and --config-file (model mode) exclude each "
+                         "other; give one of them.")
+        if args.data_root is None:
+            parser.error("--pred-dir needs --data-root, the dataset root holding "
+                         "SegmentationClassAug/.")
+        from engine.evaluate import run_folder
+
+        return guarded(lambda: run_folder(args), args.debug)
+    if args.config_file is None:
+        parser.error("give --config-file CONFIG (evaluate a stage-3 model) or --pred-dir DIR "
+                     "--data-root ROOT (score a folder of label PNGs).")
+
+    def go():
+        from engine.evaluate import run
+        from utils.config import load_config
+
+        return run(load_config(args.config_file, args.opts), args)
+
+    return guarded(go, args.debug)
+
+
+if __name__ == "__main__":
+    main()
