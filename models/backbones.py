@@ -171,6 +171,11 @@ class TinyBackbone(_Backbone):
             layers += [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation,
                                  dilation=dilation, bias=False),
                        nn.GroupNorm(8, out_ch), nn.ReLU(inplace=True)]
+        # A linear last layer, centred per image and channel (instance norm, the same in train
+        # and eval mode). Trained from scratch, post-ReLU features all point in nearly one
+        # direction, which leaves cosine similarities (BAP attention, the stage-3 classifier)
+        # almost nothing to separate; pretrained VGG/ResNet features do not have this problem.
+        layers += [nn.Conv2d(128, 128, 1), nn.GroupNorm(128, 128)]
         self.features = nn.Sequential(*layers)
 
     def forward(self, images):
