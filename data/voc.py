@@ -231,13 +231,16 @@ class VOCMaskDataset(Dataset):
         label = read_index_png(path)
         if label.shape != (height, width):
             raise BanaError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
-                            f"{image_path} is {width}x{height}; labels must match their image.")
+                            f"{image_path} is {width}x{height}; labels must match their image: "
+                            f"re-create the label ({self._label_hint(path.parent)}).")
         counts = np.bincount(label.reshape(-1), minlength=256)
         bad = np.flatnonzero(counts[self.num_classes:IGNORE_INDEX])
         if bad.size:
             values = ", ".join(str(v + self.num_classes) for v in bad[:10])
             raise BanaError(f"label {path} holds values {values}, outside the classes "
-                            f"0..{self.num_classes - 1} and the ignore value {IGNORE_INDEX}.")
+                            f"0..{self.num_classes - 1} and the ignore value {IGNORE_INDEX}: "
+                            f"re-create the label ({self._label_hint(path.parent)}), or set "
+                            "DATA.NUM_CLASSES if the dataset has more classes.")
         return label
 
     def __getitem__(self, index: int) -> dict:

@@ -61,18 +61,18 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> d
         if not ids:
             raise BanaError(f"{ann_dir} holds no .xml annotation.")
     jobs = [(root, i) for i in ids]
-    bar = tqdm(total=len(jobs), desc="BgMaskfromBoxes", unit="img", disable=not progress)
     written = 0
-    if workers <= 1:
-        for job in jobs:
-            written += _write_one(job)
-            bar.update()
-    else:
-        with Pool(workers) as pool:
-            for done in pool.imap_unordered(_write_one, jobs, chunksize=32):
-                written += done
+    # `with`: on an error the bar is closed before the message is printed, not after it.
+    with tqdm(total=len(jobs), desc="BgMaskfromBoxes", unit="img", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                written += _write_one(job)
                 bar.update()
-    bar.close()
+        else:
+            with Pool(workers) as pool:
+                for done in pool.imap_unordered(_write_one, jobs, chunksize=32):
+                    written += done
+                    bar.update()
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

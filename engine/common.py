@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -80,13 +82,22 @@ def make_optimizer(groups: list[dict], solver: SolverConfig):
 
 
 def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    """Stop training at the first non-finite loss term, naming it, before anything is saved."""
-    for name, value in losses.items():
-        if not torch.isfinite(value.detach()).all():
-            raise BanaError(
-                f"non-finite loss at iteration {iteration}: term '{name}' = {value.item()}. "
-                "Training stopped; the last checkpoint was written before this iteration and is "
-                "intact. Lower SOLVER.LR, check the labels, or rerun with --resume.")
+    """Stop training at the first non-finite loss, naming the terms, before anything is saved.
+
+    losses: scalar tensors; "loss" is the total, the other entries are its terms.
+    """
+    bad = [(name, value) for name, value in losses.items()
+           if not torch.isfinite(value.detach()).all()]
+    if not bad:
+        return
+    # A non-finite term makes the total non-finite too: name the terms first.
+    bad.sort(key=lambda item: item[0] == "loss")
+    found = ", ".join(f"term '{name}' = {value.detach().float().mean().item()}"
+                      for name, value in bad)
+    raise BanaError(
+        f"non-finite loss at iteration {iteration}: {found}. Training stopped; the last "
+        "checkpoint was written before this iteration and is intact. Lower SOLVER.LR, check the "
+        "labels, or rerun with --resume.")
 
 
 def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
@@ -134,14 +145,55 @@ class AtomicCheckpoint(pl.Callback):
         self.best = state_dict.get("best", -math.inf)
 
 
-def resume_path(cfg: Config, resume: bool) -> str | None:
+class LineProgress(pl.callbacks.ProgressBar):
+    """One line every `every` iterations with the logged scalars and the speed: readable in a
+    log file, where a tqdm bar would print thousands of carriage returns."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = max(1, every)
+        self._enabled = True
+        self._start = None
+
+    def disable(self):
+        self._enabled = False
+
+    def enable(self):
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not (self._enabled and trainer.is_global_zero) or (
+                step % self.every and step != trainer.max_steps):
+            return
+        t0, s0 = self._start
+        speed = (step - s0) / max(time.perf_counter() - t0, 1e-9)
+        scalars = "  ".join(f"{k} {float(v):.4g}" for k, v in
+                            sorted(self.get_metrics(trainer, pl_module).items())
+                            if k.startswith(("train/", "val/")))
+        print(f"iter {step}/{trainer.max_steps}  {scalars}  ({speed:.1f} it/s)", flush=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking:
+            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            print(f"validation at iter {trainer.global_step}: "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in sorted(val.items())), flush=True)
+
+
+def resume_path(cfg: Config, resume: bool, stage: int) -> str | None:
     """The checkpoint to resume from, or None for a fresh run.
 
-    A fresh run refuses to start over an existing one, so nothing already trained is lost.
+    A fresh run refuses to start over an existing one, so nothing already trained is lost. The
+    checkpoint resumed from must be this stage's, with the configured backbone and classes:
+    Lightning would otherwise load whatever weights happen to fit, or fail with a traceback.
     """
     last = cfg.run_dir / CHECKPOINT_DIR / "last.ckpt"
     if resume:
         if last.is_file():
+            check_resumable(last, cfg, stage)
             print(f"Resuming from {last}.")
             return str(last)
         print(f"--resume: no checkpoint at {last} yet; starting from iteration 0.")
@@ -150,6 +202,19 @@ def resume_path(cfg: Config, resume: bool) -> str | None:
         raise BanaError(f"{cfg.run_dir} already holds a run ({last}). Pass --resume to continue "
                         "it, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
     return None
+
+
+def check_resumable(path: Path, cfg: Config, stage: int) -> None:
+    hint = (f"Move {cfg.run_dir} away to start over, or choose another OUTPUT_DIR/NAME "
+            "(--opts NAME my_run).")
+    meta = load_stage_checkpoint(path, stage, hint)["bana"]
+    for key, configured, stored in (("MODEL.BACKBONE", cfg.MODEL.BACKBONE, meta["backbone"]),
+                                    ("DATA.NUM_CLASSES", cfg.DATA.NUM_CLASSES,
+                                     meta["num_classes"])):
+        if configured != stored:
+            raise BanaError(f"cannot resume from {path}: it was trained with {key} "
+                            f"{stored!r}, but the config says {configured!r}. Set {key} "
+                            f"{stored} to resume it. {hint}")
 
 
 def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
@@ -162,6 +227,9 @@ def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
     # One version folder per launch (logs/version_0, version_1 after a resume, ...): a resumed
     # run must never delete the logs of the attempt before it.
     loggers = [CSVLogger(str(run_dir), name="logs"), TensorBoardLogger(str(run_dir), name="tb")]
+    # A live bar on a terminal; plain periodic lines in logs (CI, nohup, the demo).
+    progress = (TQDMProgressBar(refresh_rate=10) if sys.stdout.isatty()
+                else LineProgress(cfg.SOLVER.LOG_EVERY * 5))
     strategy = "ddp" if devices.count > 1 else "auto"
     if strategy == "ddp" and devices.accelerator == "cpu":
         from pytorch_lightning.strategies import DDPStrategy
@@ -177,7 +245,8 @@ def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
         accelerator=devices.accelerator, devices=devices.devices, strategy=strategy,
         max_steps=cfg.SOLVER.MAX_ITER, max_epochs=-1, logger=loggers,
         log_every_n_steps=cfg.SOLVER.LOG_EVERY, enable_checkpointing=False,
-        callbacks=[*callbacks, LearningRateMonitor("step"), TQDMProgressBar(refresh_rate=10)],
+        callbacks=[*callbacks, LearningRateMonitor("step"), progress],
+        enable_progress_bar=True,
         default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",
         enable_model_summary=False, use_distributed_sampler=True, **kwargs)
 
@@ -190,8 +259,9 @@ def load_stage_checkpoint(path: Path, stage: int, hint: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        raise BanaError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). {hint}") \
-            from None
+        reason = str(e).split(". ")[0].strip()
+        raise BanaError(f"cannot read checkpoint {path}: the file is truncated or not a "
+                        f"checkpoint ({type(e).__name__}: {reason}). {hint}") from None
     meta = ckpt.get("bana") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "stage" not in meta:
         raise BanaError(f"{path} is not a checkpoint written by this project's stage {stage}. "

@@ -413,11 +413,14 @@ def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int =
         pred, gt = read_index_png(pred_path), read_index_png(gt_path)
         if pred.shape != gt.shape:
             raise BanaError(f"{pred_path} is {pred.shape[1]}x{pred.shape[0]} but its GT "
-                            f"{gt_path} is {gt.shape[1]}x{gt.shape[0]}.")
+                            f"{gt_path} is {gt.shape[1]}x{gt.shape[0]}: write every prediction "
+                            "at the full size of its image.")
         try:
             matrix.update(pred, gt)
         except ValueError as e:
-            raise BanaError(f"cannot score {pred_path} against {gt_path}: {e}.") from None
+            raise BanaError(f"cannot score {pred_path} against {gt_path}: {e}. Write predictions "
+                            "as class ids only (255 is not a class), or check --num-classes.") \
+                from None
     return matrix.compute()
 
 

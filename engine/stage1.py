@@ -91,7 +91,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     devices = resolve_devices(args.gpu_id)
     print(devices.note)
-    ckpt_path = resume_path(cfg, getattr(args, "resume", False))
+    ckpt_path = resume_path(cfg, getattr(args, "resume", False), STAGE)
     seed_everything(cfg.SEED)
     pl.seed_everything(cfg.SEED, workers=True, verbose=False)
     cfg.save()

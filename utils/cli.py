@@ -2,17 +2,19 @@
 
 A stage script is `main(run, description)`: it parses `--config-file`, `--gpu-id`, `--opts`
 (plus the script's own flags), loads the config and calls `run(cfg, args)`. A `BanaError`
-(or another error a user can act on, e.g. a full disk) becomes one paragraph on stderr and exit
-status 2; `--debug` shows the traceback instead.
+(or another error a user can act on: an output path that is a file or not writable, a full
+disk) becomes one paragraph on stderr and exit status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import errno
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from utils.errors import BanaError
@@ -65,7 +67,8 @@ def resolve_devices(gpu_id: str, cuda_count: int | None = None) -> Devices:
     missing = [i for i in ids if i >= cuda_count]
     if missing:
         raise BanaError(f"--gpu-id {gpu_id}: GPU {missing[0]} does not exist; this machine has "
-                        f"{cuda_count} GPU(s), ids 0..{cuda_count - 1}.")
+                        f"{cuda_count} GPU(s), ids 0..{cuda_count - 1}. Pick among those, or use "
+                        "--gpu-id cpu.")
     return Devices("gpu", ids, f"Running on GPU {','.join(map(str, ids))}.")
 
 
@@ -83,7 +86,41 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def report_error(message: str) -> None:
     wrapped = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
-    print(f"error: {wrapped}", file=sys.stderr)
+    # Start on a fresh line: a progress bar may have left the cursor mid-line.
+    print(f"\nerror: {wrapped}", file=sys.stderr)
+
+
+def error_message(error: BanaError) -> str:
+    """The error's own words. A DataLoader worker re-raises it as "Caught BanaError in DataLoader
+    worker process N. Original Traceback ...", whose last line holds them."""
+    text = str(error)
+    marker = f"{BanaError.__module__}.{BanaError.__qualname__}: "
+    if text.startswith("Caught ") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
+_OUTPUT_FIX = ("choose a writable folder instead (the OUTPUT_DIR or DATA.PSEUDO_LABEL_DIR key, "
+               "or the script's --out).")
+
+
+def os_error_message(error: OSError) -> str | None:
+    """A message for an OSError the user can fix (an output path that cannot be written, a full
+    or read-only disk), or None for one that is a bug."""
+    path = error.filename
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {error.strerror}. Fix the permissions, or {_OUTPUT_FIX}"
+    if error.errno == errno.ENOTDIR and path is not None:
+        blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), path)
+        return (f"cannot create {path}: {blocker} is a file, not a folder. Move the file away, "
+                f"or {_OUTPUT_FIX}")
+    if error.errno == errno.EEXIST and path is not None and not Path(path).is_dir():
+        return (f"cannot create the folder {path}: a file of that name exists. Move the file "
+                f"away, or {_OUTPUT_FIX}")
+    if error.errno == errno.ENOSPC:
+        return (f"cannot write {path}: no space left on the device. Free some space and rerun "
+                "the same command; files already written are complete.")
+    return None
 
 
 def guarded(fn: Callable[[], object], debug: bool) -> object:
@@ -93,16 +130,12 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
     except BanaError as e:
         if debug:
             raise
-        report_error(str(e))
-    except PermissionError as e:
-        if debug:
-            raise
-        report_error(f"cannot write {e.filename}: permission denied. Choose a writable "
-                     "folder (e.g. --opts OUTPUT_DIR runs/mine).")
+        report_error(error_message(e))
     except OSError as e:
-        if debug or e.errno not in (28, 30):  # ENOSPC, EROFS: the user's disk, not our bug
+        message = os_error_message(e)
+        if debug or message is None:
             raise
-        report_error(f"cannot write {e.filename}: {e.strerror}.")
+        report_error(message)
     except KeyboardInterrupt:
         report_error("interrupted; outputs written so far are complete files, rerun to resume.")
         sys.exit(130)
@@ -124,6 +157,7 @@ def main(run: Callable, description: str,
         cfg = load_config(args.config_file, args.opts)
         return run(cfg, args)
 
-    # Quieter logs from libraries, unless debugging.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:lightning_fabric")
+    if not args.debug:
+        # Library deprecation chatter that a user can do nothing about.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     return guarded(go, args.debug)
