@@ -240,3 +240,15 @@ def test_reading_bad_images(tmp_path):
     with pytest.raises(BanaError, match=r"image not found: .*none.jpg"):
         read_image(tmp_path / "none.jpg")
     assert read_image(tmp_path / "rgb.png").shape == (4, 4, 3)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """mkstemp makes 0600 files; labels must be readable by others like any written file."""
+    import os
+
+    from utils.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask

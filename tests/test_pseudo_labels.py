@@ -354,3 +354,26 @@ def test_input_errors():
         make_pseudo_labels(features, weight, image, boxes, bg[:40], 1, 0.99, CRF)
     with pytest.raises(ValueError, match=r"\(K,5\)"):
         make_pseudo_labels(features, weight, image, boxes[:, :4], bg, 1, 0.99, CRF)
+
+
+def test_box_scores_are_the_per_box_normalised_cam_and_leave_the_labels_unchanged():
+    """box k's score = ReLU(w_c · F↑) / its maximum over box k, 0 outside box k; the two
+    overlapping boxes of class 5 each get their own normalisation (no max over boxes here)."""
+    features, weight, image, boxes, bg = random_scene(15)
+    y_crf, y_ret, scores = make_pseudo_labels(features, weight, image, boxes, bg, 1, 0.99, CRF,
+                                              return_box_scores=True)
+    up = upsample(features, (48, 64))
+    expected = np.zeros((len(boxes), 48, 64), np.float32)
+    for k, (x1, y1, x2, y2, c) in enumerate(clipped(boxes)):
+        cam = (weight[c][:, None, None] * up).sum(0).relu()[y1:y2, x1:x2]
+        expected[k, y1:y2, x1:x2] = (cam / max(cam.max(), 1e-12)).numpy()
+    assert scores.dtype == np.float32 and scores.shape == (4, 48, 64)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    peaks = scores.max((1, 2))  # 1, or 0 for a box whose CAM is 0 everywhere in it
+    assert np.all(np.isclose(peaks, 1, atol=1e-5) | (peaks == 0)) and (peaks > 0).sum() >= 3
+    labels = make_pseudo_labels(features, weight, image, boxes, bg, 1, 0.99, CRF)
+    np.testing.assert_array_equal(labels[0], y_crf)
+    np.testing.assert_array_equal(labels[1], y_ret)
+    empty = make_pseudo_labels(features, weight, image, boxes[:0], bg * 0 + 1, 1, 0.99, CRF,
+                               return_box_scores=True)
+    assert empty[2].shape == (0, 48, 64) and not empty[0].any()

@@ -52,11 +52,18 @@ def _unit(v) -> bool:
 
 @dataclass
 class DataConfig:
-    DATASET: str = _key("voc", "Dataset layout.", choices=("voc",))
+    DATASET: str = _key("voc", "Dataset layout: PASCAL VOC (data/voc.py) or MS-COCO 2017 "
+                        "(data/coco.py; stage 2 then also writes one instance mask per box).",
+                        choices=("voc", "coco"))
+    CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
+                          "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
+                          "NUM_CLASSES 21), 'coco80' all 80 (NUM_CLASSES 81).",
+                          choices=("voc20", "coco80"))
     ROOT: str = _key("datasets/VOC2012", "Dataset root holding JPEGImages/, Annotations/, "
                      "ImageSets/Segmentation/, SegmentationClassAug/, BgMaskfromBoxes/.")
     SPLIT: str = _key("train_aug", "Split list (ImageSets/Segmentation/<SPLIT>.txt) the stage "
-                      "trains on (stage 1, 3) or labels (stage 2).")
+                      "trains on (stage 1, 3) or labels (stage 2); on COCO the annotation file "
+                      "annotations/instances_<SPLIT>.json (e.g. train2017).")
     VAL_SPLIT: str = _key("val", "Split used for validation during stage 3.")
     NUM_CLASSES: int = _key(21, "Number of classes including background.", check=lambda v: v >= 2,
                             rule=">= 2")
@@ -300,6 +307,12 @@ def _validate(cfg: Config, source: str) -> None:
                                                    for m in cfg.SOLVER.MILESTONES):
         raise BanaError(f"{source}: SOLVER.MILESTONES {cfg.SOLVER.MILESTONES} must all be "
                         f"below SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}.")
+    if cfg.DATA.DATASET == "coco":
+        classes = {"voc20": 21, "coco80": 81}[cfg.DATA.CLASS_MAP]
+        if cfg.DATA.NUM_CLASSES != classes:
+            raise BanaError(f"{source}: DATA.CLASS_MAP {cfg.DATA.CLASS_MAP} has {classes - 1} "
+                            f"classes plus background, so DATA.NUM_CLASSES must be {classes}, not "
+                            f"{cfg.DATA.NUM_CLASSES}.")
     if not cfg.NAME or "/" in cfg.NAME:
         raise BanaError(f"{source}: NAME = {cfg.NAME!r} must be a non-empty folder name "
                         "without '/'.")

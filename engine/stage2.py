@@ -1,0 +1,438 @@
+"""Stage 2: write the pseudo labels Y_crf and Y_ret for every image of a split (SPEC §3).
+
+The pipeline streams: the main process decodes images and runs the backbone (GPU or CPU), a pool
+of worker processes turns each image's features into the two label maps (`make_pseudo_labels`,
+whose DenseCRF dominates the cost) and writes them. At most `2 × workers` images are in flight,
+so memory stays bounded whatever the split size. Every file is written atomically and an image
+whose outputs all exist is skipped, so a killed run restarted finishes with the same files as an
+uninterrupted one, and two runs pointed at the same folder never leave a corrupt label.
+
+On MS-COCO (`DATA.DATASET coco`) each image also gets one instance mask per box, from Y_crf and
+from Y_ret (`utils.instances`): the worker writes them, RLE-encoded, to `instances/<id>.json`
+next to the label folders, so they survive a restart like the PNGs; the run then merges them into
+COCO results files and scores them with COCOeval (segm). Files under DATA.PSEUDO_LABEL_DIR:
+    Y_crf/<id>.png, Y_ret/<id>.png          label maps (class ids of the class map, VOC palette)
+    instances/<id>.json                     COCO: {"Y_crf": [...], "Y_ret": [...],
+                                            "box_baseline": [...]} results entries of one image
+    instances_Y_crf.json, instances_Y_ret.json        COCO: results lists (image_id, category_id,
+                                            segmentation, score) for COCOeval / `COCO.loadRes`
+    annotations_Y_crf.json, annotations_Y_ret.json    COCO: the same masks as an instances
+                                            annotation file, to train an instance-segmentation
+                                            model in place of instances_<split>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.config import Config
+from utils.errors import BanaError
+
+LABELS = ("Y_crf", "Y_ret")
+INSTANCES = "instances"
+# What the per-image instance files hold: the two pseudo labels and the box-filling baseline.
+INSTANCE_SOURCES = ("box_baseline", *LABELS)
+
+
+def load_labeler(cfg: Config):
+    """The stage-1 network named by MODEL.WEIGHTS (relative to OUTPUT_DIR), in eval mode."""
+    from engine.common import load_stage_checkpoint, model_state
+    from engine.stage1 import build_labeler
+
+    path = cfg.output_path(cfg.MODEL.WEIGHTS)
+    hint = ("Train stage 1 first (python stage1.py --config-file configs/stage1.yml) with the "
+            "same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt.")
+    ckpt = load_stage_checkpoint(path, stage=1, hint=hint)
+    meta = ckpt["bana"]
+    if meta["backbone"] != cfg.MODEL.BACKBONE:
+        raise BanaError(f"{path} holds a '{meta['backbone']}' stage-1 model but MODEL.BACKBONE is "
+                        f"'{cfg.MODEL.BACKBONE}'. Set MODEL.BACKBONE {meta['backbone']} or use a "
+                        "checkpoint of that backbone.")
+    if meta["num_classes"] != cfg.DATA.NUM_CLASSES:
+        if cfg.DATA.DATASET == "coco":
+            raise BanaError(
+                f"{path} was trained with {meta['num_classes']} classes but DATA.CLASS_MAP "
+                f"{cfg.DATA.CLASS_MAP} needs {cfg.DATA.NUM_CLASSES}: label COCO with a VOC-trained "
+                "stage-1 model (21 classes) under voc20, or with a COCO-trained one (81 classes) "
+                "under coco80.")
+        raise BanaError(f"{path} was trained with {meta['num_classes']} classes but "
+                        f"DATA.NUM_CLASSES is {cfg.DATA.NUM_CLASSES}.")
+    model = dataclasses.replace(cfg.MODEL, FC6_DILATION=meta["fc6_dilation"])
+    net = build_labeler(dataclasses.replace(cfg, MODEL=model), init="none",
+                        input_norm=meta["input_norm"])
+    net.load_state_dict(model_state(ckpt))
+    return net.eval()
+
+
+def open_dataset(cfg: Config):
+    """The split to label, full-size images with their boxes: `VOCBoxDataset` or
+    `COCOBoxDataset` (with DATA.CLASS_MAP), whose `ids` are the images in labelling order."""
+    if cfg.DATA.DATASET == "coco":
+        from data.coco import COCOBoxDataset
+
+        return COCOBoxDataset(cfg.data_root, cfg.DATA.SPLIT, class_map=cfg.DATA.CLASS_MAP)
+    from data.voc import VOCBoxDataset
+
+    return VOCBoxDataset(cfg.data_root, cfg.DATA.SPLIT)
+
+
+def output_paths(out_root: Path, image_id: str, instances: bool) -> dict[str, Path]:
+    """The files one image is done with: its two label maps, and its instances on COCO."""
+    paths = {d: out_root / d / f"{image_id}.png" for d in LABELS}
+    if instances:
+        paths[INSTANCES] = out_root / INSTANCES / f"{image_id}.json"
+    return paths
+
+
+def pending_ids(ids: list[str], out_root: Path, instances: bool = False) -> list[str]:
+    """Ids whose output files are not all there yet."""
+    return [i for i in ids
+            if not all(p.is_file() for p in output_paths(out_root, i, instances).values())]
+
+
+def _worker_init() -> None:
+    # Each worker runs one CRF at a time; torch threads would only fight over the cores.
+    torch.set_num_threads(1)
+    # Imported here, while the main process is still loading data, not on the first image.
+    import utils.instances  # noqa: F401
+    import utils.pseudo_labels  # noqa: F401
+
+
+def _ready() -> None:
+    """A no-op task: submitting one per worker starts them all before the first image."""
+
+
+def start_workers(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` CRF processes, started now so that their start-up (about a second
+    each: importing torch) overlaps the main process's own work. Call it from the main thread.
+
+    The workers import only what `label_one` needs (this module and utils/): nothing here may
+    import Lightning at module level, which would double their start-up.
+    """
+    # spawn, not fork: forked children of a process that already ran torch's OpenMP can hang.
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
+                               mp_context=multiprocessing.get_context("spawn"))
+    # Ctrl-C reaches the whole process group. The workers, spawned by these submits, inherit an
+    # ignored SIGINT (from their first instruction, imports included): only the main process
+    # stops, and it lets the images in flight finish as complete files.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for _ in range(workers):
+            pool.submit(_ready)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return pool
+
+
+def label_one(job: dict) -> str:
+    """Worker: features of one image -> Y_crf and Y_ret PNGs (and on COCO its instance JSON).
+    Returns the image id."""
+    from utils.io import atomic_write_json, atomic_write_png
+    from utils.palette import voc_palette
+    from utils.pseudo_labels import make_pseudo_labels
+
+    coco = "category_ids" in job
+    labels = make_pseudo_labels(
+        job["features"], job["weight"], job["image"], job["boxes"], job["bg_mask"],
+        grid_size=job["grid_size"], bg_threshold=job["bg_threshold"], crf=job["crf"],
+        use_u0=job["use_u0"], return_box_scores=coco)
+    if coco:
+        atomic_write_json(job["out"][INSTANCES], image_instances(job, *labels))
+    palette = voc_palette()
+    for d, label in zip(LABELS, labels):
+        atomic_write_png(job["out"][d], label, palette=palette)
+    return job["id"]
+
+
+def image_instances(job: dict, y_crf: np.ndarray, y_ret: np.ndarray,
+                    box_scores: np.ndarray) -> dict:
+    """COCO results entries of one image for each of INSTANCE_SOURCES: one mask per box from Y_crf
+    and from Y_ret, scored by the mean box CAM over the mask, and the filled box with score 1."""
+    from utils.instances import box_pixel_masks, instance_masks, instance_results, mask_scores
+
+    boxes, image_id, categories = job["boxes"], int(job["id"]), job["category_ids"]
+    record = {"box_baseline": instance_results(box_pixel_masks(boxes, *y_crf.shape), image_id,
+                                               categories, np.ones(len(boxes)))}
+    for name, label in zip(LABELS, (y_crf, y_ret)):
+        masks = instance_masks(label, boxes, box_scores)
+        record[name] = instance_results(masks, image_id, categories,
+                                        mask_scores(masks, box_scores))
+    return record
+
+
+def _backbone_threads(device: torch.device, workers: int) -> int:
+    """Threads for the backbone: on the CPU only the cores the CRF workers leave (at least one).
+    A multi-threaded forward next to busy workers waits on OpenMP barriers whenever one of its
+    threads is descheduled: on 2 cores next to two CRF workers, the tiny backbone's forward on a
+    320 px image took 240 ms with 2 threads and 21 ms with 1."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) - workers)
+
+
+def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
+             pool: ProcessPoolExecutor, workers: int, position: int = 0,
+             progress: bool = True) -> int:
+    """Label `ids` of `dataset` (skipping finished ones) with the CRF processes of `pool`
+    (`workers` of them); returns how many images were labelled."""
+    from tqdm import tqdm
+
+    from utils.crf import DenseCRF
+
+    out_root = cfg.pseudo_label_dir
+    coco = cfg.DATA.DATASET == "coco"
+    todo = pending_ids(ids, out_root, coco)
+    if not todo:
+        return 0
+    for d in LABELS + ((INSTANCES,) if coco else ()):
+        (out_root / d).mkdir(parents=True, exist_ok=True)
+    position_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
+    subset = torch.utils.data.Subset(dataset, [position_of[i] for i in todo])
+    loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False,
+                                         num_workers=min(cfg.DATA.NUM_WORKERS, 2))
+    crf = DenseCRF.from_list(cfg.MODEL.DCRF)
+    net = net.to(device)
+    # NumPy arrays, not tensors, go to the workers: torch would move every tensor through a
+    # shared-memory file per job, numpy pickles as plain bytes.
+    weight = net.classifier.weight.detach()[:, :, 0, 0].float().cpu().numpy()
+    common = {"weight": weight, "crf": crf, "grid_size": cfg.MODEL.GRID_SIZE,
+              "bg_threshold": cfg.MODEL.BG_THRESHOLD, "use_u0": cfg.MODEL.USE_U0}
+    bar = tqdm(total=len(todo), desc="stage 2", unit="img", position=position,
+               disable=not progress, dynamic_ncols=True)
+    in_flight = set()
+    done = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_backbone_threads(device, workers))
+    try:
+        for item in loader:
+            with torch.inference_mode():
+                feats = net.backbone(item["image"][None].float().to(device))[0]
+            boxes = item["boxes"].numpy()
+            job = dict(common, id=item["id"], features=feats.float().cpu().numpy(),
+                       image=np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy()),
+                       # Truncation matches the bg mask's box regions (SPEC §0).
+                       boxes=boxes.astype(np.int64),
+                       bg_mask=(item["bg_mask"][0].numpy() == 1).astype(np.uint8),
+                       out=output_paths(out_root, item["id"], coco))
+            if coco:
+                job["category_ids"] = item["category_ids"].numpy()
+            in_flight.add(pool.submit(label_one, job))
+            if len(in_flight) >= 2 * workers:
+                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()
+                done += len(finished)
+                bar.update(len(finished))
+        for f in in_flight:
+            f.result()
+            done += 1
+            bar.update(1)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    return done
+
+
+def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: int) -> None:
+    """One process of a multi-device run: labels ids[rank::n] on its own device."""
+    dataset = open_dataset(cfg)
+    ids = dataset.ids[rank::len(device_ids)]
+    device = torch.device(f"cuda:{device_ids[rank]}" if accelerator == "gpu" else "cpu")
+    with start_workers(workers) as pool:
+        generate(cfg, load_labeler(cfg), dataset, ids, device, pool, workers, position=rank)
+
+
+def quality_report(cfg: Config, ids: list[str]) -> dict | None:
+    """mIoU of Y_crf, Y_ret, their agreement region and the box-filling baseline against the GT
+    masks, or None when the split has no GT (e.g. train_aug ids without SegmentationClassAug)."""
+    from data.voc import parse_annotation
+    from utils.boxes import fill_boxes
+    from utils.io import read_index_png
+    from utils.metrics import ConfusionMatrix
+    from utils.palette import VOC_CLASSES
+
+    root, out_root = cfg.data_root, cfg.pseudo_label_dir
+    gt_dir = root / "SegmentationClassAug"
+    if not all((gt_dir / f"{i}.png").is_file() for i in ids):
+        return None
+    n = cfg.DATA.NUM_CLASSES
+    mats = {k: ConfusionMatrix(n) for k in ("box_baseline", "Y_crf", "Y_ret", "agreement")}
+    agree_px = valid_px = 0
+    for i in ids:
+        gt = read_index_png(gt_dir / f"{i}.png")
+        y_crf = read_index_png(out_root / "Y_crf" / f"{i}.png")
+        y_ret = read_index_png(out_root / "Y_ret" / f"{i}.png")
+        boxes, classes = parse_annotation(root / "Annotations" / f"{i}.xml")
+        filled = fill_boxes(np.concatenate([boxes, classes[:, None]], 1), *gt.shape)
+        mats["box_baseline"].update(filled, gt)
+        mats["Y_crf"].update(y_crf, gt)
+        mats["Y_ret"].update(y_ret, gt)
+        agree = y_crf == y_ret
+        mats["agreement"].update(y_crf, np.where(agree, gt, 255))
+        valid = gt != 255
+        agree_px += int((agree & valid).sum())
+        valid_px += int(valid.sum())
+    report = {k: m.compute() for k, m in mats.items()}
+    summary = {k: round(float(v["miou"]), 2) for k, v in report.items()}
+    summary["agreement_coverage"] = round(100.0 * agree_px / max(valid_px, 1), 2)
+    return {"split": cfg.DATA.SPLIT, "images": len(ids), "miou": summary,
+            "per_class_iou": {k: dict(zip(VOC_CLASSES[:n], map(float, v["iou"])))
+                              for k, v in report.items()}}
+
+
+def format_report(report: dict) -> str:
+    m = report["miou"]
+    return "\n".join([
+        f"Pseudo-label quality on '{report['split']}' ({report['images']} images), mIoU %:",
+        f"  box baseline          {m['box_baseline']:6.2f}",
+        f"  Y_crf                 {m['Y_crf']:6.2f}",
+        f"  Y_ret                 {m['Y_ret']:6.2f}",
+        f"  Y_crf = Y_ret region  {m['agreement']:6.2f}  (covers {m['agreement_coverage']:.2f}% "
+        "of labelled pixels)"])
+
+
+def merge_instances(cfg: Config, gt, ids: list[str]) -> dict[str, list[dict]]:
+    """COCO: the per-image instance files of `ids` merged into one results list per source;
+    writes instances_<label>.json (results) and annotations_<label>.json (annotation format, with
+    the images of `ids` and the categories of the class map) for Y_crf and Y_ret. gt: the split's
+    annotations as a pycocotools COCO. Returns {source: results} for every INSTANCE_SOURCES
+    entry."""
+    from data.coco import evaluated_category_ids
+    from utils.instances import results_as_dataset
+    from utils.io import atomic_write_json
+
+    out_root = cfg.pseudo_label_dir
+    merged = {k: [] for k in INSTANCE_SOURCES}
+    for i in ids:
+        record = json.loads((out_root / INSTANCES / f"{i}.json").read_text())
+        for k in INSTANCE_SOURCES:
+            merged[k] += record[k]
+    labelled = {int(i) for i in ids}
+    images = [im for im in gt.dataset["images"] if im["id"] in labelled]
+    wanted = set(evaluated_category_ids(cfg.DATA.CLASS_MAP))
+    categories = [c for c in gt.dataset["categories"] if c["id"] in wanted]
+    for k in LABELS:
+        atomic_write_json(out_root / f"instances_{k}.json", merged[k])
+        atomic_write_json(out_root / f"annotations_{k}.json",
+                          results_as_dataset(merged[k], images, categories))
+    return merged
+
+
+def instance_report(cfg: Config, gt, ids: list[str], merged: dict[str, list[dict]]) -> dict:
+    """COCO segm AP (%) of the instance masks of every INSTANCE_SOURCES entry over `ids`, on the
+    categories the class map can predict; gt: the split's annotations as a pycocotools COCO."""
+    from data.coco import evaluated_category_ids
+    from utils.coco_eval import evaluate_instances
+
+    categories = evaluated_category_ids(cfg.DATA.CLASS_MAP)
+    image_ids = [int(i) for i in ids]
+    return {"split": cfg.DATA.SPLIT, "images": len(ids), "class_map": cfg.DATA.CLASS_MAP,
+            "ap": {k: evaluate_instances(gt, merged[k], image_ids=image_ids,
+                                         category_ids=categories) for k in INSTANCE_SOURCES}}
+
+
+def format_instance_report(report: dict) -> str:
+    from utils.coco_eval import format_ap
+
+    names = {"box_baseline": "box baseline", "Y_crf": "Y_crf", "Y_ret": "Y_ret"}
+    return "\n".join(
+        [f"Instance masks on '{report['split']}' ({report['images']} images, {report['class_map']} "
+         "categories), COCO segm AP %:"]
+        + [f"  {names[k]:13s} {format_ap(stats)}  ({stats['instances']} instances)"
+           for k, stats in report["ap"].items()])
+
+
+def save_panels(cfg: Config, dataset, ids: list[str], out_dir: Path) -> None:
+    """image | GT | Y_crf | Y_ret panels, for looking at pseudo labels before trusting them. The
+    GT panel is void (the palette's 255 colour) where the dataset has no semantic GT (COCO)."""
+    from utils.io import atomic_write_png, read_image, read_index_png
+    from utils.palette import colorize
+
+    root, out_root = cfg.data_root, cfg.pseudo_label_dir
+    for i in ids:
+        image = read_image(dataset.image_path(i))
+        gt_path = root / "SegmentationClassAug" / f"{i}.png"
+        maps = [read_index_png(gt_path) if cfg.DATA.DATASET == "voc" and gt_path.is_file()
+                else np.full(image.shape[:2], 255, np.uint8)]
+        maps += [read_index_png(out_root / d / f"{i}.png") for d in LABELS]
+        gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+        panel = [image]
+        for m in maps:
+            panel += [gap, colorize(m)]
+        atomic_write_png(out_dir / f"{i}.png", np.concatenate(panel, axis=1))
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Generate (or finish generating) the pseudo labels; returns counts and the quality report."""
+    from utils.cli import resolve_devices
+    from utils.io import atomic_write_json
+
+    devices = resolve_devices(args.gpu_id)
+    print(devices.note)
+    workers = getattr(args, "workers", None) or os.cpu_count() or 1
+    coco = cfg.DATA.DATASET == "coco"
+    cfg.save()
+    net = load_labeler(cfg)  # fail early, before any process starts, on a bad checkpoint
+    dataset = open_dataset(cfg)
+    ids = list(dataset.ids)
+    out_root = cfg.pseudo_label_dir
+    todo = len(pending_ids(ids, out_root, coco))
+    outputs = "{Y_crf,Y_ret,instances}" if coco else "{Y_crf,Y_ret}"
+    print(f"Stage 2: {len(ids)} images in '{cfg.DATA.SPLIT}', {len(ids) - todo} already labelled, "
+          f"{todo} to go; writing to {out_root}/{outputs} with {workers} CRF worker(s).")
+    start = time.perf_counter()
+    if devices.count > 1 and todo:
+        import torch.multiprocessing as mp
+
+        ids_per = devices.devices if isinstance(devices.devices, list) \
+            else list(range(devices.devices))
+        per_shard = max(1, workers // len(ids_per))
+        mp.spawn(_shard_main, args=(cfg, ids_per, devices.accelerator, per_shard),
+                 nprocs=len(ids_per), join=True)
+    elif todo:
+        device = torch.device(f"cuda:{devices.devices[0]}" if devices.accelerator == "gpu"
+                              else "cpu")
+        with start_workers(workers) as pool:
+            generate(cfg, net, dataset, ids, device, pool, workers)
+    seconds = time.perf_counter() - start
+    missing = pending_ids(ids, out_root, coco)
+    if missing:
+        raise BanaError(f"{len(missing)} images still lack labels (first: {missing[:3]}); rerun "
+                        "the same command to finish them.")
+    result = {"images": len(ids), "labelled_now": todo, "seconds": round(seconds, 2),
+              "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
+              "label_dir": str(out_root)}
+    if getattr(args, "save_vis", 0):
+        save_panels(cfg, dataset, ids[:args.save_vis], cfg.run_dir / "vis")
+        print(f"Panels image | GT | Y_crf | Y_ret: {cfg.run_dir / 'vis'}")
+    if coco:
+        from utils.coco_eval import load_ground_truth
+
+        gt = load_ground_truth(dataset.annotation_file)  # once: train2017 takes a while
+        merged = merge_instances(cfg, gt, ids)
+        print(f"Instance masks: {out_root}/instances_{{Y_crf,Y_ret}}.json (COCO results), "
+              f"{out_root}/annotations_{{Y_crf,Y_ret}}.json (COCO annotation files).")
+        report = instance_report(cfg, gt, ids, merged)
+        print(format_instance_report(report))
+        atomic_write_json(cfg.run_dir / "quality.json", report)
+        result["quality"] = {k: v["AP"] for k, v in report["ap"].items()}
+        return result
+    report = quality_report(cfg, ids)
+    if report is not None:
+        print(format_report(report))
+        atomic_write_json(cfg.run_dir / "quality.json", report)
+        result["quality"] = report["miou"]
+    else:
+        print("No GT masks for this split: skipping the quality report.")
+    return result

@@ -1,0 +1,244 @@
+"""Stage 2 end to end on the tiny synthetic VOC tree: labels, quality report, panels, resume,
+device shards, and the checkpoints it must refuse."""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.voc import VOCBoxDataset, parse_annotation
+from engine.stage2 import (LABELS, generate, load_labeler, open_dataset, pending_ids,
+                           quality_report, run, start_workers)
+from utils.boxes import fill_boxes
+from utils.config import load_config
+from utils.errors import BanaError
+from utils.io import atomic_write_png, read_image, read_index_png
+from utils.palette import colorize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(synthetic_voc, tmp_path_factory) -> Path:
+    """OUTPUT_DIR holding a 4-iteration tiny stage-1 model in stage1/checkpoints/final.ckpt."""
+    from engine.stage1 import run as run_stage1
+
+    out = tmp_path_factory.mktemp("stage2_runs")
+    run_stage1(load_config(ROOT / "configs/demo/stage1.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
+        "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "4",
+        "SOLVER.MILESTONES", "[2]"]), argparse.Namespace(gpu_id="cpu", resume=False))
+    return out
+
+
+def stage2_cfg(root, out, label_dir, *opts):
+    return load_config(ROOT / "configs/demo/stage2.yml", [
+        "DATA.ROOT", str(root), "OUTPUT_DIR", str(out), "DATA.NUM_WORKERS", "0",
+        "DATA.PSEUDO_LABEL_DIR", str(label_dir), *opts])
+
+
+def stage2_args(gpu_id="cpu", workers=1, save_vis=0):
+    return argparse.Namespace(gpu_id=gpu_id, workers=workers, save_vis=save_vis)
+
+
+def label_bytes(label_dir: Path) -> dict[str, bytes]:
+    return {f"{d}/{p.name}": p.read_bytes() for d in LABELS
+            for p in sorted((label_dir / d).glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_voc, stage1_dir, tmp_path_factory):
+    """An uninterrupted run with 2 CRF workers and 3 panels: (cfg, result, printed, files)."""
+    label_dir = tmp_path_factory.mktemp("reference") / "Generation"
+    cfg = stage2_cfg(synthetic_voc, stage1_dir, label_dir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run(cfg, stage2_args(workers=2, save_vis=3))
+    return cfg, result, printed.getvalue(), label_bytes(label_dir)
+
+
+def split_ids(root, split="train"):
+    return (root / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
+
+
+def test_run_labels_every_image_with_labels_inside_boxes(synthetic_voc, reference):
+    cfg, result, printed, files = reference
+    ids = split_ids(synthetic_voc)
+    assert result["images"] == result["labelled_now"] == len(ids) == 12
+    assert sorted(files) == sorted(f"{d}/{i}.png" for d in LABELS for i in ids)
+    for i in ids:
+        boxes, classes = parse_annotation(synthetic_voc / "Annotations" / f"{i}.xml")
+        for d in LABELS:
+            label = read_index_png(cfg.pseudo_label_dir / d / f"{i}.png")
+            assert label.shape == read_image(synthetic_voc / "JPEGImages" / f"{i}.jpg").shape[:2]
+            for c in np.unique(label[label > 0]):
+                inside = fill_boxes(np.c_[boxes, classes][classes == c], *label.shape) > 0
+                assert inside[label == c].all()
+    assert any((read_index_png(cfg.pseudo_label_dir / "Y_crf" / f"{i}.png") > 0).any()
+               for i in ids)
+
+
+def test_quality_report_is_printed_and_saved(reference):
+    cfg, result, printed, _ = reference
+    saved = json.loads((cfg.run_dir / "quality.json").read_text())
+    assert set(saved) == {"split", "images", "miou", "per_class_iou"}
+    keys = {"box_baseline", "Y_crf", "Y_ret", "agreement"}
+    assert set(saved["miou"]) == keys | {"agreement_coverage"}
+    assert all(0 <= v <= 100 for v in saved["miou"].values())
+    assert set(saved["per_class_iou"]) == keys
+    assert saved["miou"] == result["quality"] and saved["images"] == 12
+    for name in ("box baseline", "Y_crf", "Y_ret", "Y_crf = Y_ret region"):
+        assert name in printed
+    assert f"{saved['miou']['Y_crf']:6.2f}" in printed
+
+
+def test_quality_report_numbers_on_hand_made_labels(synthetic_voc, tmp_path):
+    """Y_crf = GT scores 100; Y_ret = the filled boxes scores what the box baseline scores; they
+    agree where the GT equals the filled boxes, and on that region Y_crf (= GT) scores 100."""
+    label_dir = tmp_path / "Generation"
+    cfg = stage2_cfg(synthetic_voc, tmp_path, label_dir)
+    ids = split_ids(synthetic_voc)
+    agree = valid = 0
+    for i in ids:
+        gt = read_index_png(synthetic_voc / "SegmentationClassAug" / f"{i}.png")
+        boxes, classes = parse_annotation(synthetic_voc / "Annotations" / f"{i}.xml")
+        filled = fill_boxes(np.c_[boxes, classes], *gt.shape)
+        atomic_write_png(label_dir / "Y_crf" / f"{i}.png", gt)
+        atomic_write_png(label_dir / "Y_ret" / f"{i}.png", filled)
+        agree += int(((gt == filled) & (gt != 255)).sum())
+        valid += int((gt != 255).sum())
+    m = quality_report(cfg, ids)["miou"]
+    assert m["Y_crf"] == 100 and m["agreement"] == 100
+    assert m["Y_ret"] == m["box_baseline"] < 90
+    assert m["agreement_coverage"] == pytest.approx(100 * agree / valid, abs=0.01)
+    assert quality_report(cfg, ids + ["no_gt_for_this_id"]) is None
+
+
+def test_save_vis_writes_image_gt_and_label_panels(synthetic_voc, reference):
+    cfg, *_ = reference
+    vis = sorted((cfg.run_dir / "vis").glob("*.png"))
+    ids = split_ids(synthetic_voc)[:3]
+    assert [p.stem for p in vis] == sorted(ids)
+    i = ids[0]
+    panel = read_image(cfg.run_dir / "vis" / f"{i}.png")
+    image = read_image(synthetic_voc / "JPEGImages" / f"{i}.jpg")
+    h, w = image.shape[:2]
+    assert panel.shape == (h, 4 * w + 3 * 4, 3)
+    np.testing.assert_array_equal(panel[:, :w], image)
+    gt = read_index_png(synthetic_voc / "SegmentationClassAug" / f"{i}.png")
+    y_ret = read_index_png(cfg.pseudo_label_dir / "Y_ret" / f"{i}.png")
+    np.testing.assert_array_equal(panel[:, w + 4:2 * w + 4], colorize(gt))
+    np.testing.assert_array_equal(panel[:, 3 * w + 12:], colorize(y_ret))
+
+
+def test_a_stopped_run_resumes_to_identical_files(synthetic_voc, stage1_dir, reference,
+                                                  tmp_path, monkeypatch):
+    """Stop after 5 images (the loader fails), then leave what a kill can leave: one image with
+    Y_crf but no Y_ret, and a temporary file of an interrupted atomic write. The rerun labels
+    exactly the unfinished images and ends with the files of the uninterrupted run."""
+    cfg = stage2_cfg(synthetic_voc, stage1_dir, tmp_path / "Generation")
+    dataset, net = open_dataset(cfg), load_labeler(cfg)
+    ids = dataset.ids
+    served = []
+    original = VOCBoxDataset.__getitem__
+
+    def stopping(self, index):
+        if len(served) == 5:
+            raise RuntimeError("simulated stop")
+        served.append(index)
+        return original(self, index)
+
+    with start_workers(1) as pool:
+        monkeypatch.setattr(VOCBoxDataset, "__getitem__", stopping)
+        with pytest.raises(RuntimeError, match="simulated stop"):
+            generate(cfg, net, dataset, ids, torch.device("cpu"), pool, 1, progress=False)
+        pool.submit(int).result()  # one worker, FIFO: the images in flight are written now
+        monkeypatch.setattr(VOCBoxDataset, "__getitem__", original)
+        out = cfg.pseudo_label_dir
+        assert pending_ids(ids, out) == ids[5:]
+        (out / "Y_ret" / f"{ids[2]}.png").unlink()
+        (out / "Y_crf" / f".{ids[7]}.png.x1y2z3.tmp").write_bytes(b"\x89PNG trunc")
+        assert pending_ids(ids, out) == [ids[2], *ids[5:]]
+        assert generate(cfg, net, dataset, ids, torch.device("cpu"), pool, 1,
+                        progress=False) == len(ids) - 4
+        assert generate(cfg, net, dataset, ids, torch.device("cpu"), pool, 1,
+                        progress=False) == 0
+    assert label_bytes(out) == reference[3]
+
+
+def test_a_finished_run_is_skipped_and_reports_again(synthetic_voc, stage1_dir, reference):
+    cfg, first, *_ = reference
+    result = run(cfg, stage2_args(workers=1))
+    assert result["labelled_now"] == 0 and result["quality"] == first["quality"]
+
+
+def test_stage3_and_other_backbone_checkpoints_are_refused(synthetic_voc, stage1_dir, tmp_path):
+    ckpt = torch.load(stage1_dir / "stage1/checkpoints/final.ckpt", map_location="cpu",
+                      weights_only=False)
+    ckpt["bana"]["stage"] = 3  # what stage 3 writes there; the rest does not matter to stage 2
+    stage3 = tmp_path / "stage3.ckpt"
+    torch.save(ckpt, stage3)
+    label_dir = tmp_path / "Generation"
+    cases = [(["MODEL.WEIGHTS", str(stage3)], rf"{stage3} was written by stage 3.*stage1\.py"),
+             (["MODEL.BACKBONE", "vgg16"], r"'tiny' stage-1 model but MODEL.BACKBONE is 'vgg16'"),
+             (["MODEL.WEIGHTS", str(tmp_path / "none.ckpt")], r"does not exist.*stage1\.py")]
+    for opts, message in cases:
+        cfg = stage2_cfg(synthetic_voc, stage1_dir, label_dir, *opts)
+        with pytest.raises(BanaError, match=message):
+            run(cfg, stage2_args())
+    assert not label_dir.exists()  # refused before anything was written
+
+
+def test_crf_workers_start_without_importing_lightning():
+    """A spawned worker imports engine.stage2 to unpickle its task; Lightning there would double
+    every worker's start-up."""
+    code = ("import sys, engine.stage2, utils.pseudo_labels, utils.instances; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric', 'torchvision') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_two_cpu_shards_write_the_files_of_one_process(synthetic_voc, stage1_dir, reference,
+                                                       tmp_path):
+    cfg = stage2_cfg(synthetic_voc, stage1_dir, tmp_path / "Generation")
+    result = run(cfg, stage2_args(gpu_id="cpu:2", workers=2))
+    assert result["labelled_now"] == 12 and result["quality"] == reference[1]["quality"]
+    assert label_bytes(cfg.pseudo_label_dir) == reference[3]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_identical_files(synthetic_voc, stage1_dir, reference, tmp_path):
+    """SIGKILL the whole process group (main process and CRF workers) once a few images are
+    written, then rerun the same command."""
+    label_dir = tmp_path / "Generation"
+    cmd = [sys.executable, "stage2.py", "--config-file", "configs/demo/stage2.yml", "--gpu-id",
+           "cpu", "--workers", "1", "--opts", "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR",
+           str(stage1_dir), "NAME", "killed", "DATA.NUM_WORKERS", "0",
+           "DATA.PSEUDO_LABEL_DIR", str(label_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(label_dir.glob("Y_ret/*.png"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = 12 - len(pending_ids(split_ids(synthetic_voc), label_dir))
+    assert 3 <= finished < 12, "the run was not killed halfway"
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{finished} already labelled, {12 - finished} to go" in rerun.stdout
+    assert label_bytes(label_dir) == reference[3]

@@ -1,0 +1,225 @@
+"""Stage 2 on the COCO layout (voc20): label maps, one instance mask per box as COCO results and
+annotation files, their COCO segm AP, resume, and the class-map checks."""
+
+import argparse
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from data.coco import VOC20_FROM_COCO, evaluated_category_ids
+from engine.stage2 import (INSTANCE_SOURCES, LABELS, image_instances, load_labeler, pending_ids,
+                           run)
+from utils.coco_eval import AP_KEYS, evaluate_instances
+from utils.config import load_config
+from utils.errors import BanaError
+from utils.instances import box_pixel_masks
+from utils.io import read_index_png
+
+ROOT = Path(__file__).resolve().parents[1]
+GIRAFFE = 25
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(synthetic_voc, tmp_path_factory) -> Path:
+    """OUTPUT_DIR with a 4-iteration tiny stage-1 model trained on the synthetic VOC tree: a
+    21-class classifier, as the voc20 class map needs."""
+    from engine.stage1 import run as run_stage1
+
+    out = tmp_path_factory.mktemp("stage2_coco_runs")
+    run_stage1(load_config(ROOT / "configs/demo/stage1.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
+        "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "4",
+        "SOLVER.MILESTONES", "[2]"]), argparse.Namespace(gpu_id="cpu", resume=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    from data.synthetic_coco import make_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synthetic_coco") / "COCO"
+    make_synthetic_coco(root, n_train=6, n_val=2, size=64, seed=0)
+    return root
+
+
+def coco_cfg(root, out, label_dir, *opts):
+    return load_config(ROOT / "configs/demo/stage2.yml", [
+        "DATA.ROOT", str(root), "OUTPUT_DIR", str(out), "NAME", "stage2_coco",
+        "DATA.DATASET", "coco", "DATA.CLASS_MAP", "voc20", "DATA.SPLIT", "train2017",
+        "DATA.NUM_WORKERS", "0", "DATA.PSEUDO_LABEL_DIR", str(label_dir), *opts])
+
+
+@pytest.fixture(scope="module")
+def coco_run(coco_root, stage1_dir, tmp_path_factory):
+    """One run on the 6 train2017 images: (cfg, result, printed)."""
+    cfg = coco_cfg(coco_root, stage1_dir, tmp_path_factory.mktemp("coco_labels") / "Generation")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=2))
+    return cfg, result, printed.getvalue()
+
+
+def gt_boxes(coco_root):
+    """image id -> [(x1, y1, x2, y2, category id)] of the non-crowd voc20 boxes."""
+    gt = json.loads((coco_root / "annotations/instances_train2017.json").read_text())
+    boxes = {im["id"]: [] for im in gt["images"]}
+    for a in gt["annotations"]:
+        if not a["iscrowd"] and a["category_id"] in VOC20_FROM_COCO:
+            x, y, w, h = a["bbox"]
+            boxes[a["image_id"]].append((x, y, x + w, y + h, a["category_id"]))
+    return boxes
+
+
+def test_coco_run_writes_label_maps_and_instances_inside_their_boxes(coco_root, coco_run):
+    cfg, result, _ = coco_run
+    out = cfg.pseudo_label_dir
+    boxes = gt_boxes(coco_root)
+    assert result["images"] == result["labelled_now"] == len(boxes) == 6
+    assert pending_ids([str(i) for i in boxes], out, instances=True) == []
+    results = json.loads((out / "instances_Y_crf.json").read_text())
+    assert results and {r["image_id"] for r in results} <= set(boxes)
+    assert GIRAFFE not in {r["category_id"] for r in results}
+    for image_id, image_boxes in boxes.items():
+        label = read_index_png(out / "Y_crf" / f"{image_id}.png")
+        allowed = {0} | {VOC20_FROM_COCO[b[4]] for b in image_boxes}
+        assert set(np.unique(label)) <= allowed
+        mine = [r for r in results if r["image_id"] == image_id]
+        masks = mask_utils.decode([r["segmentation"] for r in mine]).transpose(2, 0, 1) > 0 \
+            if mine else np.zeros((0, *label.shape), bool)
+        assert masks.sum(0).max(initial=0) <= 1  # one instance per pixel
+        for r, mask in zip(mine, masks):
+            assert mask.any() and 0 <= r["score"] <= 1
+            assert (label[mask] == VOC20_FROM_COCO[r["category_id"]]).all()
+            in_a_box = box_pixel_masks([b for b in image_boxes if b[4] == r["category_id"]],
+                                       *label.shape).any(0)
+            assert in_a_box[mask].all()
+
+
+def test_coco_results_load_in_pycocotools_and_the_ap_report_matches_them(coco_root, coco_run):
+    cfg, result, printed = coco_run
+    out = cfg.pseudo_label_dir
+    gt = COCO(str(coco_root / "annotations/instances_train2017.json"))
+    report = json.loads((cfg.run_dir / "quality.json").read_text())
+    assert report["class_map"] == "voc20" and report["images"] == 6
+    assert set(report["ap"]) == set(INSTANCE_SOURCES)
+    for name in LABELS:
+        loaded = gt.loadRes(str(out / f"instances_{name}.json"))
+        assert len(loaded.getAnnIds()) == len(json.loads((out / f"instances_{name}.json")
+                                                         .read_text()))
+        trainable = COCO(str(out / f"annotations_{name}.json"))
+        assert len(trainable.getAnnIds()) == len(loaded.getAnnIds())
+        assert set(trainable.getCatIds()) == set(evaluated_category_ids("voc20"))
+        stats = evaluate_instances(gt, str(out / f"instances_{name}.json"),
+                                   image_ids=gt.getImgIds(),
+                                   category_ids=evaluated_category_ids("voc20"))
+        assert report["ap"][name] == pytest.approx(stats)
+        assert result["quality"][name] == pytest.approx(stats["AP"])
+    for stats in report["ap"].values():
+        values = [stats[k] for k in AP_KEYS]
+        assert values[0] is not None and all(v is None or 0 <= v <= 100 for v in values)
+    assert "COCO segm AP" in printed and printed.count("AP50") == 3
+    assert len(list((cfg.run_dir / "vis").glob("*.png"))) == 2
+
+
+def test_coco_run_resumes_from_its_per_image_files(coco_root, stage1_dir, coco_run):
+    cfg, *_ = coco_run
+    out = cfg.pseudo_label_dir
+    merged = {p.name: p.read_bytes() for p in out.glob("*.json")}
+    ids = sorted(p.stem for p in (out / "instances").glob("*.json"))
+    (out / "instances" / f"{ids[1]}.json").unlink()
+    (out / "Y_ret" / f"{ids[4]}.png").unlink()
+    result = run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0))
+    assert result["labelled_now"] == 2
+    assert {p.name: p.read_bytes() for p in out.glob("*.json")} == merged
+
+
+def test_instances_of_one_image_from_a_hand_made_label_map():
+    """Two overlapping cat boxes A = [0,6)², B = [3,10)² and a dog box C = [6,10) × [0,4) on a
+    10×10 image. The label map says cat on rows/cols 0..7, dog elsewhere in C. In the overlap
+    [3,6)², A's score (0.9) beats B's (0.5) except at (5, 5) where B scores 1. So A gets the cat
+    pixels of A, minus (5, 5); B the cat pixels of B outside A's win; C the dog pixels of C."""
+    cat, dog = 17, 18  # COCO ids; VOC ids 8 and 12
+    boxes = np.array([[0, 0, 6, 6, 8], [3, 3, 10, 10, 8], [6, 0, 10, 4, 12]])
+    label = np.zeros((10, 10), np.uint8)
+    label[:8, :8] = 8
+    label[0:4, 8:10] = 12
+    inside = box_pixel_masks(boxes, 10, 10)
+    scores = np.stack([0.9 * inside[0], 0.5 * inside[1], 0.7 * inside[2]]).astype(np.float32)
+    scores[1, 5, 5] = 1.0
+    job = {"id": "42", "boxes": boxes, "category_ids": np.array([cat, cat, dog])}
+    record = image_instances(job, label, label, scores)
+    assert set(record) == set(INSTANCE_SOURCES)
+    expected_a = inside[0] & (label == 8)
+    expected_a[5, 5] = False
+    expected_b = inside[1] & (label == 8) & ~expected_a
+    expected_c = inside[2] & (label == 12)
+    for name in LABELS:
+        entries = record[name]
+        assert [(e["image_id"], e["category_id"]) for e in entries] == \
+            [(42, cat), (42, cat), (42, dog)]
+        masks = mask_utils.decode([e["segmentation"] for e in entries]).transpose(2, 0, 1) > 0
+        np.testing.assert_array_equal(masks[0], expected_a)
+        np.testing.assert_array_equal(masks[1], expected_b)
+        np.testing.assert_array_equal(masks[2], expected_c)
+        n = expected_b.sum()  # B's pixels score 0.5, except (5, 5) which scores 1
+        assert [e["score"] for e in entries] == pytest.approx([0.9, (0.5 * (n - 1) + 1) / n, 0.7])
+    boxes_only = mask_utils.decode([e["segmentation"] for e in record["box_baseline"]])
+    np.testing.assert_array_equal(boxes_only.transpose(2, 0, 1) > 0, inside)
+    assert [e["score"] for e in record["box_baseline"]] == [1.0, 1.0, 1.0]
+
+
+def test_coco80_labels_carry_the_80_class_numbering(coco_root, tmp_path):
+    """An untrained 81-class stage-1 model (a checkpoint as stage 1 writes it, without the
+    training): label maps hold COCO80 indices of the image's boxes, giraffe (not in VOC)
+    included, and the instances keep the COCO category ids."""
+    import torch
+
+    from data.coco import COCO80_INDEX
+    from engine.stage1 import build_labeler, checkpoint_meta
+
+    cfg = coco_cfg(coco_root, tmp_path, tmp_path / "Generation", "DATA.CLASS_MAP", "coco80",
+                   "DATA.NUM_CLASSES", "81", "MODEL.WEIGHTS", str(tmp_path / "stage1.ckpt"))
+    torch.manual_seed(0)
+    net = build_labeler(cfg, init="none")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "bana": checkpoint_meta(net, cfg)}, tmp_path / "stage1.ckpt")
+    run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0))
+    gt = json.loads((coco_root / "annotations/instances_train2017.json").read_text())
+    categories = {im["id"]: set() for im in gt["images"]}
+    for a in gt["annotations"]:
+        if not a["iscrowd"]:
+            categories[a["image_id"]].add(a["category_id"])
+    assert GIRAFFE in set().union(*categories.values())
+    out = cfg.pseudo_label_dir
+    for image_id, cats in categories.items():
+        label = read_index_png(out / "Y_crf" / f"{image_id}.png")
+        assert set(np.unique(label)) <= {0} | {COCO80_INDEX[c] for c in cats}
+    baseline = json.loads((out / "instances" / "1.json").read_text())["box_baseline"]
+    assert {r["category_id"] for r in baseline} == categories[1]
+    results = json.loads((out / "instances_Y_crf.json").read_text())
+    assert all(r["category_id"] in categories[r["image_id"]] for r in results)
+    report = json.loads((cfg.run_dir / "quality.json").read_text())
+    assert report["class_map"] == "coco80"
+
+
+def test_class_map_and_classifier_size_must_agree(coco_root, stage1_dir, tmp_path):
+    with pytest.raises(BanaError, match="DATA.NUM_CLASSES must be 81, not 21"):
+        coco_cfg(coco_root, stage1_dir, tmp_path, "DATA.CLASS_MAP", "coco80")
+    cfg = coco_cfg(coco_root, stage1_dir, tmp_path, "DATA.CLASS_MAP", "coco80",
+                   "DATA.NUM_CLASSES", "81")
+    with pytest.raises(BanaError, match="trained with 21 classes.*under voc20"):
+        load_labeler(cfg)
+
+
+def test_shipped_coco_config_labels_train2017_with_voc20():
+    cfg = load_config(ROOT / "configs/stage2_coco.yml")
+    assert (cfg.DATA.DATASET, cfg.DATA.CLASS_MAP, cfg.DATA.NUM_CLASSES, cfg.DATA.SPLIT) == \
+        ("coco", "voc20", 21, "train2017")
+    assert (cfg.MODEL.GRID_SIZE, cfg.MODEL.BG_THRESHOLD, cfg.MODEL.DCRF) == \
+        (1, 0.99, [4, 55, 3, 3, 3])
