@@ -1,0 +1,863 @@
+"""Reliability of the entry points (issue 8): bad inputs, killed runs, non-finite losses and two
+stage-2 runs writing the same folder.
+
+The bad-input table runs every script as a user would, as a subprocess from the repository root,
+and expects exit status 2, one paragraph on stderr naming the file or key and the fix, and no
+traceback. Each process pays a few seconds for importing torch, so the table runs as one batch,
+a few processes at a time, and each case is then checked as its own test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.common import lr_factor
+from utils.config import load_config
+from utils.errors import BanaError
+from utils.io import atomic_write_png, read_index_png
+
+REPO = Path(__file__).resolve().parents[1]
+PARALLEL = 3
+# Small enough for a 2-core CPU; 3 iterations of batch 4 visit all 12 synthetic train images.
+FAST = ["DATA.CROP_SIZE", "48", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
+        "SOLVER.LOG_EVERY", "1"]
+
+
+def write_pseudo_labels(root: Path, split: str) -> None:
+    """Y_crf = GT with the void band as background, Y_ret = Y_crf with its top quarter erased:
+    two plausible, different label maps for stage 3."""
+    for i in (root / "ImageSets/Segmentation" / f"{split}.txt").read_text().split():
+        gt = read_index_png(root / "SegmentationClassAug" / f"{i}.png")
+        y = np.where(gt == 255, 0, gt).astype(np.uint8)
+        atomic_write_png(root / "Generation/Y_crf" / f"{i}.png", y)
+        y[: y.shape[0] // 4] = 0
+        atomic_write_png(root / "Generation/Y_ret" / f"{i}.png", y)
+
+
+@pytest.fixture(scope="module")
+def labelled_voc(synthetic_voc, tmp_path_factory) -> Path:
+    """The synthetic tree plus pseudo labels of its train split, for stage 3."""
+    root = Path(shutil.copytree(synthetic_voc, tmp_path_factory.mktemp("labelled") / "VOC"))
+    write_pseudo_labels(root, "train")
+    return root
+
+
+@pytest.fixture(scope="module")
+def artifacts(synthetic_voc, labelled_voc, tmp_path_factory):
+    """The trees and a 2-iteration stage-1 and stage-3 checkpoint."""
+    from engine.stage1 import run as run_stage1
+    from engine.stage3 import run as run_stage3
+
+    out = tmp_path_factory.mktemp("checkpoints")
+    args = argparse.Namespace(gpu_id="cpu", resume=False)
+    run_stage1(load_config(REPO / "configs/demo/stage1.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), *FAST,
+        "SOLVER.MAX_ITER", "2", "SOLVER.MILESTONES", "[1]"]), args)
+    run_stage3(load_config(REPO / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(labelled_voc), "OUTPUT_DIR", str(out), *FAST,
+        "SOLVER.MAX_ITER", "2", "SOLVER.VAL_EVERY", "2"]), args)
+    return {"voc": synthetic_voc, "labelled": labelled_voc,
+            "stage1": out / "stage1/checkpoints/final.ckpt",
+            "stage3": out / "stage3/checkpoints/final.ckpt"}
+
+
+@dataclass
+class Env:
+    """What a bad-input case may use: a private folder, the pristine trees, the checkpoints."""
+
+    tmp: Path
+    voc: Path
+    labelled: Path
+    stage1_ckpt: Path
+    stage3_ckpt: Path
+
+    def copy(self, tree: Path | None = None) -> Path:
+        """A private copy of a dataset tree (default: the synthetic one) to damage."""
+        return Path(shutil.copytree(tree or self.voc, self.tmp / "VOC"))
+
+    def config(self, template: str, text: str) -> Path:
+        """A config file: a shipped demo config with `text` appended (later keys win)."""
+        path = self.tmp / "config.yml"
+        path.write_text((REPO / "configs/demo" / template).read_text() + "\n" + text)
+        return path
+
+    def a_file(self) -> Path:
+        """A regular file, so that any folder below it cannot be created, even by root."""
+        path = self.tmp / "a_file"
+        path.write_text("not a folder\n")
+        return path
+
+
+def stage1(env: Env, *opts: str, root=None, config="configs/demo/stage1.yml", flags=(),
+           gpu="cpu"):
+    return ["stage1.py", "--config-file", str(config), "--gpu-id", gpu, *flags, "--opts",
+            "DATA.ROOT", str(root or env.voc), "OUTPUT_DIR", str(env.tmp / "runs"), *FAST,
+            "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES", "[2]", *opts]
+
+
+def stage2(env: Env, *opts: str, root=None, config="configs/demo/stage2.yml", flags=(),
+           gpu="cpu", workers=1):
+    return ["stage2.py", "--config-file", str(config), "--gpu-id", gpu, "--workers", str(workers),
+            *flags, "--opts", "DATA.ROOT", str(root or env.voc), "OUTPUT_DIR",
+            str(env.tmp / "runs"), "DATA.NUM_WORKERS", "0", "DATA.SPLIT", "val",
+            "DATA.PSEUDO_LABEL_DIR", str(env.tmp / "Generation"),
+            "MODEL.WEIGHTS", str(env.stage1_ckpt), *opts]
+
+
+def stage3(env: Env, *opts: str, root=None, config="configs/demo/stage3.yml", flags=(),
+           gpu="cpu"):
+    return ["stage3.py", "--config-file", str(config), "--gpu-id", gpu, *flags, "--opts",
+            "DATA.ROOT", str(root or env.labelled), "OUTPUT_DIR", str(env.tmp / "runs"), *FAST,
+            "SOLVER.MAX_ITER", "3", "SOLVER.VAL_EVERY", "3", *opts]
+
+
+def evaluate(env: Env, *opts: str, root=None, config="configs/demo/stage3.yml", flags=(),
+             checkpoint=None, gpu="cpu", workers=0):
+    return ["evaluate.py", "--config-file", str(config), "--gpu-id", gpu, "--workers", str(workers),
+            "--checkpoint", str(checkpoint or env.stage3_ckpt), *flags, "--opts",
+            "DATA.ROOT", str(root or env.voc), "OUTPUT_DIR", str(env.tmp / "runs"),
+            "DATA.NUM_WORKERS", "0", "TEST.SCALES", "[1.0]", "TEST.FLIP", "false",
+            "TEST.CRF", "false", *opts]
+
+
+def write_noise_jpeg(path: Path, height: int, width: int) -> None:
+    from utils.io import atomic_write_jpeg
+
+    atomic_write_jpeg(path, np.random.default_rng(0).integers(0, 256, (height, width, 3),
+                                                              dtype=np.uint8))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def set_label_value(path: Path, value: int) -> None:
+    label = read_index_png(path)
+    label[:4, :4] = value
+    atomic_write_png(path, label)
+
+
+# Each case damages its own copy of what it needs and returns (argv, what the message must name,
+# the fix it must give). Strings are compared with the message's line wrapping undone.
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+@case
+def unknown_key_in_yaml(env):
+    config = env.config("stage1.yml", "SOLVER:\n  MAX_ITERS: 10\n")
+    return stage1(env, config=config), [str(config), "'SOLVER.MAX_ITERS'"], "SOLVER.MAX_ITER,"
+
+
+@case
+def unknown_key_in_opts(env):
+    return stage3(env, "MODEL.LOS", "nal"), ["'MODEL.LOS'"], "configs/README.md"
+
+
+@case
+def wrong_type_in_opts(env):
+    return stage1(env, "SOLVER.MAX_ITER", "ten"), ["SOLVER.MAX_ITER"], "expected an integer"
+
+
+@case
+def wrong_type_in_yaml(env):
+    config = env.config("stage2.yml", "MODEL:\n  DCRF: 4\n")
+    return stage2(env, config=config), [str(config), "MODEL.DCRF"], "expected a list of float"
+
+
+@case
+def impossible_value(env):
+    return stage3(env, "SOLVER.LR", "-0.1"), ["SOLVER.LR"], "> 0"
+
+
+@case
+def invalid_yaml(env):
+    config = env.config("stage2.yml", "DATA: [unclosed\n")
+    return stage2(env, config=config), [str(config)], "not valid YAML"
+
+
+@case
+def missing_config_file(env):
+    config = env.tmp / "nowhere.yml"
+    return evaluate(env, config=config), [str(config)], "configs/demo/stage1.yml"
+
+
+@case
+def missing_data_root(env):
+    root = env.tmp / "no_dataset"
+    return stage1(env, root=root), [f"DATA.ROOT {root}"], "data/synthetic.py"
+
+
+@case
+def missing_init_weights(env):
+    path = env.tmp / "vgg_caffe.pth"
+    return stage1(env, "MODEL.INIT", str(path)), [str(path)], "MODEL.INIT"
+
+
+@case
+def missing_stage1_checkpoint(env):
+    path = env.tmp / "stage1/final.ckpt"
+    return stage2(env, "MODEL.WEIGHTS", str(path)), [str(path)], "python stage1.py"
+
+
+@case
+def missing_gt_ids_file(env):
+    path = env.tmp / "gt_ids.txt"
+    return (stage3(env, "DATA.GT_IDS", str(path)), ["DATA.GT_IDS", str(path)],
+            "one image id per line")
+
+
+@case
+def missing_stage3_checkpoint(env):
+    path = env.tmp / "best.ckpt"
+    return evaluate(env, checkpoint=path), [str(path)], "python stage3.py"
+
+
+@case
+def missing_background_masks(env):
+    root = env.copy()
+    shutil.rmtree(root / "BgMaskfromBoxes")
+    return stage1(env, root=root), ["BgMaskfromBoxes"], "python data/voc_bbox_setup.py"
+
+
+@case
+def missing_pseudo_label_file(env):
+    root = env.copy(env.labelled)
+    path = root / "Generation/Y_ret/train_00004.png"
+    path.unlink()
+    return stage3(env, root=root), [str(path)], "python stage2.py"
+
+
+@case
+def empty_split_for_stage1(env):
+    root = env.copy()
+    (root / "ImageSets/Segmentation/train_aug.txt").write_text("\n")
+    return stage1(env, root=root), ["train_aug.txt is empty"], "one image id per line"
+
+
+@case
+def empty_val_split_for_stage3(env):
+    root = env.copy(env.labelled)
+    (root / "ImageSets/Segmentation/val.txt").write_text("")
+    return stage3(env, root=root), ["val.txt is empty"], "one image id per line"
+
+
+@case
+def empty_split_for_evaluate(env):
+    root = env.copy()
+    (root / "ImageSets/Segmentation/val.txt").write_text("  \n")
+    return evaluate(env, root=root), ["val.txt is empty"], "one image id per line"
+
+
+@case
+def empty_split_for_bbox_setup(env):
+    root = env.copy()
+    (root / "ImageSets/Segmentation/train.txt").write_text("")
+    return (["data/voc_bbox_setup.py", "--data-root", str(root), "--splits", "train"],
+            ["train.txt is empty"], "one image id per line")
+
+
+@case
+def background_mask_size_mismatch(env):
+    root = env.copy()
+    path = root / "BgMaskfromBoxes/train_00002.png"
+    atomic_write_png(path, np.ones((40, 64), np.uint8))
+    return stage1(env, root=root), [str(path), "64x40"], "python data/voc_bbox_setup.py"
+
+
+@case
+def pseudo_label_size_mismatch(env):
+    root = env.copy(env.labelled)
+    path = root / "Generation/Y_crf/train_00005.png"
+    atomic_write_png(path, np.zeros((64, 50), np.uint8))
+    return stage3(env, root=root), [str(path), "50x64"], "python stage2.py"
+
+
+@case
+def image_size_mismatch_for_evaluate(env):
+    root = env.copy()
+    path = root / "JPEGImages/val_00003.jpg"
+    write_noise_jpeg(path, 60, 64)
+    return evaluate(env, root=root), [str(path), "64x60"], "re-create the label"
+
+
+@case
+def prediction_size_mismatch(env):
+    pred = env.tmp / "pred"
+    for i in (env.voc / "ImageSets/Segmentation/val.txt").read_text().split():
+        atomic_write_png(pred / f"{i}.png", np.zeros((64, 64 if i != "val_00001" else 32),
+                                                     np.uint8))
+    return (["evaluate.py", "--pred-dir", str(pred), "--data-root", str(env.voc)],
+            [str(pred / "val_00001.png"), "32x64"], "at the full size of its image")
+
+
+@case
+def corrupt_jpeg_in_a_loader_worker(env):
+    root = env.copy()
+    path = root / "JPEGImages/train_00007.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    return stage1(env, "DATA.NUM_WORKERS", "1", root=root), [str(path)], "Re-create"
+
+
+@case
+def truncated_jpeg_for_stage3(env):
+    root = env.copy(env.labelled)
+    path = root / "JPEGImages/train_00003.jpg"
+    truncate(path, 0.4)
+    return stage3(env, root=root), [str(path)], "Re-create"
+
+
+@case
+def corrupt_jpeg_for_stage2(env):
+    root = env.copy()
+    path = root / "JPEGImages/val_00000.jpg"
+    path.write_bytes(b"GIF89a garbage")
+    return stage2(env, root=root), [str(path)], "Re-create"
+
+
+@case
+def corrupt_jpeg_for_bbox_setup(env):
+    root = env.copy()
+    shutil.rmtree(root / "BgMaskfromBoxes")
+    path = root / "JPEGImages/train_00001.jpg"
+    path.write_bytes(b"")
+    return (["data/voc_bbox_setup.py", "--data-root", str(root), "--workers", "1"], [str(path)],
+            "Re-create")
+
+
+@case
+def corrupt_pseudo_label(env):
+    root = env.copy(env.labelled)
+    path = root / "Generation/Y_crf/train_00008.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return stage3(env, root=root), [str(path)], "Re-create"
+
+
+@case
+def corrupt_ground_truth(env):
+    root = env.copy()
+    path = root / "SegmentationClassAug/val_00002.png"
+    truncate(path, 0.3)
+    return evaluate(env, root=root), [str(path)], "Re-create"
+
+
+@case
+def colour_pseudo_label(env):
+    root = env.copy(env.labelled)
+    path = root / "Generation/Y_ret/train_00000.png"
+    atomic_write_png(path, np.zeros((64, 64, 3), np.uint8))
+    return stage3(env, root=root), [str(path)], "'P' or greyscale 'L'"
+
+
+@case
+def pseudo_label_value_out_of_range(env):
+    root = env.copy(env.labelled)
+    path = root / "Generation/Y_crf/train_00006.png"
+    set_label_value(path, 30)
+    return stage3(env, root=root), [str(path), "values 30"], "DATA.NUM_CLASSES"
+
+
+@case
+def ground_truth_value_out_of_range(env):
+    root = env.copy()
+    path = root / "SegmentationClassAug/val_00004.png"
+    set_label_value(path, 21)
+    return evaluate(env, root=root), [str(path), "values 21"], "DATA.NUM_CLASSES"
+
+
+@case
+def prediction_value_out_of_range(env):
+    pred = env.tmp / "pred"
+    for i in (env.voc / "ImageSets/Segmentation/val.txt").read_text().split():
+        atomic_write_png(pred / f"{i}.png", np.full((64, 64), 255 if i == "val_00005" else 0,
+                                                    np.uint8))
+    return (["evaluate.py", "--pred-dir", str(pred), "--data-root", str(env.voc)],
+            [str(pred / "val_00005.png"), "255"], "class ids only")
+
+
+@case
+def stage3_checkpoint_for_stage2(env):
+    return (stage2(env, "MODEL.WEIGHTS", str(env.stage3_ckpt)),
+            [str(env.stage3_ckpt), "stage 3"], "python stage1.py")
+
+
+@case
+def other_backbone_for_stage2(env):
+    return (stage2(env, "MODEL.BACKBONE", "vgg16"), [str(env.stage1_ckpt), "'tiny'"],
+            "MODEL.BACKBONE tiny")
+
+
+@case
+def stage1_checkpoint_for_evaluate(env):
+    return (evaluate(env, checkpoint=env.stage1_ckpt), [str(env.stage1_ckpt), "stage 1"],
+            "python stage3.py")
+
+
+@case
+def other_backbone_for_evaluate(env):
+    return evaluate(env, "MODEL.BACKBONE", "resnet101"), ["MODEL.BACKBONE", "'tiny'"], "config"
+
+
+@case
+def garbage_checkpoint(env):
+    path = env.tmp / "final.ckpt"
+    path.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    return stage2(env, "MODEL.WEIGHTS", str(path)), [str(path)], "python stage1.py"
+
+
+@case
+def resume_from_another_stage(env):
+    ckpt_dir = env.tmp / "runs/stage3/checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    shutil.copy(env.stage1_ckpt, ckpt_dir / "last.ckpt")
+    return (stage3(env, flags=["--resume"]), [str(ckpt_dir / "last.ckpt"), "stage 1"],
+            "--opts NAME")
+
+
+@case
+def resume_with_another_backbone(env):
+    ckpt_dir = env.tmp / "runs/stage3/checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    shutil.copy(env.stage3_ckpt, ckpt_dir / "last.ckpt")
+    return (stage3(env, "MODEL.BACKBONE", "vgg16", flags=["--resume"]),
+            [str(ckpt_dir / "last.ckpt"), "'tiny'", "MODEL.BACKBONE"], "--opts NAME")
+
+
+@case
+def resume_from_truncated_checkpoint(env):
+    ckpt_dir = env.tmp / "runs/stage1/checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    shutil.copy(env.stage1_ckpt, ckpt_dir / "last.ckpt")
+    truncate(ckpt_dir / "last.ckpt")
+    return stage1(env, flags=["--resume"]), [str(ckpt_dir / "last.ckpt")], "--opts NAME"
+
+
+@case
+def gpu_3_for_stage1(env):
+    return stage1(env, gpu="3"), ["--gpu-id 3"], "--gpu-id cpu"
+
+
+@case
+def gpu_3_for_evaluate(env):
+    return evaluate(env, gpu="3"), ["--gpu-id 3"], "--gpu-id cpu"
+
+
+@case
+def output_dir_under_a_file_for_stage1(env):
+    out = env.a_file() / "runs"
+    argv = stage1(env, "OUTPUT_DIR", str(out))
+    return argv, [str(env.a_file())], "writable folder"
+
+
+@case
+def label_dir_under_a_file_for_stage2(env):
+    out = env.a_file() / "Generation"
+    return stage2(env, "DATA.PSEUDO_LABEL_DIR", str(out)), [str(env.a_file())], "writable folder"
+
+
+@case
+def output_dir_under_a_file_for_evaluate(env):
+    out = env.a_file() / "runs"
+    return evaluate(env, "OUTPUT_DIR", str(out)), [str(env.a_file())], "writable folder"
+
+
+@case
+def report_dir_under_a_file_for_evaluate(env):
+    pred = env.voc / "SegmentationClassAug"
+    out = env.a_file() / "report"
+    return (["evaluate.py", "--pred-dir", str(pred), "--data-root", str(env.voc), "--out",
+             str(out)], [str(env.a_file())], "writable folder")
+
+
+@case
+def out_under_a_file_for_synthetic(env):
+    out = env.a_file() / "synthetic"
+    return (["data/synthetic.py", "--out", str(out), "--n-train", "1", "--n-val", "1"],
+            [str(env.a_file())], "writable folder")
+
+
+@case
+def mask_folder_is_a_file_for_bbox_setup(env):
+    root = env.copy()
+    shutil.rmtree(root / "BgMaskfromBoxes")
+    (root / "BgMaskfromBoxes").write_text("")
+    return (["data/voc_bbox_setup.py", "--data-root", str(root), "--workers", "1"],
+            [str(root / "BgMaskfromBoxes")], "writable folder")
+
+
+@case
+def foreign_folder_for_synthetic(env):
+    out = env.tmp / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    return ["data/synthetic.py", "--out", str(out)], [str(out)], "empty or new folder"
+
+
+@case
+def unknown_class_for_synthetic(env):
+    return (["data/synthetic.py", "--out", str(env.tmp / "s"), "--classes", "cat", "unicorn"],
+            ["unicorn"], "expected VOC class names")
+
+
+@case
+def missing_root_for_bbox_setup(env):
+    root = env.tmp / "VOC2012"
+    return ["data/voc_bbox_setup.py", "--data-root", str(root)], [str(root)], "setup_voc.bash"
+
+
+@case
+def malformed_annotation(env):
+    root = env.copy()
+    shutil.rmtree(root / "BgMaskfromBoxes")
+    path = root / "Annotations/train_00003.xml"
+    path.write_text("<annotation><object><name>cat</name>")
+    return (["data/voc_bbox_setup.py", "--data-root", str(root), "--workers", "1"], [str(path)],
+            "re-create or re-download it")
+
+
+@case
+def no_crf_workers_for_stage2(env):
+    return stage2(env, workers=0), ["--workers 0"], "at least 1"
+
+
+def run_script(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, artifacts, tmp_path_factory):
+    """Set up and run the selected cases, PARALLEL processes at a time; name -> outcome."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_bad_input_fails_cleanly"
+                and item.module is request.module]
+    jobs = {}
+    for name in selected:
+        env = Env(tmp_path_factory.mktemp(name), artifacts["voc"], artifacts["labelled"],
+                  artifacts["stage1"], artifacts["stage3"])
+        jobs[name] = CASES[name](env)
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        procs = dict(zip(jobs, pool.map(lambda job: run_script(job[0]), jobs.values())))
+    return {name: (procs[name], *jobs[name]) for name in jobs}
+
+
+def error_paragraph(proc: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` paragraph a failed script printed, last and on a line of its own,
+    with its line wrapping undone."""
+    err = proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err + proc.stdout, err[-3000:]
+    before, found, message = err.rpartition("error: ")
+    assert found and "error: " not in before, f"expected one 'error:' message:\n{err[-3000:]}"
+    assert before == "" or before.endswith("\n"), f"the message starts mid-line:\n{err[-500:]}"
+    # A blank line or a progress bar's carriage return would mean something followed it.
+    assert "\n\n" not in message.strip() and "\r" not in message, f"not one paragraph:\n{message}"
+    return " ".join(message.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_cleanly(outcomes, name):
+    proc, argv, names, fix = outcomes[name]
+    message = error_paragraph(proc)
+    for where in names:
+        assert where in message, f"{argv}\nthe message does not name {where!r}:\n{message}"
+    assert fix in message, f"{argv}\nthe message does not give the fix {fix!r}:\n{message}"
+
+
+def test_debug_shows_the_traceback():
+    argv = ["stage1.py", "--config-file", "configs/demo/stage1.yml", "--gpu-id", "cpu", "--debug",
+            "--opts", "SOLVER.MAX_ITER", "ten"]
+    proc = run_script(argv)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "BanaError: --opts SOLVER.MAX_ITER" in proc.stderr
+
+
+def test_a_message_raised_in_a_loader_worker_loses_the_worker_traceback():
+    from torch._utils import ExceptionWrapper
+
+    from utils.cli import error_message
+
+    try:
+        raise BanaError("image x.jpg is corrupt: re-create it.")
+    except BanaError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(BanaError) as info:
+        wrapped.reraise()  # what the DataLoader does in the main process
+    assert "Traceback" in str(info.value)
+    assert error_message(info.value) == "image x.jpg is corrupt: re-create it."
+    assert error_message(BanaError("plain")) == "plain"
+
+
+def test_os_errors_on_output_paths_become_messages_and_others_stay_bugs(tmp_path):
+    from utils.cli import os_error_message
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as info:
+        (blocker / "runs/stage1").mkdir(parents=True, exist_ok=True)
+    assert f"{blocker} is a file, not a folder" in os_error_message(info.value)
+    with pytest.raises(OSError) as info:
+        blocker.mkdir(parents=True, exist_ok=True)
+    assert "a file of that name exists" in os_error_message(info.value)
+    with pytest.raises(OSError) as info:
+        open(tmp_path / "missing.txt")
+    assert os_error_message(info.value) is None
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_a_nan_in_stage1_stops_at_that_iteration_and_keeps_the_last_checkpoint(
+        synthetic_voc, tmp_path, monkeypatch):
+    """CKPT_EVERY 2: last.ckpt holds step 4 when iteration 5 (0-based) computes a NaN loss."""
+    import engine.stage1
+    from engine.stage1 import build_labeler, run
+
+    cfg = load_config(REPO / "configs/demo/stage1.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(tmp_path), *FAST,
+        "SOLVER.MAX_ITER", "8", "SOLVER.MILESTONES", "[6]", "SOLVER.CKPT_EVERY", "2"])
+    last = cfg.run_dir / "checkpoints/last.ckpt"
+    seen = {}
+
+    def poisoned_labeler(cfg_, **kwargs):
+        net = build_labeler(cfg_, **kwargs)
+        forward, calls = net.forward, iter(range(10 ** 6))
+
+        def forward_with_nan(*a, **kw):
+            logits, targets = forward(*a, **kw)
+            if next(calls) == 5:  # one forward per iteration: this is iteration 5
+                seen["hash"], seen["step"] = sha256(last), load_ckpt(last)["global_step"]
+                logits = logits * float("nan")
+            return logits, targets
+
+        net.forward = forward_with_nan
+        return net
+
+    monkeypatch.setattr(engine.stage1, "build_labeler", poisoned_labeler)
+    args = argparse.Namespace(gpu_id="cpu", resume=False)
+    with pytest.raises(BanaError, match=r"non-finite loss at iteration 5: term 'ce' = nan"):
+        run(cfg, args)
+    assert seen["step"] == 4 and sha256(last) == seen["hash"]
+    assert not (cfg.run_dir / "checkpoints/final.ckpt").exists()
+
+    monkeypatch.setattr(engine.stage1, "build_labeler", build_labeler)
+    assert run(cfg, argparse.Namespace(gpu_id="cpu", resume=True))["iterations"] == 8
+
+
+def test_a_nan_term_in_stage3_is_named_before_the_total(labelled_voc, tmp_path, monkeypatch):
+    import models.losses
+    from engine.stage3 import run
+
+    cfg = load_config(REPO / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(labelled_voc), "OUTPUT_DIR", str(tmp_path), *FAST,
+        "SOLVER.MAX_ITER", "6", "SOLVER.CKPT_EVERY", "2", "SOLVER.VAL_EVERY", "6"])
+    last = cfg.run_dir / "checkpoints/last.ckpt"
+    compute_loss, calls, seen = models.losses.compute_loss, iter(range(10 ** 6)), {}
+
+    def loss_with_nan(*a, **kw):
+        losses = compute_loss(*a, **kw)
+        if next(calls) == 3:
+            seen["hash"] = sha256(last)
+            losses["wce"] = losses["wce"] * float("nan")
+            losses["loss"] = losses["ce"] + losses["wce"]
+        return losses
+
+    # engine.stage3 imports compute_loss at each step, so patching the module is enough.
+    monkeypatch.setattr(models.losses, "compute_loss", loss_with_nan)
+    with pytest.raises(BanaError, match=r"iteration 3: term 'wce' = nan, term 'loss' = nan"):
+        run(cfg, argparse.Namespace(gpu_id="cpu", resume=False))
+    assert sha256(last) == seen["hash"] and load_ckpt(last)["global_step"] == 2
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start a script in its own process group (so that it can be killed with its workers); its
+    output goes to `log`, since an unread pipe would block it."""
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc` and its children as soon as `ready()` holds; it must still be running."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, (f"the run ended (exit {proc.returncode}) before it was "
+                                         f"killed:\n{log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, "timed out waiting to kill the run"
+            time.sleep(0.02)
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def ckpt_step(path: Path) -> int:
+    return load_ckpt(path)["global_step"] if path.is_file() else -1
+
+
+def logged_lrs(run_dir: Path, group: str = "pw") -> dict[int, float]:
+    """step -> logged learning rate of a parameter group, over every launch of the run."""
+    import csv
+
+    lrs = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            lrs.update({int(r["step"]): float(r[f"lr-SGD/{group}"]) for r in csv.DictReader(f)
+                        if r.get(f"lr-SGD/{group}")})
+    return lrs
+
+
+def check_resumed_schedule(run_dir: Path, cfg, max_iter: int) -> None:
+    final = load_ckpt(run_dir / "checkpoints/final.ckpt")
+    assert final["global_step"] == max_iter
+    assert final["lr_schedulers"][0]["last_epoch"] == max_iter
+    mult = {"pw": 1, "pb": 2, "nw": 10, "nb": 20}
+    for group in final["optimizer_states"][0]["param_groups"]:
+        expected = mult[group["name"]] * cfg.SOLVER.LR * lr_factor(max_iter, cfg.SOLVER)
+        assert group["lr"] == pytest.approx(expected, abs=1e-12)
+    # Two launches, and every logged step's lr is the uninterrupted schedule's.
+    assert len(list((run_dir / "logs").glob("version_*"))) == 2
+    lrs = logged_lrs(run_dir)
+    assert min(lrs) < 5 and max(lrs) >= max_iter - 2
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(cfg.SOLVER.LR * lr_factor(step, cfg.SOLVER), abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_sigkill_mid_run_then_resume_finishes_the_same_schedule(stage, artifacts, tmp_path):
+    """Killed once last.ckpt holds step >= 10 of 30 (written every 5), resumed with --resume."""
+    opts = ["DATA.ROOT", str(artifacts["voc" if stage == 1 else "labelled"]), "OUTPUT_DIR",
+            str(tmp_path), *FAST, "SOLVER.MAX_ITER", "30", "SOLVER.CKPT_EVERY", "5"]
+    opts += ["SOLVER.MILESTONES", "[20]"] if stage == 1 else ["SOLVER.VAL_EVERY", "15"]
+    config = f"configs/demo/stage{stage}.yml"
+    argv = [f"stage{stage}.py", "--config-file", config, "--gpu-id", "cpu", "--opts", *opts]
+    last = tmp_path / f"stage{stage}/checkpoints/last.ckpt"
+    log = tmp_path / "killed.log"
+    kill_when(start(argv, log), lambda: ckpt_step(last) >= 10, log)
+    killed_at = ckpt_step(last)
+    assert 10 <= killed_at < 30 and not (last.parent / "final.ckpt").exists()
+
+    proc = run_script(argv[:5] + ["--resume"] + argv[5:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Resuming from {last}" in proc.stdout
+    check_resumed_schedule(tmp_path / f"stage{stage}", load_config(REPO / config, opts), 30)
+
+
+def stage2_argv(artifacts, out: Path) -> list[str]:
+    return ["stage2.py", "--config-file", "configs/demo/stage2.yml", "--gpu-id", "cpu",
+            "--workers", "1", "--opts", "DATA.ROOT", str(artifacts["voc"]), "OUTPUT_DIR",
+            str(out), "DATA.NUM_WORKERS", "0", "DATA.SPLIT", "train", "DATA.PSEUDO_LABEL_DIR",
+            str(out / "Generation"), "MODEL.WEIGHTS", str(artifacts["stage1"])]
+
+
+def read_labels(folder: Path) -> dict[str, np.ndarray]:
+    """Every label PNG under Y_crf/ and Y_ret/, decoded (a half-written one would fail here)."""
+    return {f"{p.parent.name}/{p.name}": read_index_png(p)
+            for p in sorted(folder.glob("Y_*/*.png"))}
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    """What `utils.io`'s atomic writes leave behind only when killed mid-write."""
+    return list(folder.rglob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def clean_labels(artifacts, tmp_path_factory) -> dict[str, np.ndarray]:
+    """Stage 2's labels of the 12 train images from one uninterrupted run."""
+    out = tmp_path_factory.mktemp("stage2_clean")
+    proc = run_script(stage2_argv(artifacts, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = read_labels(out / "Generation")
+    assert len(labels) == 2 * 12
+    return labels
+
+
+def assert_same_labels(labels: dict, expected: dict) -> None:
+    assert labels.keys() == expected.keys()
+    for name, label in labels.items():
+        np.testing.assert_array_equal(label, expected[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_stage2_killed_mid_run_leaves_whole_labels_and_resumes(artifacts, clean_labels, tmp_path):
+    argv = stage2_argv(artifacts, tmp_path)
+    labels = tmp_path / "Generation"
+    log = tmp_path / "killed.log"
+    kill_when(start(argv, log), lambda: len(list(labels.glob("Y_ret/*.png"))) >= 2, log)
+    partial = read_labels(labels)
+    assert 2 <= len(partial) < len(clean_labels)
+    assert_same_labels(partial, {k: clean_labels[k] for k in partial})
+
+    proc = run_script(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done_before = len({k.split("/")[1] for k in partial if k.startswith("Y_ret")})
+    assert f"{done_before} already labelled" in proc.stdout
+    assert_same_labels(read_labels(labels), clean_labels)
+
+
+@pytest.mark.slow
+def test_two_stage2_runs_on_one_folder_never_corrupt_a_label(artifacts, clean_labels, tmp_path):
+    argv = stage2_argv(artifacts, tmp_path)
+    procs = [start(argv, tmp_path / f"run{k}.log") for k in range(2)]
+    try:
+        for k, proc in enumerate(procs):
+            assert proc.wait(timeout=240) == 0, (tmp_path / f"run{k}.log").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert_same_labels(read_labels(tmp_path / "Generation"), clean_labels)
+    assert temporary_files(tmp_path / "Generation") == []
+
+
+@pytest.mark.slow
+def test_evaluate_killed_mid_run_leaves_whole_files_and_reruns(artifacts, tmp_path):
+    argv = ["evaluate.py", "--config-file", "configs/demo/stage3.yml", "--gpu-id", "cpu",
+            "--workers", "0", "--save-pred", "--checkpoint", str(artifacts["stage3"]), "--opts",
+            "DATA.ROOT", str(artifacts["voc"]), "OUTPUT_DIR", str(tmp_path), "DATA.NUM_WORKERS",
+            "0", "TEST.SPLIT", "train"]
+    eval_dir = tmp_path / "stage3/eval"
+    log = tmp_path / "killed.log"
+    kill_when(start(argv, log), lambda: len(list(eval_dir.glob("pred/*.png"))) >= 1, log)
+    partial = {p.name: read_index_png(p) for p in eval_dir.glob("pred/*.png")}
+    assert 1 <= len(partial) < 12 and not (eval_dir / "metrics.json").exists()
+
+    proc = run_script(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["images"] == 12 and set(metrics["modes"]) == {
+        "single", "multiscale", "single+crf", "multiscale+crf"}
+    for name, pred in partial.items():
+        np.testing.assert_array_equal(read_index_png(eval_dir / "pred" / name), pred)
+    assert len(list(eval_dir.glob("pred/*.png"))) == 12
