@@ -1,0 +1,197 @@
+"""The end-to-end demo: the whole BANA pipeline on the embedded synthetic dataset, on a CPU.
+
+    python demo.py [--preset default|test] [--out runs/demo] [--data datasets/synthetic]
+                   [--write-docs]
+
+It runs the very scripts and configs a user runs on PASCAL VOC (`configs/demo/*.yml`, changed
+only through `--opts`), one subprocess per step:
+  1. data/synthetic.py     a VOC-layout tree with non-rectangular objects and GT masks
+  2. stage1.py             BAP and GAP classifiers
+  3. stage2.py             pseudo labels from BAP (with and without u0) and from GAP
+  4. stage3.py             DeepLab (tiny backbone) on the BAP labels with ce_crf and nal
+  5. evaluate.py           the two stage-3 models on the val split
+and ends with a table of pseudo-label and stage-3 mIoU plus a figure of panels. `--write-docs`
+also writes them to docs/demo_results.md and docs/demo.png (the committed copies).
+The demo owns its output folders and starts them afresh on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+
+# Sizes: "default" is the `make demo` run (a few minutes on 2 cores); "test" is the same
+# pipeline at the smallest size that still exercises every step (the test suite runs it).
+PRESETS = {
+    "default": {"n_train": 120, "n_val": 40, "size": 96, "crop": 80, "batch": 8,
+                "stage1_iter": 400, "stage3_iter": 400, "workers": 2, "panels": 4},
+    "test": {"n_train": 10, "n_val": 4, "size": 64, "crop": 48, "batch": 4,
+             "stage1_iter": 4, "stage3_iter": 4, "workers": 1, "panels": 2},
+}
+PSEUDO_LABELS = {  # name -> (stage-1 run, use u0)
+    "bap": ("stage1_bap", True),
+    "bap_no_u0": ("stage1_bap", False),
+    "gap": ("stage1_gap", True),
+}
+LOSSES = ("ce_crf", "nal")
+
+
+class Demo:
+    def __init__(self, preset: dict, out: Path, data: Path):
+        self.p, self.out, self.data = preset, out, data
+        self.timings: list[tuple[str, float]] = []
+
+    def step(self, title: str, script: str, *args: str) -> None:
+        cmd = [sys.executable, script, *args]
+        print(f"\n=== {title}\n$ {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO)
+        seconds = time.perf_counter() - start
+        self.timings.append((title, seconds))
+        if proc.returncode != 0:
+            raise SystemExit(f"demo: step '{title}' failed (exit {proc.returncode}); its "
+                             "message is above.")
+
+    def stage(self, title: str, script: str, config: str, *opts: str) -> None:
+        common = ["DATA.ROOT", str(self.data), "OUTPUT_DIR", str(self.out)]
+        self.step(title, script, "--config-file", config, "--gpu-id", "cpu",
+                  *(["--workers", str(self.p["workers"])] if script == "stage2.py" else []),
+                  "--opts", *common, *opts)
+
+    def run(self) -> dict:
+        p = self.p
+        self.step("synthetic dataset", "data/synthetic.py", "--out", str(self.data),
+                  "--n-train", str(p["n_train"]), "--n-val", str(p["n_val"]),
+                  "--size", str(p["size"]), "--seed", "0")
+        train = ["DATA.CROP_SIZE", str(p["crop"]), "DATA.BATCH_SIZE", str(p["batch"])]
+        it1 = p["stage1_iter"]
+        for pooling in ("bap", "gap"):
+            self.stage(f"stage 1 ({pooling.upper()})", "stage1.py", "configs/demo/stage1.yml",
+                       "NAME", f"stage1_{pooling}", "MODEL.POOLING", pooling, *train,
+                       "SOLVER.MAX_ITER", str(it1), "SOLVER.MILESTONES", f"[{it1 * 2 // 3}]",
+                       "SOLVER.CKPT_EVERY", str(max(1, it1 // 4)))
+        for name, (stage1_run, u0) in PSEUDO_LABELS.items():
+            self.stage(f"stage 2 ({name})", "stage2.py", "configs/demo/stage2.yml",
+                       "NAME", f"stage2_{name}", "MODEL.WEIGHTS",
+                       f"{stage1_run}/checkpoints/final.ckpt", "MODEL.USE_U0", str(u0).lower(),
+                       "DATA.PSEUDO_LABEL_DIR", f"Generation/{name}")
+        it3 = p["stage3_iter"]
+        for loss in LOSSES:
+            self.stage(f"stage 3 ({loss})", "stage3.py", "configs/demo/stage3.yml",
+                       "NAME", f"stage3_{loss}", "MODEL.LOSS", loss, *train,
+                       "DATA.PSEUDO_LABEL_DIR", "Generation/bap",
+                       "SOLVER.MAX_ITER", str(it3), "SOLVER.VAL_EVERY", str(max(1, it3 // 4)),
+                       "SOLVER.CKPT_EVERY", str(max(1, it3 // 4)))
+            self.stage(f"evaluate ({loss})", "evaluate.py", "configs/demo/stage3.yml",
+                       "NAME", f"stage3_{loss}",
+                       "MODEL.WEIGHTS", f"stage3_{loss}/checkpoints/final.ckpt")
+        return self.collect()
+
+    def collect(self) -> dict:
+        box = json.loads((self.out / "stage2_bap" / "quality.json").read_text())["miou"]
+        pseudo = {"box baseline": box["box_baseline"]}
+        for name, label in (("gap", "GAP Y_crf"), ("bap_no_u0", "BAP Y_crf w/o u0"),
+                            ("bap", "BAP Y_crf")):
+            pseudo[label] = json.loads(
+                (self.out / f"stage2_{name}" / "quality.json").read_text())["miou"]["Y_crf"]
+        pseudo["BAP Y_ret"] = box["Y_ret"]
+        stage3 = {}
+        for loss in LOSSES:
+            metrics = json.loads((self.out / f"stage3_{loss}" / "eval" / "metrics.json")
+                                 .read_text())
+            stage3[loss] = {mode: round(float(m["miou"]), 2)
+                            for mode, m in metrics["modes"].items()}
+        return {"pseudo_labels": pseudo, "stage3": stage3,
+                "seconds": {t: round(s, 1) for t, s in self.timings}}
+
+
+def results_markdown(results: dict, preset_name: str, preset: dict) -> str:
+    lines = [f"# Demo results (`python demo.py --preset {preset_name}`)", "",
+             f"Synthetic VOC-layout data: {preset['n_train']} train / {preset['n_val']} val "
+             f"images of {preset['size']} px; tiny backbone; stage 1 {preset['stage1_iter']} and "
+             f"stage 3 {preset['stage3_iter']} iterations on CPU. Numbers are mIoU (%).", "",
+             "## Pseudo labels on the train split", "", "| labels | mIoU |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in results["pseudo_labels"].items()]
+    modes = list(next(iter(results["stage3"].values())))
+    lines += ["", "## Stage 3 (DeepLab, tiny backbone) on the val split, trained on BAP labels",
+              "", "| loss | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    lines += [f"| {loss} | " + " | ".join(f"{m[k]:.2f}" for k in modes) + " |"
+              for loss, m in results["stage3"].items()]
+    total = sum(results["seconds"].values())
+    lines += ["", f"Wall time of the steps: {total:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())})."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(out: Path, data: Path, n: int, path: Path) -> None:
+    """Rows of image | GT | Y_crf | Y_ret | stage-3 (nal) prediction for the first n train images."""
+    import torch
+
+    from engine.evaluate import load_model
+    from utils.io import atomic_write_png, read_image, read_index_png
+    from utils.palette import colorize
+
+    net = load_model(out / "stage3_nal" / "checkpoints" / "final.ckpt")
+    ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()[:n]
+    rows = []
+    for i in ids:
+        image = read_image(data / "JPEGImages" / f"{i}.jpg")
+        with torch.inference_mode():
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            pred = net(x, out_size=image.shape[:2])[0].argmax(0).numpy().astype(np.uint8)
+        maps = [read_index_png(data / "SegmentationClassAug" / f"{i}.png"),
+                read_index_png(data / "Generation/bap/Y_crf" / f"{i}.png"),
+                read_index_png(data / "Generation/bap/Y_ret" / f"{i}.png"), pred]
+        gap = np.full((image.shape[0], 3, 3), 255, np.uint8)
+        row = [image]
+        for m in maps:
+            row += [gap, colorize(m)]
+        rows += [np.concatenate(row, 1), np.full((3, sum(r.shape[1] for r in row), 3), 255,
+                                                 np.uint8)]
+    atomic_write_png(path, np.concatenate(rows[:-1], 0))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--data", type=Path, default=Path("datasets/synthetic"))
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write docs/demo_results.md and docs/demo.png")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    out, data = args.out.resolve(), args.data.resolve()
+    for folder in (out, data):
+        if folder.exists():
+            print(f"demo: removing the previous demo output {folder}")
+            shutil.rmtree(folder)
+    start = time.perf_counter()
+    results = Demo(preset, out, data).run()
+    text = results_markdown(results, args.preset, preset)
+    fig = out / "demo.png"
+    figure(out, data, preset["panels"], fig)
+    (out / "demo_results.md").write_text(text)
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + text)
+    print(f"Figure (image | GT | Y_crf | Y_ret | stage-3 nal prediction): {fig}")
+    print(f"Demo finished in {time.perf_counter() - start:.0f} s.")
+    if args.write_docs:
+        docs = REPO / "docs"
+        docs.mkdir(exist_ok=True)
+        (docs / "demo_results.md").write_text(text)
+        shutil.copyfile(fig, docs / "demo.png")
+        print(f"Wrote {docs / 'demo_results.md'} and {docs / 'demo.png'}.")
+    return results
+
+
+if __name__ == "__main__":
+    main()
