@@ -217,6 +217,20 @@ def check_resumable(path: Path, cfg: Config, stage: int) -> None:
                             f"{stored} to resume it. {hint}")
 
 
+def start_training(cfg: Config, args, stage: int):
+    """What every training run does first: pick devices, decide fresh vs resume, seed, and save
+    the resolved config. Returns (devices, checkpoint to resume from or None)."""
+    from utils.cli import resolve_devices
+
+    devices = resolve_devices(args.gpu_id)
+    print(devices.note)
+    ckpt_path = resume_path(cfg, getattr(args, "resume", False), stage)
+    seed_everything(cfg.SEED)
+    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
+    cfg.save()
+    return devices, ckpt_path
+
+
 def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
                  val_every: int | None = None) -> pl.Trainer:
     """An iteration-based Lightning trainer writing CSV and TensorBoard logs to the run folder."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
-                           make_trainer, network_groups, resume_path, seed_everything)
+                           make_trainer, network_groups, start_training)
 from utils.config import Config
 
 STAGE = 1
@@ -87,14 +87,8 @@ def train_loader(cfg: Config, per_device_batch: int, fill) -> DataLoader:
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 1; returns the final training metrics and the checkpoint path."""
     from models.backbones import MEAN_RGB
-    from utils.cli import resolve_devices
 
-    devices = resolve_devices(args.gpu_id)
-    print(devices.note)
-    ckpt_path = resume_path(cfg, getattr(args, "resume", False), STAGE)
-    seed_everything(cfg.SEED)
-    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
-    cfg.save()
+    devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_labeler(cfg)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
-                           make_trainer, network_groups, resume_path, seed_everything)
+                           make_trainer, network_groups, start_training)
 from utils.config import Config
 from utils.errors import BanaError
 
@@ -130,14 +130,8 @@ def loaders(cfg: Config, per_device_batch: int, fill) -> tuple[DataLoader, DataL
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 3; returns the last validation metrics and the checkpoint paths."""
     from models.backbones import MEAN_RGB
-    from utils.cli import resolve_devices
 
-    devices = resolve_devices(args.gpu_id)
-    print(devices.note)
-    ckpt_path = resume_path(cfg, getattr(args, "resume", False), STAGE)
-    seed_everything(cfg.SEED)
-    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
-    cfg.save()
+    devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_deeplab_from_config(cfg)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
