@@ -72,13 +72,15 @@ def build_labeler(cfg: Config, init: str | None = None, input_norm: str | None =
 
 
 def train_loader(cfg: Config, per_device_batch: int, fill) -> DataLoader:
+    from data.datasets import box_dataset
     from data.transforms import TrainTransform
-    from data.voc import VOCBoxDataset, collate_boxes
+    from data.voc import collate_boxes
 
     transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
                                flip=cfg.DATA.FLIP, color_jitter=tuple(cfg.DATA.COLOR_JITTER),
                                fill=fill)
-    dataset = VOCBoxDataset(cfg.data_root, cfg.DATA.SPLIT, transform=transform)
+    dataset = box_dataset(cfg.DATA.DATASET, cfg.data_root, cfg.DATA.SPLIT, cfg.DATA.CLASS_MAP,
+                          transform=transform)
     return DataLoader(dataset, batch_size=per_device_batch, shuffle=True, drop_last=True,
                       num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_boxes,
                       persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=False)

@@ -76,15 +76,11 @@ def load_labeler(cfg: Config):
 
 
 def open_dataset(cfg: Config):
-    """The split to label, full-size images with their boxes: `VOCBoxDataset` or
-    `COCOBoxDataset` (with DATA.CLASS_MAP), whose `ids` are the images in labelling order."""
-    if cfg.DATA.DATASET == "coco":
-        from data.coco import COCOBoxDataset
+    """The split to label, full-size images with their boxes, whose `ids` are the images in
+    labelling order (VOC, or COCO with DATA.CLASS_MAP)."""
+    from data.datasets import box_dataset
 
-        return COCOBoxDataset(cfg.data_root, cfg.DATA.SPLIT, class_map=cfg.DATA.CLASS_MAP)
-    from data.voc import VOCBoxDataset
-
-    return VOCBoxDataset(cfg.data_root, cfg.DATA.SPLIT)
+    return box_dataset(cfg.DATA.DATASET, cfg.data_root, cfg.DATA.SPLIT, cfg.DATA.CLASS_MAP)
 
 
 def output_paths(out_root: Path, image_id: str, instances: bool) -> dict[str, Path]:

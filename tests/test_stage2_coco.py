@@ -223,3 +223,23 @@ def test_shipped_coco_config_labels_train2017_with_voc20():
         ("coco", "voc20", 21, "train2017")
     assert (cfg.MODEL.GRID_SIZE, cfg.MODEL.BG_THRESHOLD, cfg.MODEL.DCRF) == \
         (1, 0.99, [4, 55, 3, 3, 3])
+
+
+def test_stage1_trains_on_coco_with_the_coco80_classes(coco_root, tmp_path):
+    """The COCO-trained variant of the paper (Y_crf AP 17.2): stage 1 reads the COCO layout
+    through DATA.DATASET and learns an 81-way classifier."""
+    import torch
+
+    from engine.stage1 import run as run_stage1
+
+    cfg = load_config(ROOT / "configs/demo/stage1.yml", [
+        "DATA.ROOT", str(coco_root), "OUTPUT_DIR", str(tmp_path), "DATA.DATASET", "coco",
+        "DATA.CLASS_MAP", "coco80", "DATA.NUM_CLASSES", "81", "DATA.SPLIT", "train2017",
+        "DATA.CROP_SIZE", "48", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0",
+        "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES", "[2]"])
+    result = run_stage1(cfg, argparse.Namespace(gpu_id="cpu", resume=False))
+    assert result["iterations"] == 3
+    ckpt = torch.load(tmp_path / "stage1/checkpoints/final.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["bana"]["num_classes"] == 81
+    assert ckpt["state_dict"]["net.classifier.weight"].shape[0] == 81

@@ -53,7 +53,8 @@ def _unit(v) -> bool:
 @dataclass
 class DataConfig:
     DATASET: str = _key("voc", "Dataset layout: PASCAL VOC (data/voc.py) or MS-COCO 2017 "
-                        "(data/coco.py; stage 2 then also writes one instance mask per box).",
+                        "(data/coco.py; stages 1 and 2; stage 2 then also writes one instance mask per "
+                        "box).",
                         choices=("voc", "coco"))
     CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
                           "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
