@@ -16,15 +16,14 @@ if __package__ in (None, ""):  # run as `python data/coco_bbox_setup.py`: make `
 
 import argparse
 import os
-from multiprocessing import Pool
 
 import numpy as np
-from tqdm import tqdm
 
 from data.coco import SPLITS, load_instances
 from utils.boxes import bg_mask_from_boxes
 from utils.cli import guarded
 from utils.io import atomic_write_png
+from utils.parallel import count_done
 
 
 def _write_one(job: tuple[Path, int, int, np.ndarray]) -> bool:
@@ -51,18 +50,7 @@ def write_bg_masks(root, splits=SPLITS, workers: int = 1, progress: bool = True)
         jobs += [(folder / f"{image_id}.png", int(inst.heights[n]), int(inst.widths[n]),
                   inst.boxes[inst.rows(n)]) for n, image_id in enumerate(inst.image_ids.tolist())]
     del all_instances
-    bar = tqdm(total=len(jobs), desc="BgMaskfromBoxes", unit="img", disable=not progress)
-    written = 0
-    if workers <= 1:
-        for job in jobs:
-            written += _write_one(job)
-            bar.update()
-    else:
-        with Pool(workers) as pool:
-            for done in pool.imap_unordered(_write_one, jobs, chunksize=64):
-                written += done
-                bar.update()
-    bar.close()
+    written = count_done(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

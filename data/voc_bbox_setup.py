@@ -15,15 +15,14 @@ if __package__ in (None, ""):  # run as `python data/voc_bbox_setup.py`: make `d
 
 import argparse
 import os
-from multiprocessing import Pool
 
-from tqdm import tqdm
 
 from data.voc import check_root, parse_annotation, read_split
 from utils.boxes import bg_mask_from_boxes
 from utils.cli import guarded
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image_size
+from utils.parallel import count_done
 
 
 def write_bg_mask(root: Path, image_id: str) -> bool:
@@ -61,18 +60,7 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> d
         if not ids:
             raise BanaError(f"{ann_dir} holds no .xml annotation.")
     jobs = [(root, i) for i in ids]
-    written = 0
-    # `with`: on an error the bar is closed before the message is printed, not after it.
-    with tqdm(total=len(jobs), desc="BgMaskfromBoxes", unit="img", disable=not progress) as bar:
-        if workers <= 1:
-            for job in jobs:
-                written += _write_one(job)
-                bar.update()
-        else:
-            with Pool(workers) as pool:
-                for done in pool.imap_unordered(_write_one, jobs, chunksize=32):
-                    written += done
-                    bar.update()
+    written = count_done(_write_one, jobs, workers, "BgMaskfromBoxes", progress)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 
