@@ -28,19 +28,6 @@ from utils.palette import colorize
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def stage1_dir(synthetic_voc, tmp_path_factory) -> Path:
-    """OUTPUT_DIR holding a 4-iteration tiny stage-1 model in stage1/checkpoints/final.ckpt."""
-    from engine.stage1 import run as run_stage1
-
-    out = tmp_path_factory.mktemp("stage2_runs")
-    run_stage1(load_config(ROOT / "configs/demo/stage1.yml", [
-        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
-        "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "4",
-        "SOLVER.MILESTONES", "[2]"]), argparse.Namespace(gpu_id="cpu", resume=False))
-    return out
-
-
 def stage2_cfg(root, out, label_dir, *opts):
     return load_config(ROOT / "configs/demo/stage2.yml", [
         "DATA.ROOT", str(root), "OUTPUT_DIR", str(out), "DATA.NUM_WORKERS", "0",

@@ -26,20 +26,6 @@ GIRAFFE = 25
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(synthetic_voc, tmp_path_factory) -> Path:
-    """OUTPUT_DIR with a 4-iteration tiny stage-1 model trained on the synthetic VOC tree: a
-    21-class classifier, as the voc20 class map needs."""
-    from engine.stage1 import run as run_stage1
-
-    out = tmp_path_factory.mktemp("stage2_coco_runs")
-    run_stage1(load_config(ROOT / "configs/demo/stage1.yml", [
-        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
-        "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "4",
-        "SOLVER.MILESTONES", "[2]"]), argparse.Namespace(gpu_id="cpu", resume=False))
-    return out
-
-
-@pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
     from data.synthetic_coco import make_synthetic_coco
 
