@@ -68,7 +68,8 @@ def build_labeler(cfg: Config, init: str | None = None, input_norm: str | None =
                               else input_norm)
     return Labeler(cfg.DATA.NUM_CLASSES, backbone, pooling=cfg.MODEL.POOLING,
                    roi_size=tuple(cfg.MODEL.ROI_SIZE), grid_size=cfg.MODEL.GRID_SIZE,
-                   bg_fraction_min=cfg.MODEL.BG_FRACTION_MIN)
+                   bg_fraction_min=cfg.MODEL.BG_FRACTION_MIN,
+                   roi_sampling=cfg.MODEL.ROI_SAMPLING)
 
 
 def train_loader(cfg: Config, per_device_batch: int, fill) -> DataLoader:

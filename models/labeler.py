@@ -9,10 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backbones import build_backbone
-from models.pooling import background_attention, background_prototypes, box_prototypes
+from models.pooling import (background_attention, background_prototypes, box_prototypes,
+                            sampled_box_prototypes)
 from utils.errors import BanaError
 
 POOLINGS = ("bap", "gap")
+ROI_SAMPLINGS = ("reference", "roi_align")
 
 
 class Labeler(nn.Module):
@@ -21,13 +23,21 @@ class Labeler(nn.Module):
     backbone: a name for `build_backbone` (random init) or any module with `out_channels`.
     pooling: "bap" (background-aware) or "gap" (A_fg ≡ 1). Images whose background fraction is
     at most `bg_fraction_min` pool their boxes with GAP.
+    roi_sampling: how a box becomes its ROI cells. "reference" (default) samples and pools exactly
+    as the authors' code (`models.pooling.sampled_box_prototypes`: attention on the resampled box,
+    overlapping windows); "roi_align" is our faster variant (`box_prototypes`: attention at
+    feature pixels, one `roi_align`, disjoint cells), kept as an opt-in.
     """
 
     def __init__(self, num_classes, backbone, pooling="bap", roi_size=(2, 2), grid_size=4,
-                 bg_fraction_min=1 / 8):
+                 bg_fraction_min=1 / 8, roi_sampling="reference"):
         super().__init__()
         if pooling not in POOLINGS:
             raise BanaError(f"unknown pooling {pooling!r}: MODEL.POOLING must be one of {POOLINGS}")
+        if roi_sampling not in ROI_SAMPLINGS:
+            raise BanaError(f"unknown ROI sampling {roi_sampling!r}: MODEL.ROI_SAMPLING must be "
+                            f"one of {ROI_SAMPLINGS}")
+        self.roi_sampling = roi_sampling
         self.backbone = build_backbone(backbone) if isinstance(backbone, str) else backbone
         self.classifier = nn.Conv2d(self.backbone.out_channels, num_classes, 1, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -53,14 +63,19 @@ class Labeler(nn.Module):
         then the background prototypes of valid grid cells (image order, cells row-major,
         target 0).
         """
-        protos, valid, a_fg = self._prototypes_and_attention(features, bg_mask)
         n, _, h, w = features.shape
         all_boxes = torch.cat(list(boxes)).to(features.device)
         counts = torch.tensor([len(b) for b in boxes], device=features.device)
         image_index = torch.repeat_interleave(torch.arange(n, device=features.device), counts)
         rois = torch.cat([image_index[:, None].to(all_boxes.dtype), all_boxes[:, :4]], 1)
-        scale = (h / bg_mask.shape[2], w / bg_mask.shape[3])
-        fg = box_prototypes(features, a_fg, rois, self.roi_size, scale)
+        if self.roi_sampling == "reference":
+            protos, valid = self._background(features, bg_mask)
+            fg = sampled_box_prototypes(features, rois, bg_mask.shape[2:], protos, valid,
+                                        self._uses_bap(bg_mask), self.roi_size)
+        else:
+            protos, valid, a_fg = self._prototypes_and_attention(features, bg_mask)
+            scale = (h / bg_mask.shape[2], w / bg_mask.shape[3])
+            fg = box_prototypes(features, a_fg, rois, self.roi_size, scale)
         bg = protos[valid]
         cells = self.roi_size[0] * self.roi_size[1]
         targets = torch.cat([all_boxes[:, 4].long().repeat_interleave(cells),
@@ -75,13 +90,22 @@ class Labeler(nn.Module):
         """A_fg (N,h,w) that `head` pools boxes with: 1 - A_bg (BAP), or 1 (GAP, little background)."""
         return self._prototypes_and_attention(features, bg_mask)[2]
 
+    def _background(self, features, bg_mask):
+        """Background prototypes (N,J,D) and valid cells (N,J) of the G×G grid."""
+        # Nearest keeps the mask binary, so a cell is valid only where true background lands.
+        small_mask = F.interpolate(bg_mask, size=features.shape[2:], mode="nearest")
+        return background_prototypes(features, small_mask, self.grid_size)
+
+    def _uses_bap(self, bg_mask):
+        """(N,) bool: images whose boxes are weighted by A_fg; GAP for the others (SPEC §2.4)."""
+        enough_bg = bg_mask.flatten(1).mean(1) > self.bg_fraction_min
+        return enough_bg & (self.pooling == "bap")
+
     def _prototypes_and_attention(self, features, bg_mask):
         n, _, h, w = features.shape
-        # Nearest keeps the mask binary, so a cell is valid only where true background lands.
-        small_mask = F.interpolate(bg_mask, size=(h, w), mode="nearest")
-        protos, valid = background_prototypes(features, small_mask, self.grid_size)
+        protos, valid = self._background(features, bg_mask)
         if self.pooling == "gap":
             return protos, valid, features.new_ones(n, h, w)
         a_fg = 1 - background_attention(features, protos, valid)
-        enough_bg = bg_mask.flatten(1).mean(1) > self.bg_fraction_min
-        return protos, valid, torch.where(enough_bg[:, None, None], a_fg, torch.ones_like(a_fg))
+        return protos, valid, torch.where(self._uses_bap(bg_mask)[:, None, None], a_fg,
+                                          torch.ones_like(a_fg))

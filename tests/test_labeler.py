@@ -85,7 +85,8 @@ def test_head_matches_slow_reference(pooling):
     torch.manual_seed(0)
     features, boxes, bg_mask = _batch(0)
     assert bg_mask[1].mean() <= 1 / 8 < min(bg_mask[0].mean(), bg_mask[2].mean())
-    labeler = Labeler(5 + 6, _Identity(6), pooling=pooling, roi_size=(2, 3), grid_size=4).double()
+    labeler = Labeler(5 + 6, _Identity(6), pooling=pooling, roi_size=(2, 3), grid_size=4,
+                      roi_sampling="roi_align").double()
     logits, targets = labeler.head(features, boxes, bg_mask)
     expected_logits, expected_targets = reference_head(labeler, features, boxes, bg_mask)
     assert torch.equal(targets, expected_targets)
@@ -131,10 +132,13 @@ def _orthogonal_batch():
 
 
 def test_bap_equals_gap_when_background_attention_vanishes():
+    """With roi_align the attention is taken at feature pixels, so features orthogonal to the
+    background inside the boxes give A_fg = 1 exactly. (The reference resamples across the box
+    edge and blends in background features; tests/test_reference_bap.py covers it.)"""
     features, boxes, bg_mask = _orthogonal_batch()
     assert (bg_mask.flatten(1).mean(1) > 1 / 8).all()
-    bap = Labeler(7, _Identity(5), pooling="bap")
-    gap = Labeler(7, _Identity(5), pooling="gap")
+    bap = Labeler(7, _Identity(5), pooling="bap", roi_sampling="roi_align")
+    gap = Labeler(7, _Identity(5), pooling="gap", roi_sampling="roi_align")
     gap.load_state_dict(bap.state_dict())
     bap_logits, bap_targets = bap.head(features, boxes, bg_mask)
     gap_logits, gap_targets = gap.head(features, boxes, bg_mask)

@@ -15,16 +15,21 @@ from models.pooling import background_attention, background_prototypes, box_prot
 
 
 def reference_background_prototypes(features, bg_mask, grid_size):
+    """Cells of the map padded as the authors' pad_for_grid: an even padding is split between
+    both sides, an odd one goes to the bottom/right; padded pixels are never background."""
     n, d, h, w = features.shape
     ch, cw = math.ceil(h / grid_size), math.ceil(w / grid_size)
+    pad_h, pad_w = ch * grid_size - h, cw * grid_size - w
+    top = pad_h // 2 if pad_h % 2 == 0 else 0
+    left = pad_w // 2 if pad_w % 2 == 0 else 0
     protos = torch.zeros(n, grid_size * grid_size, d, dtype=features.dtype)
     valid = torch.zeros(n, grid_size * grid_size, dtype=torch.bool)
     for i in range(n):
         for gy in range(grid_size):
             for gx in range(grid_size):
                 total, mass = torch.zeros(d, dtype=features.dtype), 0.0
-                for y in range(gy * ch, min((gy + 1) * ch, h)):
-                    for x in range(gx * cw, min((gx + 1) * cw, w)):
+                for y in range(max(gy * ch - top, 0), min((gy + 1) * ch - top, h)):
+                    for x in range(max(gx * cw - left, 0), min((gx + 1) * cw - left, w)):
                         total += bg_mask[i, 0, y, x] * features[i, :, y, x]
                         mass += float(bg_mask[i, 0, y, x])
                 if mass > 0:

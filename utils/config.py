@@ -102,6 +102,13 @@ class ModelConfig:
                         "stage-1 model; evaluate.py: the stage-3 model).")
     POOLING: str = _key("bap", "Stage-1 pooling: background-aware (bap) or global average (gap).",
                         choices=("bap", "gap"))
+    ROI_SAMPLING: str = _key("reference", "Stage 1: how a box becomes its ROI cells. 'reference' "
+                             "samples and pools exactly as the authors' code (grid_sample over "
+                             "the box, attention on the samples, overlapping windows); "
+                             "'roi_align' is a faster opt-in variant (attention at feature "
+                             "pixels, one roi_align, disjoint cells) that pools the same region "
+                             "with slightly different weights.",
+                             choices=("reference", "roi_align"))
     ROI_SIZE: list[int] = _key([2, 2], "ROI grid per box (rows, cols) for foreground prototypes.",
                                check=lambda v: len(v) == 2 and all(x > 0 for x in v),
                                rule="two integers > 0")
