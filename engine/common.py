@@ -26,6 +26,8 @@ from utils.config import Config, SolverConfig
 from utils.errors import BanaError
 
 CHECKPOINT_DIR = "checkpoints"
+# Picked by validation mIoU: scoring it on the validation split is selection on the test data.
+BEST_ON_VAL = "best_on_val.ckpt"
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +113,11 @@ def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
 
 
 class AtomicCheckpoint(pl.Callback):
-    """`last.ckpt` every `every` iterations, `best.ckpt` on a better `monitor` value, and
-    `final.ckpt` when training reaches its last iteration; all written atomically."""
+    """`last.ckpt` every `every` iterations, `final.ckpt` when training reaches its last
+    iteration, and `best_on_val.ckpt` on a better `monitor` value; all written atomically.
+
+    `final.ckpt` is the model to report, as the authors do. `best_on_val.ckpt` is chosen by the
+    validation mIoU, so a score of it on that same split is selected on the test data."""
 
     def __init__(self, dirpath: Path, every: int, monitor: str | None = None):
         self.dirpath = Path(dirpath)
@@ -131,7 +136,7 @@ class AtomicCheckpoint(pl.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            atomic_save_checkpoint(trainer, self.dirpath / "best.ckpt")
+            atomic_save_checkpoint(trainer, self.dirpath / BEST_ON_VAL)
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_step >= trainer.max_steps:
@@ -231,8 +236,16 @@ def start_training(cfg: Config, args, stage: int):
     return devices, ckpt_path
 
 
+def needs_sync_batchnorm(net: nn.Module, devices) -> bool:
+    """BatchNorm layers that train, on more than one device: their statistics must be computed
+    over the whole batch (as the authors' SyncBatchNorm), not over each device's slice."""
+    return devices.count > 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.weight is not None
+        and m.weight.requires_grad for m in net.modules())
+
+
 def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
-                 val_every: int | None = None) -> pl.Trainer:
+                 val_every: int | None = None, sync_batchnorm: bool = False) -> pl.Trainer:
     """An iteration-based Lightning trainer writing CSV and TensorBoard logs to the run folder."""
     from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -262,7 +275,8 @@ def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
         callbacks=[*callbacks, LearningRateMonitor("step"), progress],
         enable_progress_bar=True,
         default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",
-        enable_model_summary=False, use_distributed_sampler=True, **kwargs)
+        enable_model_summary=False, use_distributed_sampler=True, sync_batchnorm=sync_batchnorm,
+        **kwargs)
 
 
 def load_stage_checkpoint(path: Path, stage: int, hint: str) -> dict:

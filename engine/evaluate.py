@@ -264,7 +264,7 @@ def _checkpoint_path(cfg: Config, args: argparse.Namespace) -> Path:
     if cfg.MODEL.WEIGHTS:
         return cfg.output_path(cfg.MODEL.WEIGHTS)
     raise BanaError("no model to evaluate: set MODEL.WEIGHTS (relative to OUTPUT_DIR, e.g. "
-                    "--opts MODEL.WEIGHTS stage3_vgg/checkpoints/best.ckpt) or pass "
+                    "--opts MODEL.WEIGHTS stage3_vgg/checkpoints/final.ckpt) or pass "
                     "--checkpoint PATH.")
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
-                           make_trainer, network_groups, start_training)
+                           make_trainer, needs_sync_batchnorm, network_groups, start_training)
 from utils.config import Config
 from utils.errors import BanaError
 
@@ -141,7 +141,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     val_every = min(cfg.SOLVER.VAL_EVERY, cfg.SOLVER.MAX_ITER)
     checkpoint = AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY, monitor="val/miou")
-    trainer = make_trainer(cfg, devices, [checkpoint], val_every=val_every)
+    trainer = make_trainer(cfg, devices, [checkpoint], val_every=val_every,
+                           sync_batchnorm=needs_sync_batchnorm(net, devices))
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                 ckpt_path=ckpt_path)
     if trainer.global_step % val_every:
@@ -149,7 +150,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         print(f"Stage 3 done: {trainer.global_step} iterations, val mIoU "
-              f"{metrics.get('val/miou', float('nan')):.2f} (best {checkpoint.best:.2f}), "
+              f"{metrics.get('val/miou', float('nan')):.2f} (best during training "
+              f"{checkpoint.best:.2f}, selected on val), "
               f"checkpoints in {ckpt_dir}")
     return {"iterations": trainer.global_step, "best_miou": checkpoint.best,
-            "checkpoint": str(ckpt_dir / "best.ckpt"), **metrics}
+            "checkpoint": str(ckpt_dir / "final.ckpt"), **metrics}

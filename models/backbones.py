@@ -92,8 +92,9 @@ class VGG16LargeFOV(_Backbone):
         for v in _VGG16_CFG:
             if v == "M":
                 pools += 1
-                # Caffe pools with ceil; pools 4 and 5 keep the resolution so the stride stays 8.
-                layers.append(nn.MaxPool2d(3, stride=2 if pools <= 3 else 1, padding=1, ceil_mode=True))
+                # Round down as the authors' VGG16 (PyTorch's default, not Caffe's ceil); pools
+                # 4 and 5 keep the resolution so the stride stays 8.
+                layers.append(nn.MaxPool2d(3, stride=2 if pools <= 3 else 1, padding=1))
             else:
                 dilation = 2 if pools == 4 else 1
                 layers += [nn.Conv2d(in_ch, v, 3, padding=dilation, dilation=dilation),
@@ -133,6 +134,12 @@ class ResNet101DeepLabV2(_Backbone):
         super().__init__(input_norm)
         net = torchvision.models.resnet101(weights=None,
                                            replace_stride_with_dilation=[False, True, True])
+        # torchvision gives the first block of a dilated layer the previous layer's dilation (1
+        # in layer3, 2 in layer4); DeepLab-V2 dilates every block of layer3 by 2 and of layer4
+        # by 4, the first included. Same weights, so only the 3×3 convolution changes.
+        for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+            conv = layer[0].conv2
+            conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
         names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
         self.body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
         self.head = nn.ModuleList(

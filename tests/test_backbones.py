@@ -14,10 +14,11 @@ _VGG16_FCS = {0: (4096, 25088), 3: (4096, 4096), 6: (1000, 4096)}
 
 
 def _stride8(size, backbone):
-    """Feature size for an input side `size`: VGG's ceil-mode pools give floor(s/2)+1 per pool,
-    the strided convolutions of ResNet and tiny give ceil(s/2)."""
+    """Feature size for an input side `size`: VGG's pools (kernel 3, padding 1, rounding down)
+    give floor((s - 1) / 2) + 1 = ceil(s/2) per pool, as do the strided convolutions of ResNet
+    and tiny. (Caffe's ceil mode would give floor(s/2) + 1: 67 -> 34 -> 18 -> 10, not 9.)"""
     for _ in range(3):
-        size = size // 2 + 1 if backbone == "vgg16" else -(-size // 2)
+        size = -(-size // 2)
     return size
 
 
@@ -60,7 +61,7 @@ def test_vgg16_layers_follow_deeplab_largefov():
     net = build_backbone("vgg16", fc6_dilation=12)
     pools = [m for m in net.features if isinstance(m, torch.nn.MaxPool2d)]
     assert [(p.kernel_size, p.stride, p.padding, p.ceil_mode) for p in pools] == \
-        [(3, 2, 1, True)] * 3 + [(3, 1, 1, True)] * 2
+        [(3, 2, 1, False)] * 3 + [(3, 1, 1, False)] * 2
     assert [net.features[i].dilation for i in (24, 26, 28)] == [(2, 2)] * 3
     assert net.fc6.dilation == (12, 12) and net.fc6.padding == (12, 12)
     assert net.fc6.weight.shape == (1024, 512, 3, 3) and net.fc7.weight.shape == (1024, 1024, 1, 1)
@@ -71,6 +72,16 @@ def test_resnet101_head_is_the_only_new_module():
     net = build_backbone("resnet101")
     assert [m.dilation for m in net.new_modules()] == [(6, 6), (12, 12), (18, 18), (24, 24)]
     assert net.body.layer4[1].conv2.dilation == (4, 4) and net.body.layer3[1].conv2.dilation == (2, 2)
+
+
+def test_resnet101_dilates_every_block_as_deeplab_v2():
+    """layer3: dilation 2 in all 23 blocks, layer4: 4 in all 3, the first blocks included
+    (torchvision alone gives them 1 and 2); padding equals dilation so the size is kept."""
+    net = build_backbone("resnet101")
+    for layer, d in ((net.body.layer3, 2), (net.body.layer4, 4)):
+        assert [(b.conv2.dilation, b.conv2.padding) for b in layer] == [((d, d), (d, d))] * len(layer)
+        assert all(b.conv2.stride == (1, 1) for b in layer)
+    assert [b.conv2.dilation for b in net.body.layer2] == [(1, 1)] * 4
 
 
 def test_tiny_trains_a_batch_of_crops_quickly_enough_to_be_useful():

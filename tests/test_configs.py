@@ -108,3 +108,35 @@ def test_configs_readme_is_current():
     """configs/README.md is generated from the schema; regenerate with
     `python -m utils.config > configs/README.md`."""
     assert (ROOT / "configs/README.md").read_text() == schema_markdown()
+
+
+# The authors' recipe (their configs/*.yml and SPEC §2, §4, §7): what a user who runs our VOC
+# configs unchanged gets.
+AUTHORS_RECIPE = {
+    "stage1.yml": {"MODEL.ROI_SAMPLING": "reference", "MODEL.POOLING": "bap", "SOLVER.LR": 1e-3,
+                   "DATA.BATCH_SIZE": 20, "SOLVER.MAX_ITER": 8000, "SOLVER.MILESTONES": [5000],
+                   "MODEL.GRID_SIZE": 4, "MODEL.ROI_SIZE": [2, 2], "DATA.CROP_SIZE": 321},
+    "stage2.yml": {"MODEL.GRID_SIZE": 1, "MODEL.BG_THRESHOLD": 0.99,
+                   "MODEL.DCRF": [4.0, 55.0, 3.0, 3.0, 3.0]},
+    "stage3_vgg.yml": {"SOLVER.LR": 1e-3, "DATA.BATCH_SIZE": 20, "SOLVER.MAX_ITER": 23805,
+                       "MODEL.FC6_DILATION": 12, "MODEL.LOSS": "nal",
+                       "MODEL.WEIGHTS": "stage3_vgg/checkpoints/final.ckpt"},
+    "stage3_res.yml": {"SOLVER.LR": 2.5e-4, "DATA.BATCH_SIZE": 10, "SOLVER.MAX_ITER": 20000,
+                       "MODEL.FREEZE_BN": False, "MODEL.LOSS": "nal",
+                       "MODEL.WEIGHTS": "stage3_res/checkpoints/final.ckpt"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS_RECIPE))
+def test_shipped_voc_configs_default_to_the_authors_recipe(name):
+    cfg = load_config(Path("configs") / name)
+    for key, expected in AUTHORS_RECIPE[name].items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == expected, f"{name}: {key} = {value!r}, the authors use {expected!r}"
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").rglob("stage3*.yml")))
+def test_every_stage3_config_reports_the_final_model(path):
+    assert load_config(path).MODEL.WEIGHTS.endswith("checkpoints/final.ckpt")

@@ -296,7 +296,7 @@ def test_folder_mode_entry_point_prints_miou_last(synthetic_voc, tmp_path, run_s
     (("--config-file", "configs/nowhere.yml"), "configs/nowhere.yml does not exist"),
     (("--pred-dir", "{tmp}/none", "--data-root", "{voc}"), "none does not exist"),
     (("--config-file", "configs/demo/stage3.yml", "--gpu-id", "cpu", "--opts", "DATA.ROOT",
-      "{voc}", "OUTPUT_DIR", "{tmp}"), "stage3/checkpoints/best.ckpt does not exist"),
+      "{voc}", "OUTPUT_DIR", "{tmp}"), "stage3/checkpoints/final.ckpt does not exist"),
 ])
 def test_entry_point_errors_exit_2_without_traceback(args, message, synthetic_voc, tmp_path,
                                                      run_script):

@@ -54,7 +54,7 @@ def test_every_loss_trains_and_validates(labelled_voc, tmp_path, loss):
     result = run(cfg, args())
     assert result["iterations"] == 3
     assert 0 <= result["val/miou"] <= 100
-    ckpt = torch.load(cfg.run_dir / "checkpoints/best.ckpt", map_location="cpu",
+    ckpt = torch.load(cfg.run_dir / "checkpoints/final.ckpt", map_location="cpu",
                       weights_only=False)
     assert ckpt["bana"]["stage"] == 3
 
@@ -114,3 +114,19 @@ def test_two_process_cpu_ddp_run(labelled_voc, tmp_path):
     final = torch.load(tmp_path / "stage3" / "checkpoints" / "final.ckpt", map_location="cpu",
                        weights_only=False)
     assert final["global_step"] == 4 and final["bana"]["stage"] == 3
+
+
+def test_batchnorm_is_synchronised_only_when_it_trains_on_several_devices():
+    from engine.common import needs_sync_batchnorm
+    from models.backbones import build_backbone
+    from models.deeplab import DeepLab
+    from utils.cli import Devices
+
+    two, one = Devices("cpu", 2, ""), Devices("cpu", 1, "")
+    res = DeepLab(21, build_backbone("resnet101")).train()
+    frozen = DeepLab(21, build_backbone("resnet101"), frozen_bn=True).train()
+    tiny = DeepLab(21, build_backbone("tiny")).train()  # GroupNorm only
+    assert needs_sync_batchnorm(res, two)
+    assert not needs_sync_batchnorm(res, one)
+    assert not needs_sync_batchnorm(frozen, two)
+    assert not needs_sync_batchnorm(tiny, two)
