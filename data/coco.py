@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.voc import MIN_BOX_SIZE
+from data.voc import has_area
 from utils.errors import BanaError
 from utils.io import read_image, read_index_png
 from utils.palette import VOC_CLASSES
@@ -233,17 +233,15 @@ def kept_boxes(boxes: np.ndarray, category_ids: np.ndarray, iscrowd: np.ndarray,
     boxes float32 (A, 4) x1, y1, x2, y2; category_ids int (A,); iscrowd bool (A,). Returns
     (boxes float32 (K, 5) = clipped x1, y1, x2, y2, class index, keep int64 (K,) = the rows of the
     input they come from). Dropped: crowd boxes, categories outside the class map, and boxes
-    thinner than MIN_BOX_SIZE after clipping (COCO has a few boxes under one pixel; they cover no
-    pixel reliably and are dropped quietly, as they are expected).
+    without area after clipping (quietly: COCO has a few). Thin boxes are kept, as the authors
+    keep them.
     """
     mapping = class_index(class_map)
     clipped = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
     classes = np.array([mapping.get(int(c), 0) for c in category_ids], dtype=np.float32)
-    keep = ((classes > 0) & ~np.asarray(iscrowd, bool)
-            & ((clipped[:, 2] - clipped[:, 0]) >= MIN_BOX_SIZE)
-            & ((clipped[:, 3] - clipped[:, 1]) >= MIN_BOX_SIZE))
+    keep = (classes > 0) & ~np.asarray(iscrowd, bool) & has_area(clipped)
     keep = np.flatnonzero(keep)
     return np.concatenate([clipped[keep], classes[keep, None]], axis=1), keep
 

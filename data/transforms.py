@@ -16,19 +16,21 @@ MEAN_RGB = (123, 117, 104)
 
 
 class TrainTransform:
-    """Random scale, pad to the crop size, random crop, horizontal flip and colour jitter.
+    """Random scale, centred pad to the crop size, random crop, horizontal flip, colour jitter:
+    the authors' order and rules (their `transforms_bbox.py` / `transforms_mask.py`, SPEC §7).
 
-    - scale: factor ~ U(scale_range); image bilinear, masks nearest (nearest-exact, i.e. the
-      source pixel under the target pixel's centre, which lines up with bilinear's geometry);
-    - pad (right and bottom, when smaller than the crop): image with `fill`, label and bg_mask
-      with `ignore_index`, so padding is neither background nor a class;
-    - crop at a uniformly random offset; flip with probability 0.5;
-    - colour jitter, image only: brightness, contrast, saturation factors ~ U(1 - j, 1 + j), hue
-      shift ~ U(-h, h), applied in a random order. It runs before padding so the padding keeps
-      exactly the mean colour and the contrast statistic sees only real pixels.
-    Boxes are clipped to the crop; those left narrower or lower than 1 pixel are dropped, with
-    their class. Randomness comes from `generator` (default: torch's global RNG, which the
-    trainer seeds), so runs are reproducible.
+    - scale: factor ~ U(scale_range), size round(side · factor); image bilinear without
+      antialiasing, masks nearest (the source pixel floor(x / factor), as cv2's INTER_NEAREST);
+    - pad, when the scaled image is smaller than the crop: ceil(diff / 2) on *both* sides of
+      that axis (so an odd difference pads one pixel more than needed); image with `fill`,
+      label and bg_mask with `ignore_index`, so padding is neither background nor a class;
+    - crop at offset floor(u · (size - crop)), u ~ U[0, 1); flip with probability 0.5;
+    - colour jitter last, on the crop (padding included), in the fixed order brightness →
+      contrast → saturation → hue, factors ~ U(1 - j, 1 + j) (hue shift ~ U(-h, h)).
+    Boxes follow every geometric step and are clipped to the crop; a box is kept while any of it
+    lies inside (positive width and height, however thin) and dropped with its class otherwise.
+    Randomness comes from `generator` (default: torch's global RNG, which the trainer seeds), so
+    runs are reproducible.
     """
 
     def __init__(self, crop_size, scale_range=(0.5, 1.5), flip: bool = True,
@@ -46,24 +48,20 @@ class TrainTransform:
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * torch.rand((), generator=self.generator).item()
 
-    def _randint(self, high: int) -> int:
-        """Uniform in 0..high (inclusive)."""
-        return int(torch.randint(high + 1, (), generator=self.generator))
+    def _offset(self, room: int) -> int:
+        """floor(u · room), u ~ U[0, 1): the reference's crop offset (never `room` itself)."""
+        return int(torch.rand((), generator=self.generator).item() * room)
 
     def _jitter(self, image: torch.Tensor) -> torch.Tensor:
         brightness, contrast, saturation, hue = self.color_jitter
-        ops = []
         if brightness > 0:
-            ops.append((F.adjust_brightness, self._uniform(max(0.0, 1 - brightness), 1 + brightness)))
+            image = F.adjust_brightness(image, self._uniform(max(0.0, 1 - brightness), 1 + brightness))
         if contrast > 0:
-            ops.append((F.adjust_contrast, self._uniform(max(0.0, 1 - contrast), 1 + contrast)))
+            image = F.adjust_contrast(image, self._uniform(max(0.0, 1 - contrast), 1 + contrast))
         if saturation > 0:
-            ops.append((F.adjust_saturation, self._uniform(max(0.0, 1 - saturation), 1 + saturation)))
+            image = F.adjust_saturation(image, self._uniform(max(0.0, 1 - saturation), 1 + saturation))
         if hue > 0:
-            ops.append((F.adjust_hue, self._uniform(-hue, hue)))
-        for k in torch.randperm(len(ops), generator=self.generator).tolist():
-            op, factor = ops[k]
-            image = op(image, factor)
+            image = F.adjust_hue(image, self._uniform(-hue, hue))
         return image
 
     def __call__(self, sample: dict) -> dict:
@@ -78,25 +76,23 @@ class TrainTransform:
 
         scale = self._uniform(*self.scale_range)
         size = [max(1, round(height * scale)), max(1, round(width * scale))]
-        image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        masks = {k: F.resize(m, size, interpolation=InterpolationMode.NEAREST_EXACT)
+        image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=False)
+        masks = {k: F.resize(m, size, interpolation=InterpolationMode.NEAREST)
                  for k, m in masks.items()}
         if boxes is not None:
             boxes = F.resize(boxes, size)
 
-        if any(self.color_jitter):
-            image = tv_tensors.wrap(self._jitter(image), like=image)
-
-        pad_h, pad_w = max(0, self.crop_h - size[0]), max(0, self.crop_w - size[1])
+        pad_h = -(-max(0, self.crop_h - size[0]) // 2)
+        pad_w = -(-max(0, self.crop_w - size[1]) // 2)
         if pad_h or pad_w:
-            padding = [0, 0, pad_w, pad_h]  # left, top, right, bottom
+            padding = [pad_w, pad_h, pad_w, pad_h]  # left, top, right, bottom
             image = F.pad(image, padding, fill=self.fill)
             masks = {k: F.pad(m, padding, fill=self.ignore_index) for k, m in masks.items()}
             if boxes is not None:
                 boxes = F.pad(boxes, padding)
 
-        top = self._randint(image.shape[-2] - self.crop_h)
-        left = self._randint(image.shape[-1] - self.crop_w)
+        top = self._offset(image.shape[-2] - self.crop_h)
+        left = self._offset(image.shape[-1] - self.crop_w)
         image = F.crop(image, top, left, self.crop_h, self.crop_w)
         masks = {k: F.crop(m, top, left, self.crop_h, self.crop_w) for k, m in masks.items()}
         if boxes is not None:
@@ -108,6 +104,9 @@ class TrainTransform:
             if boxes is not None:
                 boxes = F.horizontal_flip(boxes)
 
+        if any(self.color_jitter):
+            image = tv_tensors.wrap(self._jitter(image), like=image)
+
         out = dict(sample)
         out["image"] = image.as_subclass(torch.Tensor)
         for k, m in masks.items():
@@ -116,6 +115,6 @@ class TrainTransform:
             xyxy = boxes.as_subclass(torch.Tensor).clone()
             xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, self.crop_w)
             xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, self.crop_h)
-            keep = ((xyxy[:, 2] - xyxy[:, 0]) >= 1) & ((xyxy[:, 3] - xyxy[:, 1]) >= 1)
+            keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
             out["boxes"] = torch.cat([xyxy, classes], dim=1)[keep]
         return out

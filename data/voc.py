@@ -26,8 +26,6 @@ from utils.palette import VOC_CLASSES
 
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 IGNORE_INDEX = 255
-# Boxes thinner than this (in pixels, after clipping) cover no pixel reliably and are dropped.
-MIN_BOX_SIZE = 1.0
 
 _MAKE_TREE = ("create it with `bash data/setup_voc.bash DATA_DIR` (PASCAL VOC) or "
               "`python data/synthetic.py --out {root}` (small synthetic dataset)")
@@ -103,17 +101,23 @@ def parse_annotation(xml_path) -> tuple[np.ndarray, np.ndarray]:
             np.asarray(classes, dtype=np.int64))
 
 
+def has_area(boxes: np.ndarray) -> np.ndarray:
+    """(K,) bool: x2 > x1 and y2 > y1, however thin the box (boxes (K, >=4) x1, y1, x2, y2)."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def clip_boxes(boxes: np.ndarray, classes: np.ndarray, height: int, width: int,
                source="") -> np.ndarray:
-    """Clip boxes to the image and drop degenerate ones; returns float32 (K', 5) with the class.
+    """Clip boxes to the image and drop empty ones; returns float32 (K', 5) with the class.
 
-    boxes: (K, 4), classes: (K,). A box narrower or lower than MIN_BOX_SIZE after clipping (e.g.
+    boxes: (K, 4), classes: (K,). Thin boxes are kept, as the authors keep them; a box without
+    area after clipping (e.g.
     xmax <= xmin, or entirely outside the image) is dropped with a warning naming `source`.
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIZE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIZE)
+    keep = has_area(boxes)
     if not keep.all():
         warnings.warn(f"{source}: dropped {int((~keep).sum())} empty or degenerate box(es) "
                       f"(after clipping to the {width}x{height} image)")

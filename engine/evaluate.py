@@ -44,8 +44,8 @@ def predict_multiscale(net, image: torch.Tensor, scales, flip: bool) -> torch.Te
     """Cosine scores averaged over rescaled (and mirrored) copies of one image, at full size.
 
     image: float (3, H, W) RGB 0..255; net(images (N, 3, h, w), out_size) -> (N, C, *out_size).
-    Each copy is resized to (⌊H·s + ½⌋, ⌊W·s + ½⌋) bilinearly with align_corners=True, the
-    resampling the network's own upsampling uses, and its scores come back at H×W. A mirrored
+    Each copy is resized to (⌊H·s⌋, ⌊W·s⌋), as the authors' `interpolate(scale_factor=s)`,
+    bilinearly with align_corners=True, and its scores come back at H×W. A mirrored
     copy's scores are mirrored back before averaging. Cosine scores, not probabilities, are
     averaged (SPEC §5). Returns float (C, H, W).
     """
@@ -53,7 +53,7 @@ def predict_multiscale(net, image: torch.Tensor, scales, flip: bool) -> torch.Te
     batch = image[None]
     total, count = None, 0
     for scale in scales:
-        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+        size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
         x = batch if size == (height, width) else F.interpolate(
             batch, size=size, mode="bilinear", align_corners=True)
         if flip:

@@ -233,10 +233,12 @@ def test_hand_built_tree(tmp_path):
     dataset = COCOBoxDataset(root, "train2017", "voc20")
     assert dataset.ids == ["7", "9"]
     item = dataset[0]
-    # Only the dog survives: [8.5, 1.2, 10, 3.5] -> x2 = 18.5 clipped to 12, y2 = 4.7.
+    # The dog [8.5, 1.2, 10, 3.5] -> x2 = 18.5 clipped to 12, y2 = 4.7; the 0.5 px cat is thin
+    # but has area, and is kept as the authors keep thin boxes. The giraffe is not in voc20.
     assert item["boxes"].tolist() == [[8.5, pytest.approx(1.2), 12.0, pytest.approx(4.7),
-                                       VOC_CLASSES.index("dog")]]
-    assert item["ann_ids"].tolist() == [3] and item["category_ids"].tolist() == [18]
+                                       VOC_CLASSES.index("dog")],
+                                      [2.0, 6.0, 2.5, 9.0, VOC_CLASSES.index("cat")]]
+    assert item["ann_ids"].tolist() == [3, 4] and item["category_ids"].tolist() == [18, 17]
     expected = np.ones((10, 12), np.uint8)
     expected[0:2, 0:3] = 0  # giraffe
     expected[5:7, 5:7] = 0  # crowd
@@ -246,9 +248,9 @@ def test_hand_built_tree(tmp_path):
     empty = dataset[1]
     assert empty["boxes"].shape == (0, 5) and empty["ann_ids"].shape == (0,)
     assert empty["bg_mask"].all()
-    boxes, keep = kept_boxes(np.array([[2, 6, 2.5, 9]], np.float32), np.array([17]),
-                             np.array([False]), 10, 12, "coco80")
-    assert boxes.shape == (0, 5) and keep.shape == (0,)
+    boxes, keep = kept_boxes(np.array([[2, 6, 2.5, 9], [3, 6, 3, 9]], np.float32),
+                             np.array([17, 17]), np.array([False, False]), 10, 12, "coco80")
+    assert keep.tolist() == [0]  # thin kept, zero width dropped
 
 
 def test_dataset_errors(coco_copy, tmp_path):

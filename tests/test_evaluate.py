@@ -56,13 +56,13 @@ class PointwiseNet(nn.Module):
 
 
 def test_multiscale_averages_every_scale_and_flip_with_equal_weight():
-    """Image 10×12, scales {1, 0.5, 0.25}: the copies are 10×12, 5×6 and 3×3 (⌊x·s + ½⌋, so
-    2.5 rounds up), each seen twice with flip, so the averaged channels are (10+5+3)/3 = 6 and
-    (12+6+3)/3 = 7."""
+    """Image 10×12, scales {1, 0.5, 0.25}: the copies are 10×12, 5×6 and 2×3 (⌊x·s⌋ as the
+    authors' scale_factor, so 2.5 rounds down), each seen twice with flip, so the averaged
+    channels are (10+5+2)/3 = 17/3 and (12+6+3)/3 = 7."""
     image = torch.rand(3, 10, 12) * 255
     cos = predict_multiscale(SizeNet(), image, [1.0, 0.5, 0.25], flip=True)
     assert cos.shape == (2, 10, 12)
-    assert torch.equal(cos[0], torch.full((10, 12), 6.0))
+    torch.testing.assert_close(cos[0], torch.full((10, 12), 17 / 3))
     assert torch.equal(cos[1], torch.full((10, 12), 7.0))
 
 

@@ -97,14 +97,19 @@ def background_prototypes_2d(feats: UpsampledFeatures, bg_mask: torch.Tensor, gr
     """q_j = Σ_{p∈j} M(p) F↑(p) / Σ_{p∈j} M(p) over a G×G grid of the H×W image (SPEC §2 step 1,
     at full resolution as stage 2 does).
 
-    bg_mask (H,W), 1 = background. Cells are those of the image padded at the bottom/right to a
-    multiple of G (padding is never background), as `models.pooling` does at feature resolution.
+    bg_mask (H,W), 1 = background. Cells are those of the image padded to a multiple of G as the
+    reference's pad_for_grid pads (`models.pooling.grid_padding`; padding is never background),
+    as stage 1 does at feature resolution.
     Returns protos (J,D), zero for cells without background, and valid (J,) bool.
     """
+    from models.pooling import grid_padding
+
     height, width = bg_mask.shape
     g = grid_size
-    cell_h, cell_w = -(-height // g), -(-width // g)
-    cell = (torch.arange(height) // cell_h)[:, None] * g + (torch.arange(width) // cell_w)[None]
+    left, right, top, bottom = grid_padding(height, width, g)
+    cell_h, cell_w = (height + top + bottom) // g, (width + left + right) // g
+    cell = (((torch.arange(height) + top) // cell_h)[:, None] * g
+            + ((torch.arange(width) + left) // cell_w)[None])
     masks = (cell == torch.arange(g * g)[:, None, None]) & (bg_mask > 0)  # (J,H,W)
     counts = masks.sum((1, 2))
     protos = feats.masked_sum(masks.float()) / counts.clamp_min(1)[:, None]
