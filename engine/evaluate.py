@@ -248,14 +248,33 @@ class _Evaluation:
             self.done += 1
 
 
-def _loader(cfg: Config, split: str, score: bool):
+def _dataset(cfg: Config, split: str, score: bool):
+    """The split's images with their GT (scoring), or the images alone (the VOC test split)."""
     if score:
-        dataset = VOCMaskDataset(cfg.data_root, split, num_classes=cfg.DATA.NUM_CLASSES)
-    else:
-        dataset = ImageDataset(cfg.data_root, split)
-    # Images differ in size: one at a time, at full resolution.
-    return dataset, torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                                num_workers=min(cfg.DATA.NUM_WORKERS, 2))
+        return VOCMaskDataset(cfg.data_root, split, num_classes=cfg.DATA.NUM_CLASSES)
+    return ImageDataset(cfg.data_root, split)
+
+
+def check_inputs(cfg: Config, args: argparse.Namespace, split: str, score: bool, modes):
+    """Every input of the evaluation, checked before the model is loaded; returns (the CRF or
+    None, the checkpoint path, the dataset). Images differ in size: the loader takes one at a
+    time, at full resolution."""
+    from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
+
+    problems = Problems("evaluate.py")
+    dataset = None
+    if problems.passes(lambda: require_data_root(cfg.data_root)):
+        dataset = problems.check(lambda: _dataset(cfg, split, score))
+    crf = problems.check(lambda: _make_crf(cfg, modes))
+    ckpt_path = problems.check(lambda: _checkpoint_path(cfg, args))
+    if ckpt_path is not None:
+        problems.check(lambda: require_checkpoint(
+            ckpt_path, "the stage-3 checkpoint (MODEL.WEIGHTS, relative to OUTPUT_DIR, or "
+            "--checkpoint)", "Train stage 3 first (python stage3.py --config-file CONFIG) with "
+            "the same OUTPUT_DIR, or pass --checkpoint PATH."))
+    problems.check(lambda: require_writable(cfg.run_dir / EVAL_DIR, "OUTPUT_DIR"))
+    problems.raise_if_any()
+    return crf, ckpt_path, dataset
 
 
 def _checkpoint_path(cfg: Config, args: argparse.Namespace) -> Path:
@@ -343,11 +362,11 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     split = cfg.TEST.SPLIT
     score = split != "test"
     modes = modes_of(cfg) if score else modes_of(cfg)[-1:]
-    crf = _make_crf(cfg, modes)
-    ckpt_path = _checkpoint_path(cfg, args)
+    crf, ckpt_path, dataset = check_inputs(cfg, args, split, score, modes)
     device = _device(getattr(args, "gpu_id", "cpu"))
     net = load_model(ckpt_path, cfg).to(device)
-    dataset, loader = _loader(cfg, split, score)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                         num_workers=min(cfg.DATA.NUM_WORKERS, 2))
     out_dir = cfg.run_dir / EVAL_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")

@@ -72,16 +72,35 @@ def build_labeler(cfg: Config, init: str | None = None, input_norm: str | None =
                    roi_sampling=cfg.MODEL.ROI_SAMPLING)
 
 
-def train_loader(cfg: Config, per_device_batch: int, fill) -> DataLoader:
+def open_train_dataset(cfg: Config):
+    """The box dataset stage 1 trains on (no transform yet)."""
     from data.datasets import box_dataset
+
+    return box_dataset(cfg.DATA.DATASET, cfg.data_root, cfg.DATA.SPLIT, cfg.DATA.CLASS_MAP)
+
+
+def check_inputs(cfg: Config):
+    """Every input of stage 1, checked before a network is built or weights are downloaded;
+    returns the dataset."""
+    from engine.preflight import Problems, require_data_root, require_init, require_writable
+
+    problems = Problems("stage 1")
+    dataset = None
+    if problems.passes(lambda: require_data_root(cfg.data_root)):
+        dataset = problems.check(lambda: open_train_dataset(cfg))
+    problems.check(lambda: require_init(cfg.MODEL.INIT))
+    problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
+    problems.raise_if_any()
+    return dataset
+
+
+def train_loader(cfg: Config, dataset, per_device_batch: int, fill) -> DataLoader:
     from data.transforms import TrainTransform
     from data.voc import collate_boxes
 
-    transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
-                               flip=cfg.DATA.FLIP, color_jitter=tuple(cfg.DATA.COLOR_JITTER),
-                               fill=fill)
-    dataset = box_dataset(cfg.DATA.DATASET, cfg.data_root, cfg.DATA.SPLIT, cfg.DATA.CLASS_MAP,
-                          transform=transform)
+    dataset.transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
+                                       flip=cfg.DATA.FLIP,
+                                       color_jitter=tuple(cfg.DATA.COLOR_JITTER), fill=fill)
     return DataLoader(dataset, batch_size=per_device_batch, shuffle=True, drop_last=True,
                       num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_boxes,
                       persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=False)
@@ -91,11 +110,12 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 1; returns the final training metrics and the checkpoint path."""
     from models.backbones import MEAN_RGB
 
+    dataset = check_inputs(cfg)
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_labeler(cfg)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
-    loader = train_loader(cfg, per_device, MEAN_RGB[net.backbone.input_norm])
+    loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm])
     module = Stage1LitModule(net, cfg)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)

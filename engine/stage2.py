@@ -369,18 +369,37 @@ def save_panels(cfg: Config, dataset, ids: list[str], out_dir: Path) -> None:
         atomic_write_png(out_dir / f"{i}.png", np.concatenate(panel, axis=1))
 
 
+def check_inputs(cfg: Config):
+    """Every input of stage 2, checked before the stage-1 model is loaded or a worker started;
+    returns the dataset to label."""
+    from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
+
+    problems = Problems("stage 2")
+    dataset = None
+    if problems.passes(lambda: require_data_root(cfg.data_root)):
+        dataset = problems.check(lambda: open_dataset(cfg))
+        problems.check(lambda: require_writable(cfg.pseudo_label_dir, "DATA.PSEUDO_LABEL_DIR"))
+    problems.check(lambda: require_checkpoint(
+        cfg.output_path(cfg.MODEL.WEIGHTS), "MODEL.WEIGHTS (the stage-1 model, relative to "
+        "OUTPUT_DIR)", "Train stage 1 first (python stage1.py --config-file configs/stage1.yml) "
+        "with the same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt."))
+    problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
+    problems.raise_if_any()
+    return dataset
+
+
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Generate (or finish generating) the pseudo labels; returns counts and the quality report."""
     from utils.cli import resolve_devices
     from utils.io import atomic_write_json
 
+    dataset = check_inputs(cfg)
     devices = resolve_devices(args.gpu_id)
     print(devices.note)
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
     coco = cfg.DATA.DATASET == "coco"
     cfg.save()
     net = load_labeler(cfg)  # fail early, before any process starts, on a bad checkpoint
-    dataset = open_dataset(cfg)
     ids = list(dataset.ids)
     out_root = cfg.pseudo_label_dir
     todo = len(pending_ids(ids, out_root, coco))

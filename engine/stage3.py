@@ -106,17 +106,40 @@ def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
     return str(dirs[0]), str(dirs[1])
 
 
-def loaders(cfg: Config, per_device_batch: int, fill) -> tuple[DataLoader, DataLoader]:
-    from data.transforms import TrainTransform
-    from data.voc import VOCMaskDataset, collate_masks
+def open_datasets(cfg: Config):
+    """(train, val): the split with its pseudo labels (or GT for DATA.GT_IDS), and the val split
+    with its GT, both without transforms."""
+    from data.voc import VOCMaskDataset
 
-    transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
-                               flip=cfg.DATA.FLIP, color_jitter=tuple(cfg.DATA.COLOR_JITTER),
-                               fill=fill)
     train = VOCMaskDataset(cfg.data_root, cfg.DATA.SPLIT, label_dirs=pseudo_label_dirs(cfg),
-                           transform=transform, gt_ids=read_gt_ids(cfg.DATA.GT_IDS),
-                           num_classes=cfg.DATA.NUM_CLASSES)
+                           gt_ids=read_gt_ids(cfg.DATA.GT_IDS), num_classes=cfg.DATA.NUM_CLASSES)
     val = VOCMaskDataset(cfg.data_root, cfg.DATA.VAL_SPLIT, num_classes=cfg.DATA.NUM_CLASSES)
+    return train, val
+
+
+def check_inputs(cfg: Config):
+    """Every input of stage 3, checked before a network is built or weights are downloaded;
+    returns (train, val) datasets."""
+    from engine.preflight import Problems, require_data_root, require_init, require_writable
+
+    problems = Problems("stage 3")
+    datasets = None
+    if problems.passes(lambda: require_data_root(cfg.data_root)):
+        datasets = problems.check(lambda: open_datasets(cfg))
+    problems.check(lambda: read_gt_ids(cfg.DATA.GT_IDS))
+    problems.check(lambda: require_init(cfg.MODEL.INIT))
+    problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
+    problems.raise_if_any()
+    return datasets
+
+
+def loaders(cfg: Config, train, val, per_device_batch: int, fill) -> tuple[DataLoader, DataLoader]:
+    from data.transforms import TrainTransform
+    from data.voc import collate_masks
+
+    train.transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
+                                     flip=cfg.DATA.FLIP,
+                                     color_jitter=tuple(cfg.DATA.COLOR_JITTER), fill=fill)
     workers = cfg.DATA.NUM_WORKERS
     train_loader = DataLoader(train, batch_size=per_device_batch, shuffle=True, drop_last=True,
                               num_workers=workers, collate_fn=collate_masks,
@@ -131,11 +154,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 3; returns the last validation metrics and the checkpoint paths."""
     from models.backbones import MEAN_RGB
 
+    train, val = check_inputs(cfg)
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_deeplab_from_config(cfg)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
-    train_loader, val_loader = loaders(cfg, per_device, MEAN_RGB[net.backbone.input_norm])
+    train_loader, val_loader = loaders(cfg, train, val, per_device,
+                                       MEAN_RGB[net.backbone.input_norm])
     module = Stage3LitModule(net, cfg)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -268,7 +268,7 @@ def test_test_split_writes_the_server_layout_without_scoring(synthetic_voc_copy,
 
 def test_missing_weights_and_wrong_stage_are_messages(synthetic_voc, tmp_path, tiny_checkpoint):
     cfg = eval_cfg(synthetic_voc, tmp_path, "nowhere.ckpt")
-    with pytest.raises(BanaError, match="nowhere.ckpt does not exist. Train stage 3 first"):
+    with pytest.raises(BanaError, match="nowhere.ckpt, which does not exist. Train stage 3 first"):
         run(cfg, eval_args())
     ckpt = torch.load(tiny_checkpoint, weights_only=False)
     ckpt["bana"]["stage"] = 1
@@ -296,7 +296,7 @@ def test_folder_mode_entry_point_prints_miou_last(synthetic_voc, tmp_path, run_s
     (("--config-file", "configs/nowhere.yml"), "configs/nowhere.yml does not exist"),
     (("--pred-dir", "{tmp}/none", "--data-root", "{voc}"), "none does not exist"),
     (("--config-file", "configs/demo/stage3.yml", "--gpu-id", "cpu", "--opts", "DATA.ROOT",
-      "{voc}", "OUTPUT_DIR", "{tmp}"), "stage3/checkpoints/final.ckpt does not exist"),
+      "{voc}", "OUTPUT_DIR", "{tmp}"), "stage3/checkpoints/final.ckpt, which does not exist"),
 ])
 def test_entry_point_errors_exit_2_without_traceback(args, message, synthetic_voc, tmp_path,
                                                      run_script):

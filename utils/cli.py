@@ -85,7 +85,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def report_error(message: str) -> None:
-    wrapped = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
+    # Wrap each line on its own: a message may list several problems, one per line.
+    wrapped = "\n".join(
+        textwrap.fill(line, width=100, break_long_words=False, break_on_hyphens=False,
+                      subsequent_indent=" " * (len(line) - len(line.lstrip()) + 3
+                                               if line.lstrip()[:1].isdigit() else 0))
+        for line in message.splitlines())
     # Start on a fresh line: a progress bar may have left the cursor mid-line.
     print(f"\nerror: {wrapped}", file=sys.stderr)
 

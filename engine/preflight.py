@@ -1,0 +1,94 @@
+"""Check a stage's inputs before anything expensive (a network built, weights downloaded, worker
+processes started) and report every problem at once.
+
+A user with a wrong DATA.ROOT *and* no stage-1 checkpoint learns both from one run:
+
+    problems = Problems("stage 2")
+    dataset = problems.check(lambda: open_dataset(cfg))
+    problems.check(lambda: require_checkpoint(cfg, "stage 1", ...))
+    problems.raise_if_any()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from utils.errors import BanaError
+
+T = TypeVar("T")
+
+
+class Problems:
+    """Collects the BanaErrors of independent checks; `raise_if_any` raises one naming them all."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.messages: list[str] = []
+
+    def check(self, fn: Callable[[], T]) -> T | None:
+        """fn(), or None after recording its BanaError."""
+        try:
+            return fn()
+        except BanaError as e:
+            if str(e) not in self.messages:
+                self.messages.append(str(e))
+            return None
+
+    def passes(self, fn: Callable[[], object]) -> bool:
+        """Whether fn() ran without a BanaError (recording it if not)."""
+        before = len(self.messages)
+        try:
+            fn()
+        except BanaError as e:
+            self.messages.append(str(e))
+        return len(self.messages) == before
+
+    def raise_if_any(self) -> None:
+        if len(self.messages) == 1:
+            raise BanaError(self.messages[0])
+        if self.messages:
+            listed = "\n".join(f"  {k}. {m}" for k, m in enumerate(self.messages, 1))
+            raise BanaError(f"{self.what} cannot start; {len(self.messages)} problems with its "
+                            f"inputs:\n{listed}")
+
+
+def require_data_root(root: Path) -> None:
+    """DATA.ROOT must be a folder; every other dataset check needs it, so callers skip those
+    when this one fails (one message, not five saying the same)."""
+    if not Path(root).is_dir():
+        raise BanaError(f"DATA.ROOT {root} does not exist or is not a folder: give the dataset "
+                        "root with --opts DATA.ROOT PATH (create a VOC tree with `bash "
+                        "data/setup_voc.bash PATH`, or a small synthetic one with `python "
+                        "data/synthetic.py --out PATH`).")
+
+
+def require_init(init: str, key: str = "MODEL.INIT") -> None:
+    """A MODEL.INIT that names a file must exist ('imagenet' downloads later, 'none' is random)."""
+    if init in ("none", "imagenet"):
+        return
+    if not Path(os.path.expanduser(init)).is_file():
+        raise BanaError(f"{key} is {init!r}, which is not a file: expected 'none', 'imagenet', "
+                        "the path of a state dict (.pth), or a stage-1 checkpoint (.ckpt).")
+
+
+def require_checkpoint(path: Path, key: str, fix: str) -> None:
+    if not Path(path).is_file():
+        raise BanaError(f"{key} names {path}, which does not exist. {fix}")
+
+
+def require_writable(folder: Path, key: str) -> None:
+    """`folder` can be created and written: its nearest existing ancestor is a writable folder."""
+    folder = Path(os.path.expanduser(folder))
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BanaError(f"{key} {folder} cannot be created: {probe} is a file, not a folder. Move "
+                        f"the file away or choose another {key}.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BanaError(f"{key} {folder} cannot be written: {probe} is not writable. Fix the "
+                        f"permissions or choose another {key}.")
