@@ -88,7 +88,7 @@ def require_writable(folder: Path, key: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise BanaError(f"{key} {folder} cannot be created: {probe} is a file, not a folder. Move "
-                        f"the file away or choose another {key}.")
+                        f"the file away, or choose a writable folder instead ({key}).")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BanaError(f"{key} {folder} cannot be written: {probe} is not writable. Fix the "
-                        f"permissions or choose another {key}.")
+                        f"permissions, or choose a writable folder instead ({key}).")

@@ -40,6 +40,9 @@ from utils.config import Config
 from utils.errors import BanaError
 
 LABELS = ("Y_crf", "Y_ret")
+# Each box filled with its class (smaller boxes on top): the box baseline, as a label set stage 3
+# can train on (DATA.PSEUDO_LABELS [Y_box, Y_box]).
+BOX_LABEL = "Y_box"
 INSTANCES = "instances"
 # What the per-image instance files hold: the two pseudo labels and the box-filling baseline.
 INSTANCE_SOURCES = ("box_baseline", *LABELS)
@@ -84,8 +87,8 @@ def open_dataset(cfg: Config):
 
 
 def output_paths(out_root: Path, image_id: str, instances: bool) -> dict[str, Path]:
-    """The files one image is done with: its two label maps, and its instances on COCO."""
-    paths = {d: out_root / d / f"{image_id}.png" for d in LABELS}
+    """The files one image is done with: its label maps, and its instances on COCO."""
+    paths = {d: out_root / d / f"{image_id}.png" for d in (*LABELS, BOX_LABEL)}
     if instances:
         paths[INSTANCES] = out_root / INSTANCES / f"{image_id}.json"
     return paths
@@ -134,6 +137,7 @@ def start_workers(workers: int) -> ProcessPoolExecutor:
 def label_one(job: dict) -> str:
     """Worker: features of one image -> Y_crf and Y_ret PNGs (and on COCO its instance JSON).
     Returns the image id."""
+    from utils.boxes import fill_boxes
     from utils.io import atomic_write_json, atomic_write_png
     from utils.palette import voc_palette
     from utils.pseudo_labels import make_pseudo_labels
@@ -148,6 +152,8 @@ def label_one(job: dict) -> str:
     palette = voc_palette()
     for d, label in zip(LABELS, labels):
         atomic_write_png(job["out"][d], label, palette=palette)
+    atomic_write_png(job["out"][BOX_LABEL], fill_boxes(job["boxes"], *labels[0].shape),
+                     palette=palette)
     return job["id"]
 
 
@@ -191,7 +197,7 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
     todo = pending_ids(ids, out_root, coco)
     if not todo:
         return 0
-    for d in LABELS + ((INSTANCES,) if coco else ()):
+    for d in (*LABELS, BOX_LABEL, *((INSTANCES,) if coco else ())):
         (out_root / d).mkdir(parents=True, exist_ok=True)
     position_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
     subset = torch.utils.data.Subset(dataset, [position_of[i] for i in todo])
@@ -250,8 +256,14 @@ def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: i
 
 
 def quality_report(cfg: Config, ids: list[str]) -> dict | None:
-    """mIoU of Y_crf, Y_ret, their agreement region and the box-filling baseline against the GT
-    masks, or None when the split has no GT (e.g. train_aug ids without SegmentationClassAug)."""
+    """mIoU of the box-filling baseline, Y_crf, Y_ret and their combination against the GT masks,
+    or None when the split has no GT (e.g. train_aug ids without SegmentationClassAug).
+
+    "Y_crf & Y_ret" is Y_crf where the two agree; a pixel where they disagree is scored as
+    background (stage 3 ignores such pixels; here an object pixel among them counts as missed,
+    a background pixel as right).
+    "agreement" scores the agreeing pixels alone (the disagreeing ones are not counted), and
+    `agreement_coverage` is the share of labelled pixels where the two agree."""
     from data.voc import parse_annotation
     from utils.boxes import fill_boxes
     from utils.io import read_index_png
@@ -263,7 +275,7 @@ def quality_report(cfg: Config, ids: list[str]) -> dict | None:
     if not all((gt_dir / f"{i}.png").is_file() for i in ids):
         return None
     n = cfg.DATA.NUM_CLASSES
-    mats = {k: ConfusionMatrix(n) for k in ("box_baseline", "Y_crf", "Y_ret", "agreement")}
+    mats = {k: ConfusionMatrix(n) for k in REPORT_ROWS}
     agree_px = valid_px = 0
     for i in ids:
         gt = read_index_png(gt_dir / f"{i}.png")
@@ -271,10 +283,11 @@ def quality_report(cfg: Config, ids: list[str]) -> dict | None:
         y_ret = read_index_png(out_root / "Y_ret" / f"{i}.png")
         boxes, classes = parse_annotation(root / "Annotations" / f"{i}.xml")
         filled = fill_boxes(np.concatenate([boxes, classes[:, None]], 1), *gt.shape)
+        agree = y_crf == y_ret
         mats["box_baseline"].update(filled, gt)
         mats["Y_crf"].update(y_crf, gt)
         mats["Y_ret"].update(y_ret, gt)
-        agree = y_crf == y_ret
+        mats["Y_crf&Y_ret"].update(np.where(agree, y_crf, 0), gt)
         mats["agreement"].update(y_crf, np.where(agree, gt, 255))
         valid = gt != 255
         agree_px += int((agree & valid).sum())
@@ -287,6 +300,9 @@ def quality_report(cfg: Config, ids: list[str]) -> dict | None:
                               for k, v in report.items()}}
 
 
+REPORT_ROWS = ("box_baseline", "Y_crf", "Y_ret", "Y_crf&Y_ret", "agreement")
+
+
 def format_report(report: dict) -> str:
     m = report["miou"]
     return "\n".join([
@@ -294,8 +310,9 @@ def format_report(report: dict) -> str:
         f"  box baseline          {m['box_baseline']:6.2f}",
         f"  Y_crf                 {m['Y_crf']:6.2f}",
         f"  Y_ret                 {m['Y_ret']:6.2f}",
-        f"  Y_crf = Y_ret region  {m['agreement']:6.2f}  (covers {m['agreement_coverage']:.2f}% "
-        "of labelled pixels)"])
+        f"  Y_crf & Y_ret         {m['Y_crf&Y_ret']:6.2f}  (where they disagree: background)",
+        f"  Y_crf = Y_ret region  {m['agreement']:6.2f}  (agreeing pixels only; they cover "
+        f"{m['agreement_coverage']:.2f}% of labelled pixels)"])
 
 
 def merge_instances(cfg: Config, gt, ids: list[str]) -> dict[str, list[dict]]:

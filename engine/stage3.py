@@ -96,7 +96,7 @@ def read_gt_ids(path: str) -> set[str] | None:
 
 def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
     root = cfg.pseudo_label_dir
-    dirs = (root / "Y_crf", root / "Y_ret")
+    dirs = tuple(root / name for name in cfg.DATA.PSEUDO_LABELS)
     for d in dirs:
         if not d.is_dir():
             raise BanaError(

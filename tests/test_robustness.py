@@ -783,7 +783,8 @@ def stage2_argv(artifacts, out: Path) -> list[str]:
 
 
 def read_labels(folder: Path) -> dict[str, np.ndarray]:
-    """Every label PNG under Y_crf/ and Y_ret/, decoded (a half-written one would fail here)."""
+    """Every label PNG under Y_crf/, Y_ret/ and Y_box/, decoded (a half-written one would fail
+    here)."""
     return {f"{p.parent.name}/{p.name}": read_index_png(p)
             for p in sorted(folder.glob("Y_*/*.png"))}
 
@@ -800,7 +801,7 @@ def clean_labels(artifacts, tmp_path_factory) -> dict[str, np.ndarray]:
     proc = run_script(stage2_argv(artifacts, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels = read_labels(out / "Generation")
-    assert len(labels) == 2 * 12
+    assert len(labels) == 3 * 12
     return labels
 
 

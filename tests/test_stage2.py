@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data.voc import VOCBoxDataset, parse_annotation
-from engine.stage2 import (LABELS, generate, load_labeler, open_dataset, pending_ids,
+from engine.stage2 import (BOX_LABEL, LABELS, generate, load_labeler, open_dataset, pending_ids,
                            quality_report, run, start_workers)
 from utils.boxes import fill_boxes
 from utils.config import load_config
@@ -75,16 +75,26 @@ def test_run_labels_every_image_with_labels_inside_boxes(synthetic_voc, referenc
                for i in ids)
 
 
+def test_box_label_set_is_the_filled_boxes(synthetic_voc, reference):
+    cfg, *_ = reference
+    for i in split_ids(synthetic_voc):
+        boxes, classes = parse_annotation(synthetic_voc / "Annotations" / f"{i}.xml")
+        expected = fill_boxes(np.c_[boxes, classes], *read_image(
+            synthetic_voc / "JPEGImages" / f"{i}.jpg").shape[:2])
+        assert np.array_equal(read_index_png(cfg.pseudo_label_dir / BOX_LABEL / f"{i}.png"),
+                              expected)
+
+
 def test_quality_report_is_printed_and_saved(reference):
     cfg, result, printed, _ = reference
     saved = json.loads((cfg.run_dir / "quality.json").read_text())
     assert set(saved) == {"split", "images", "miou", "per_class_iou"}
-    keys = {"box_baseline", "Y_crf", "Y_ret", "agreement"}
+    keys = {"box_baseline", "Y_crf", "Y_ret", "Y_crf&Y_ret", "agreement"}
     assert set(saved["miou"]) == keys | {"agreement_coverage"}
     assert all(0 <= v <= 100 for v in saved["miou"].values())
     assert set(saved["per_class_iou"]) == keys
     assert saved["miou"] == result["quality"] and saved["images"] == 12
-    for name in ("box baseline", "Y_crf", "Y_ret", "Y_crf = Y_ret region"):
+    for name in ("box baseline", "Y_crf", "Y_ret", "Y_crf & Y_ret", "Y_crf = Y_ret region"):
         assert name in printed
     assert f"{saved['miou']['Y_crf']:6.2f}" in printed
 
@@ -107,6 +117,17 @@ def test_quality_report_numbers_on_hand_made_labels(synthetic_voc, tmp_path):
     m = quality_report(cfg, ids)["miou"]
     assert m["Y_crf"] == 100 and m["agreement"] == 100
     assert m["Y_ret"] == m["box_baseline"] < 90
+    # Y_crf & Y_ret is Y_crf (= GT) where it equals Y_ret (= filled boxes), background elsewhere;
+    # scored here by its own confusion matrix.
+    from utils.metrics import ConfusionMatrix
+    mat = ConfusionMatrix(21)
+    for i in ids:
+        gt = read_index_png(synthetic_voc / "SegmentationClassAug" / f"{i}.png")
+        boxes, classes = parse_annotation(synthetic_voc / "Annotations" / f"{i}.xml")
+        filled = fill_boxes(np.c_[boxes, classes], *gt.shape)
+        mat.update(np.where(gt == filled, gt, 0).astype(np.uint8), gt)
+    assert m["Y_crf&Y_ret"] == round(float(mat.compute()["miou"]), 2)
+    assert m["box_baseline"] < m["Y_crf&Y_ret"] < m["Y_crf"]
     assert m["agreement_coverage"] == pytest.approx(100 * agree / valid, abs=0.01)
     assert quality_report(cfg, ids + ["no_gt_for_this_id"]) is None
 

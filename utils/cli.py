@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 import textwrap
 import warnings
@@ -85,12 +86,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def report_error(message: str) -> None:
-    # Wrap each line on its own: a message may list several problems, one per line.
+    # One paragraph, except a list of problems ("  1. ...", "  2. ..."): one paragraph each.
+    parts = re.split(r"\n(?=  \d+\. )", message)
     wrapped = "\n".join(
-        textwrap.fill(line, width=100, break_long_words=False, break_on_hyphens=False,
-                      subsequent_indent=" " * (len(line) - len(line.lstrip()) + 3
-                                               if line.lstrip()[:1].isdigit() else 0))
-        for line in message.splitlines())
+        textwrap.fill(part, width=100, break_long_words=False, break_on_hyphens=False,
+                      initial_indent="  " if k else "", subsequent_indent="     " if k else "")
+        for k, part in enumerate(parts))
     # Start on a fresh line: a progress bar may have left the cursor mid-line.
     print(f"\nerror: {wrapped}", file=sys.stderr)
 

@@ -83,6 +83,12 @@ class DataConfig:
                             rule=">= 0")
     PSEUDO_LABEL_DIR: str = _key("Generation", "Folder of stage 2's Y_crf/ and Y_ret/ label maps, "
                                  "relative to DATA.ROOT (stage 2 writes it, stage 3 reads it).")
+    PSEUDO_LABELS: list[str] = _key(["Y_crf", "Y_ret"], "Stage 3: the two label folders under "
+                                    "PSEUDO_LABEL_DIR it trains on, in the roles of Y_crf and "
+                                    "Y_ret (e.g. [Y_box, Y_box] trains on the filled boxes stage "
+                                    "2 also writes: the box baseline).",
+                                    check=lambda v: len(v) == 2 and all(v),
+                                    rule="two folder names")
     GT_IDS: str = _key("", "Semi-supervised setting: a list file of image ids whose GT masks "
                        "(SegmentationClassAug) replace the pseudo labels. Empty = none.")
 
