@@ -1,4 +1,5 @@
-"""Cost of the stage-1 BAP head next to the backbone, and of the vectorised head next to loops.
+"""Cost of the stage-1 BAP head next to the backbone, and of the vectorised head next to loops,
+for both ROI samplings: `reference` (the authors' sampling, the default) and `roi_align`.
 
 Run from the repository root: `python -m benchmarks.stage1_head [--repeats 7]`. CPU only; the
 batch is a VOC-like stage-1 batch scaled down (2 crops of 161 px, 3 boxes each). Timings are
@@ -15,6 +16,11 @@ import torch.nn.functional as F
 from models.backbones import build_backbone
 from models.labeler import Labeler
 from tests.test_labeler import reference_head
+from tests.test_reference_bap import slow_reference_logits
+
+SAMPLINGS = ("reference", "roi_align")
+# The per-box loop each vectorised head is checked against.
+LOOPS = {"reference": slow_reference_logits, "roi_align": reference_head}
 
 
 def _voc_like_batch(batch, crop, boxes_per_image, generator):
@@ -49,48 +55,55 @@ def _interleaved_medians(contenders, repeats):
 
 
 def head_vs_backbone(name, batch, crop, repeats, generator):
-    labeler = Labeler(21, build_backbone(name)).train()
+    labelers = {m: Labeler(21, build_backbone(name), roi_sampling=m).train() for m in SAMPLINGS}
+    backbone = labelers["reference"].backbone
     images, boxes, bg_mask = _voc_like_batch(batch, crop, 3, generator)
     with torch.no_grad():
-        features = labeler.backbone(images)
+        features = backbone(images)
 
     def backbone_step():
-        out = labeler.backbone(images)
+        out = backbone(images)
         out.backward(torch.ones_like(out))
 
-    def head_step():
-        leaf = features.detach().requires_grad_()
-        logits, targets = labeler.head(leaf, boxes, bg_mask)
-        F.cross_entropy(logits, targets).backward()
+    def head_step(mode):
+        def step():
+            leaf = features.detach().requires_grad_()
+            logits, targets = labelers[mode].head(leaf, boxes, bg_mask)
+            F.cross_entropy(logits, targets).backward()
+        return step
 
-    head_step()  # warm-up
-    medians = _interleaved_medians({"backbone": backbone_step, "head": head_step}, repeats)
-    print(f"{name:>6} batch {batch}x{crop}px, features {tuple(features.shape[1:])}: "
-          f"backbone fwd+bwd {medians['backbone'] * 1e3:8.1f} ms | BAP head fwd+bwd "
-          f"{medians['head'] * 1e3:7.1f} ms | head/backbone {medians['head'] / medians['backbone']:.3f}")
+    contenders = {"backbone": backbone_step, **{m: head_step(m) for m in SAMPLINGS}}
+    for m in SAMPLINGS:
+        contenders[m]()  # warm-up
+    medians = _interleaved_medians(contenders, repeats)
+    heads = " | ".join(f"{m} head {medians[m] * 1e3:6.1f} ms = {medians[m] / medians['backbone']:.3f}"
+                       f" of the backbone" for m in SAMPLINGS)
+    print(f"{name:>6} batch {batch}x{crop}px, features {tuple(features.shape[1:])}, fwd+bwd: "
+          f"backbone {medians['backbone'] * 1e3:7.1f} ms | {heads}")
 
 
 def vectorised_vs_loops(num_boxes, repeats, generator):
-    labeler = Labeler(21, build_backbone("tiny")).eval()
     features = torch.rand(2, 128, 21, 21, generator=generator)
     _, boxes, bg_mask = _voc_like_batch(2, 161, num_boxes // 2, generator)
+    for mode in SAMPLINGS:
+        labeler = Labeler(21, build_backbone("tiny"), roi_sampling=mode).eval()
 
-    def vectorised():
-        with torch.no_grad():
-            return labeler.head(features, boxes, bg_mask)
+        def vectorised():
+            with torch.no_grad():
+                return labeler.head(features, boxes, bg_mask)
 
-    def loops():
-        with torch.no_grad():
-            return reference_head(labeler, features, boxes, bg_mask)
+        def loops():
+            with torch.no_grad():
+                return LOOPS[mode](labeler, features, boxes, bg_mask)
 
-    (fast_logits, fast_targets), (slow_logits, slow_targets) = vectorised(), loops()
-    assert torch.equal(fast_targets, slow_targets)
-    medians = _interleaved_medians({"vectorised": vectorised, "loops": loops}, repeats)
-    print(f"head forward, {num_boxes} boxes on 2x128x21x21 features: vectorised "
-          f"{medians['vectorised'] * 1e3:.2f} ms | per-box/per-cell loops "
-          f"{medians['loops'] * 1e3:.0f} ms"
-          f" | speed-up {medians['loops'] / medians['vectorised']:.0f}x | max |logit diff| "
-          f"{(fast_logits - slow_logits).abs().max():.2e}")
+        (fast_logits, fast_targets), (slow_logits, slow_targets) = vectorised(), loops()
+        assert torch.equal(fast_targets, slow_targets)
+        medians = _interleaved_medians({"vectorised": vectorised, "loops": loops}, repeats)
+        print(f"{mode:>9} head forward, {num_boxes} boxes on 2x128x21x21 features: vectorised "
+              f"{medians['vectorised'] * 1e3:.2f} ms | per-box loops "
+              f"{medians['loops'] * 1e3:.0f} ms"
+              f" | speed-up {medians['loops'] / medians['vectorised']:.0f}x | max |logit diff| "
+              f"{(fast_logits - slow_logits).abs().max():.2e}")
 
 
 def main():

@@ -252,7 +252,8 @@ def build_backbone(name, *, fc6_dilation=1, init="none", input_norm="auto"):
 
     init: "none" (random), "imagenet" (torchvision weights, from `$TORCH_HOME/hub/checkpoints/`
     or downloaded), or a path to a state dict in torchvision layout, the authors' Caffe VGG-16
-    layout, or this module's own layout. input_norm: "auto" follows the weights (Caffe layout ->
+    layout, this module's own layout, or one of this project's stage checkpoints (its backbone;
+    e.g. stage 3 initialised from the stage-1 model of the same backbone). input_norm: "auto" follows the weights (Caffe layout ->
     "caffe", otherwise "imagenet"); naming one that contradicts the weights is an error.
     fc6_dilation only affects vgg16.
     """
@@ -326,7 +327,20 @@ def _read_state_dict(path):
     if not isinstance(state_dict, dict):
         raise BanaError(f"{path} holds a {type(state_dict).__name__}, expected a state dict "
                         f"(a dict of tensor names to tensors)")
+    if isinstance(state_dict.get("bana"), dict) and "state_dict" in state_dict:
+        return _stage_checkpoint_backbone(state_dict, path)
     return state_dict
+
+
+def _stage_checkpoint_backbone(ckpt, path):
+    """The backbone weights of one of this project's stage checkpoints (own layout, with the
+    input normalisation it was trained with), e.g. stage 3 starting from stage 1's backbone."""
+    prefix = "net.backbone."
+    own = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not own:
+        raise BanaError(f"{path} is a stage-{ckpt['bana'].get('stage')} checkpoint without "
+                        "backbone weights (no 'net.backbone.*' entries)")
+    return own
 
 
 def _imagenet_state_dict(name):

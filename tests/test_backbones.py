@@ -205,3 +205,17 @@ def test_input_norm_defaults_and_travels_with_the_state_dict():
     assert plain.input_norm == "caffe"
     with pytest.raises(BanaError, match="MODEL.BACKBONE"):
         build_backbone("vgg19")
+
+
+def test_stage1_checkpoint_initialises_a_stage3_backbone(stage1_dir):
+    """MODEL.INIT may name a stage checkpoint: its backbone (with its input normalisation) is
+    loaded, whatever fc6 dilation the new network uses; nothing else is taken from it."""
+    path = stage1_dir / "stage1" / "checkpoints" / "final.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    expected = {k[len("net.backbone."):]: v for k, v in ckpt["state_dict"].items()
+                if k.startswith("net.backbone.")}
+    net = build_backbone("tiny", init=str(path))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    with pytest.raises(BanaError, match="do not fit"):
+        build_backbone("vgg16", init=str(path))

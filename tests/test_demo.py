@@ -14,22 +14,26 @@ def test_demo_pipeline_produces_every_artefact(tmp_path):
 
     pseudo = results["pseudo_labels"]
     assert list(pseudo) == ["box baseline", "GAP Y_crf", "BAP Y_crf w/o u0", "BAP Y_crf",
-                            "BAP Y_ret"]
-    assert set(results["stage3"]) == {"ce_crf", "nal", "untrained (random init)"}
+                            "BAP Y_ret", "BAP Y_crf & Y_ret (disagreement = background)"]
+    rows = [row for row, _, _ in demo.STAGE3_RUNS.values()]
+    assert list(results["stage3"]) == rows + ["untrained (random init)"]
     numbers = list(pseudo.values()) + [v for m in results["stage3"].values() for v in m.values()]
     assert numbers and all(0 <= v <= 100 for v in numbers)
-    for loss in ("ce_crf", "nal"):
-        assert set(results["stage3"][loss]) == {"single", "multiscale", "single+crf",
-                                                "multiscale+crf"}
+    for row in rows:
+        assert set(results["stage3"][row]) == {"single", "multiscale", "single+crf",
+                                               "multiscale+crf"}
 
-    for name in ("stage1_bap", "stage1_gap", "stage3_ce_crf", "stage3_nal"):
+    for name in ("stage1_bap", "stage1_gap", *(f"stage3_{n}" for n in demo.STAGE3_RUNS)):
         assert (out / name / "checkpoints" / "final.ckpt").is_file()
+    # Stage 3 started from the stage-1 BAP backbone.
+    saved = (out / "stage3_nal" / "config.yaml").read_text()
+    assert str(out / "stage1_bap" / "checkpoints" / "final.ckpt") in saved
     for name in ("bap", "bap_no_u0", "gap"):
         assert (out / f"stage2_{name}" / "quality.json").is_file()
         ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()
-        for kind in ("Y_crf", "Y_ret"):
+        for kind in ("Y_crf", "Y_ret", "Y_box"):
             assert all((data / "Generation" / name / kind / f"{i}.png").is_file() for i in ids)
     assert (out / "demo.png").stat().st_size > 0
     table = (out / "demo_results.md").read_text()
-    assert "BAP Y_crf" in table and "nal" in table
+    assert "BAP Y_crf" in table and "NAL" in table and "GT masks" in table
     assert json.loads((out / "demo_results.json").read_text())["pseudo_labels"] == pseudo

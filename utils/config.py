@@ -98,7 +98,8 @@ class ModelConfig:
     BACKBONE: str = _key("vgg16", "Feature extractor.", choices=BACKBONES)
     INIT: str = _key("imagenet", "Backbone initialisation: 'imagenet' (torchvision weights), "
                      "'none' (random), or a path to a state dict (torchvision layout or the "
-                     "authors' Caffe-converted vgg_caffe.pth).")
+                     "authors' Caffe-converted vgg_caffe.pth) or to a checkpoint of this project "
+                     "whose backbone to start from (e.g. stage 3 from the stage-1 final.ckpt).")
     INPUT_NORM: str = _key("auto", "Input normalisation; 'auto' follows the weights (Caffe BGR "
                            "mean for Caffe-converted VGG, ImageNet mean/std otherwise).",
                            choices=("auto", "caffe", "imagenet"))
