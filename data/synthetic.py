@@ -29,11 +29,12 @@ if __package__ in (None, ""):  # run as `python data/synthetic.py`: make `data` 
 import argparse
 import shutil
 import time
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from data.painting import (MARKER, SHAPES, all_visible, background, paint, shape_mask,
+                           style_for, texture_field)
 from data.voc import SPLIT_DIR, clip_boxes, parse_annotation, read_split
 from data.voc_bbox_setup import write_bg_masks
 from utils.boxes import fill_boxes
@@ -45,144 +46,8 @@ from utils.metrics import ConfusionMatrix
 from utils.palette import VOC_CLASSES, voc_palette
 
 DEFAULT_CLASSES = ("cat", "dog", "bird", "car", "person")
-MARKER = "synthetic.json"
 GENERATED_DIRS = ("JPEGImages", "Annotations", "SegmentationClassAug", "SegmentationClass",
                   "BgMaskfromBoxes", "ImageSets")
-MIN_VISIBLE_FRACTION = 0.4
-SHAPES = ("ellipse", "blob", "polygon", "ring")
-TEXTURES = ("stripes", "blotches", "grain", "checks", "rings")
-
-
-@dataclass(frozen=True)
-class ClassStyle:
-    """How instances of one class look. Colours are RGB means in 0..255; periods are fractions of
-    the image size, so the look does not depend on --size."""
-
-    colour: tuple[float, float, float]
-    texture: str
-    period: float
-    amplitude: float
-    shape_weights: tuple[float, float, float, float]  # over SHAPES
-
-
-# Warm colours are shared by cat, dog and person, and car's red sits between them: colour alone
-# leaves classes ambiguous, texture alone too (the background borrows textures).
-STYLES = {
-    "cat": ClassStyle((200, 130, 70), "stripes", 0.07, 0.35, (0.4, 0.6, 0.0, 0.0)),
-    "dog": ClassStyle((150, 100, 60), "blotches", 0.14, 0.40, (0.2, 0.5, 0.3, 0.0)),
-    "bird": ClassStyle((90, 125, 180), "grain", 0.05, 0.35, (0.4, 0.0, 0.6, 0.0)),
-    "car": ClassStyle((175, 75, 70), "checks", 0.09, 0.30, (0.0, 0.2, 0.5, 0.3)),
-    "person": ClassStyle((190, 150, 130), "rings", 0.09, 0.30, (0.4, 0.1, 0.0, 0.5)),
-}
-
-
-def style_for(name: str) -> ClassStyle:
-    """The style of a class: from STYLES, else drawn from a generator seeded by the class index."""
-    if name in STYLES:
-        return STYLES[name]
-    rng = np.random.default_rng(VOC_CLASSES.index(name))
-    return ClassStyle(tuple(rng.uniform(50, 210, 3).round()), TEXTURES[VOC_CLASSES.index(name) % 5],
-                      float(rng.uniform(0.05, 0.14)), float(rng.uniform(0.3, 0.4)),
-                      tuple(rng.dirichlet(np.ones(4))))
-
-
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    return xs, ys
-
-
-def _shape_mask(kind: str, cx: float, cy: float, radius: float, size: int,
-                rng: np.random.Generator) -> np.ndarray:
-    """bool (S, S): one filled shape of roughly `radius` around (cx, cy)."""
-    xs, ys = _grid(size)
-    angle = rng.uniform(0, np.pi)
-    u = (xs - cx) * np.cos(angle) + (ys - cy) * np.sin(angle)
-    v = -(xs - cx) * np.sin(angle) + (ys - cy) * np.cos(angle)
-    aspect = rng.uniform(0.35, 1.0)
-    if kind == "ellipse":
-        return (u / radius) ** 2 + (v / (radius * aspect)) ** 2 <= 1
-    if kind == "blob":  # radius modulated by a few low harmonics: lobes and dents
-        theta = np.arctan2(v, u)
-        r = np.ones_like(theta)
-        for k in (2, 3, 4, 5):
-            r += rng.uniform(0, 0.18) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-        return np.hypot(u, v / (0.6 + 0.4 * aspect)) <= radius * r
-    if kind == "polygon":  # star-like: vertices at random angles and radii
-        n = int(rng.integers(5, 10))
-        thetas = np.sort(rng.uniform(0, 2 * np.pi, n))
-        radii = radius * rng.uniform(0.45, 1.1, n)
-        points = np.stack([cx + radii * np.cos(thetas), cy + radii * np.sin(thetas)], 1)
-        mask = np.zeros((size, size), np.uint8)
-        cv2.fillPoly(mask, [np.round(points * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-        return mask.astype(bool)
-    if kind == "ring":
-        d = np.hypot(u, v / (0.7 + 0.3 * aspect))
-        return (d <= radius) & (d >= radius * rng.uniform(0.35, 0.6))
-    if kind == "rectangle":
-        return (np.abs(u) <= radius) & (np.abs(v) <= radius * aspect)
-    if kind == "bar":
-        return (np.abs(u) <= radius * 1.5) & (np.abs(v) <= max(1.0, radius * 0.12))
-    raise ValueError(kind)
-
-
-def _smooth_noise(size: int, cells: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
-    """float32 (S, S, channels) in about [-1, 1]: a random cells × cells grid, bicubic upsampled."""
-    cells = max(2, cells)
-    grid = rng.uniform(-1, 1, (cells, cells, channels)).astype(np.float32)
-    out = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
-    return out.reshape(size, size, channels)
-
-
-def _texture(kind: str, period: float, size: int, centre: tuple[float, float],
-             rng: np.random.Generator) -> np.ndarray:
-    """float32 (S, S) in about [-1, 1]; period is a fraction of the image size (at least 3 px)."""
-    xs, ys = _grid(size)
-    p = max(3.0, period * size)
-    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-    u = xs * np.cos(angle) + ys * np.sin(angle)
-    v = -xs * np.sin(angle) + ys * np.cos(angle)
-    if kind == "stripes":
-        return np.sin(2 * np.pi * u / p + phase)
-    if kind == "checks":
-        return np.sign(np.sin(2 * np.pi * u / p + phase) * np.sin(2 * np.pi * v / p))
-    if kind == "rings":
-        return np.sin(2 * np.pi * np.hypot(xs - centre[0], ys - centre[1]) / p + phase)
-    if kind == "blotches":
-        return np.tanh(2.5 * _smooth_noise(size, round(size / p), rng)[..., 0])
-    if kind == "grain":
-        return rng.uniform(-1, 1, (size, size)).astype(np.float32)
-    raise ValueError(kind)
-
-
-def _paint(image: np.ndarray, mask: np.ndarray, colour, texture: np.ndarray, amplitude: float) -> None:
-    shaded = np.asarray(colour, np.float32) * (1 + amplitude * texture[..., None])
-    image[mask] = shaded[mask]
-
-
-def _background(size: int, styles: list[ClassStyle], rng: np.random.Generator) -> np.ndarray:
-    """float32 (S, S, 3): smooth colour field, faint texture, 2–5 distractor shapes."""
-    base = rng.uniform(60, 200) + rng.normal(0, 35, 3)
-    image = (base + 40 * _smooth_noise(size, 3, rng, channels=3)).astype(np.float32)
-    faint = _texture(TEXTURES[rng.integers(len(TEXTURES))], rng.uniform(0.05, 0.15), size,
-                     (size / 2, size / 2), rng)
-    image *= 1 + 0.08 * faint[..., None]
-    for _ in range(int(rng.integers(2, 6))):
-        kind = ("rectangle", "bar", "ellipse", "polygon")[rng.integers(4)]
-        radius = size * rng.uniform(0.08, 0.25)
-        mask = _shape_mask(kind, *rng.uniform(0, size, 2), radius, size, rng)
-        style = styles[rng.integers(len(styles))]
-        if rng.random() < 0.5:  # a class colour with a texture no class uses here
-            colour = np.asarray(style.colour) + rng.normal(0, 30, 3)
-            texture = _smooth_noise(size, 4, rng)[..., 0]
-            amplitude = 0.2
-        else:  # a class texture in a random colour, fainter than on objects
-            colour = rng.uniform(50, 210, 3)
-            texture = _texture(style.texture, style.period, size, (size / 2, size / 2), rng)
-            amplitude = style.amplitude * 0.6
-        _paint(image, mask, colour, texture, amplitude)
-    return image
-
-
 def render_sample(size: int, class_ids: list[int], rng: np.random.Generator):
     """One synthetic image.
 
@@ -190,7 +55,7 @@ def render_sample(size: int, class_ids: list[int], rng: np.random.Generator):
     x1, y1, x2, y2, class with x2, y2 exclusive, i.e. the box covers rows y1:y2, cols x1:x2).
     """
     styles = [style_for(VOC_CLASSES[c]) for c in class_ids]
-    image = _background(size, styles, rng)
+    image = background(size, styles, rng)
     n_objects = int(rng.integers(1, 4))
     objects = []  # (full mask, class id, style, centre)
     for _ in range(n_objects):
@@ -200,9 +65,9 @@ def render_sample(size: int, class_ids: list[int], rng: np.random.Generator):
             radius = size * rng.uniform(0.15, 0.32)
             centre = rng.uniform(0.15 * size, 0.85 * size, 2)
             shape = SHAPES[rng.choice(4, p=np.asarray(style.shape_weights) / sum(style.shape_weights))]
-            mask = _shape_mask(shape, *centre, radius, size, rng)
+            mask = shape_mask(shape, *centre, radius, size, rng)
             candidate = objects + [(mask, class_ids[k], style, centre)]
-            if _all_visible(candidate, size):
+            if all_visible(candidate, size):
                 objects = candidate
                 break
 
@@ -210,8 +75,8 @@ def render_sample(size: int, class_ids: list[int], rng: np.random.Generator):
     label = np.zeros((size, size), np.uint8)
     for n, (mask, class_id, style, centre) in enumerate(objects, start=1):
         colour = np.asarray(style.colour) + rng.normal(0, 28, 3)
-        texture = _texture(style.texture, style.period * rng.uniform(0.85, 1.15), size, centre, rng)
-        _paint(image, mask, colour, texture, style.amplitude)
+        texture = texture_field(style.texture, style.period * rng.uniform(0.85, 1.15), size, centre, rng)
+        paint(image, mask, colour, texture, style.amplitude)
         instance[mask] = n
         label[mask] = class_id
 
@@ -229,19 +94,6 @@ def render_sample(size: int, class_ids: list[int], rng: np.random.Generator):
     image = cv2.GaussianBlur(image, (3, 3), 0.6)  # soft edges, as a camera gives
     rgb = np.clip(np.round(image), 0, 255).astype(np.uint8)
     return rgb, label, np.asarray(boxes, np.int64).reshape(-1, 5)
-
-
-def _all_visible(objects: list, size: int) -> bool:
-    """Every object keeps MIN_VISIBLE_FRACTION of its area visible under the later ones."""
-    covered = np.zeros((size, size), bool)
-    for mask, *_ in reversed(objects):
-        area = mask.sum()
-        if area < max(12, 0.003 * size * size):
-            return False
-        if (mask & ~covered).sum() < MIN_VISIBLE_FRACTION * area:
-            return False
-        covered |= mask
-    return True
 
 
 def annotation_xml(image_id: str, size: int, boxes: np.ndarray) -> str:

@@ -26,8 +26,8 @@ from pycocotools import mask as mask_utils
 
 from data.coco import COCO_CATEGORIES, COCO_ID_BY_NAME, SPLITS, evaluated_category_ids
 from data.coco_bbox_setup import write_bg_masks
-from data.synthetic import (MARKER, SHAPES, STYLES, ClassStyle, _all_visible, _background,
-                            _paint, _shape_mask, _texture)
+from data.painting import (MARKER, SHAPES, STYLES, ClassStyle, all_visible, background,
+                           paint, shape_mask, texture_field)
 from utils.coco_eval import evaluate_instances
 from utils.errors import BanaError
 from utils.instances import box_pixel_masks, encode_masks, instance_results
@@ -48,7 +48,7 @@ def render_instances(size: int, styles: list[ClassStyle], rng: np.random.Generat
     instance uint8 (S, S) = 0 for background or n for the n-th object's visible pixels, kinds list
     of the objects' style indices).
     """
-    image = _background(size, styles, rng)
+    image = background(size, styles, rng)
     objects = []  # (full mask, style index, centre)
     for n in range(int(rng.integers(1, 4))):
         for _attempt in range(20):
@@ -56,18 +56,18 @@ def render_instances(size: int, styles: list[ClassStyle], rng: np.random.Generat
             weights = np.asarray(styles[k].shape_weights)
             radius = size * rng.uniform(0.15, 0.32)
             centre = rng.uniform(0.15 * size, 0.85 * size, 2)
-            mask = _shape_mask(SHAPES[rng.choice(4, p=weights / weights.sum())], *centre, radius,
+            mask = shape_mask(SHAPES[rng.choice(4, p=weights / weights.sum())], *centre, radius,
                                size, rng)
             candidate = objects + [(mask, k, centre)]
-            if _all_visible(candidate, size):
+            if all_visible(candidate, size):
                 objects = candidate
                 break
     instance = np.zeros((size, size), np.uint8)
     for n, (mask, k, centre) in enumerate(objects, start=1):
         style = styles[k]
         colour = np.asarray(style.colour) + rng.normal(0, 28, 3)
-        texture = _texture(style.texture, style.period * rng.uniform(0.85, 1.15), size, centre, rng)
-        _paint(image, mask, colour, texture, style.amplitude)
+        texture = texture_field(style.texture, style.period * rng.uniform(0.85, 1.15), size, centre, rng)
+        paint(image, mask, colour, texture, style.amplitude)
         instance[mask] = n
     image += rng.normal(0, 6, image.shape).astype(np.float32)
     image = cv2.GaussianBlur(image, (3, 3), 0.6)

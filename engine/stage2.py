@@ -105,7 +105,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
     # Imported here, while the main process is still loading data, not on the first image.
     import utils.instances  # noqa: F401
-    import utils.pseudo_labels  # noqa: F401
+    import models.pseudo_labels  # noqa: F401
 
 
 def _ready() -> None:
@@ -140,7 +140,7 @@ def label_one(job: dict) -> str:
     from utils.boxes import fill_boxes
     from utils.io import atomic_write_json, atomic_write_png
     from utils.palette import voc_palette
-    from utils.pseudo_labels import make_pseudo_labels
+    from models.pseudo_labels import make_pseudo_labels
 
     coco = "category_ids" in job
     labels = make_pseudo_labels(

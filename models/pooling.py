@@ -7,7 +7,6 @@ Shape shorthand: N images, D feature channels, h×w feature map, G×G background
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 # Guards divisions by a weight sum that is zero (a cell without background, a degenerate box):
 # the numerator is then zero too, so the prototype is zero rather than NaN.
@@ -67,6 +66,10 @@ def box_prototypes(features, weights, boxes, roi_size, spatial_scale):
     times its bilinear coverage. Feature pixel j covers [j, j+1) in scaled coordinates; a cell whose
     edges fall on pixel edges pools exactly the pixels inside it.
     """
+    # Imported here: stage 2's CRF workers import this module (grid_padding) and must not pay
+    # for torchvision.
+    from torchvision.ops import roi_align
+
     sy, sx = spatial_scale
     rois = boxes.to(features.dtype) * boxes.new_tensor([1.0, sx, sy, sx, sy], dtype=features.dtype)
     w = weights.unsqueeze(1)

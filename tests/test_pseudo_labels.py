@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.crf import DenseCRF
-from utils.pseudo_labels import (UpsampledFeatures, background_attention_2d,
+from models.pseudo_labels import (UpsampledFeatures, background_attention_2d,
                                  background_prototypes_2d, box_masks, make_pseudo_labels,
                                  retrieval_scores, unary_probabilities)
 

@@ -210,7 +210,7 @@ def test_stage3_and_other_backbone_checkpoints_are_refused(synthetic_voc, stage1
 def test_crf_workers_start_without_importing_lightning():
     """A spawned worker imports engine.stage2 to unpickle its task; Lightning there would double
     every worker's start-up."""
-    code = ("import sys, engine.stage2, utils.pseudo_labels, utils.instances; "
+    code = ("import sys, engine.stage2, models.pseudo_labels, utils.instances; "
             "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric', 'torchvision') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.pooling import grid_padding
+
 # Guards divisions by a sum or a maximum that is zero (a cell without background, a box whose CAM
 # is zero everywhere); the numerator is then zero too. Same value as F.normalize's eps.
 _EPS = 1e-12
@@ -102,8 +104,6 @@ def background_prototypes_2d(feats: UpsampledFeatures, bg_mask: torch.Tensor, gr
     as stage 1 does at feature resolution.
     Returns protos (J,D), zero for cells without background, and valid (J,) bool.
     """
-    from models.pooling import grid_padding
-
     height, width = bg_mask.shape
     g = grid_size
     left, right, top, bottom = grid_padding(height, width, g)
