@@ -81,8 +81,29 @@ _SHARED = ("airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
 VOC20_FROM_COCO = {COCO_ID_BY_NAME[name]: VOC_CLASSES.index(_VOC_NAME_OF_COCO.get(name, name))
                    for name in _SHARED}
 
-CLASS_MAPS = ("voc20", "coco80")
+CLASS_MAPS = ("voc20", "coco80", "all")
 SPLITS = ("train2017", "val2017")
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Which COCO categories a model predicts, and as which class index (0 = background).
+
+    names: class names, background first; index: category id -> class index 1..K.
+    """
+
+    name: str
+    names: tuple[str, ...]
+    index: dict
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The category ids the model can predict, hence the ones to evaluate."""
+        return sorted(self.index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
 
 
 def check_class_map(class_map: str) -> str:
@@ -92,19 +113,32 @@ def check_class_map(class_map: str) -> str:
     return class_map
 
 
+def make_class_map(class_map: str, categories=None) -> ClassMap:
+    """voc20 (the 20 VOC categories, numbered as VOC), coco80 (the 80 COCO 2017 categories in
+    id order), or all: every category of `categories` [(id, name), ...] numbered 1..K in
+    ascending id order, whatever the ids and names (a user's own export)."""
+    if check_class_map(class_map) == "voc20":
+        return ClassMap("voc20", tuple(VOC_CLASSES), dict(VOC20_FROM_COCO))
+    if class_map == "coco80":
+        return ClassMap("coco80", ("background",) + COCO80, dict(COCO80_INDEX))
+    ordered = sorted(categories or ())
+    return ClassMap("all", ("background",) + tuple(name for _, name in ordered),
+                    {cat_id: k for k, (cat_id, _) in enumerate(ordered, start=1)})
+
+
 def class_index(class_map: str) -> dict[int, int]:
     """COCO category id -> class index (1..20 in VOC order for voc20, 1..80 for coco80)."""
-    return dict(VOC20_FROM_COCO) if check_class_map(class_map) == "voc20" else dict(COCO80_INDEX)
+    return make_class_map(class_map).index
 
 
 def class_names(class_map: str) -> tuple[str, ...]:
     """Names of the class indices, background first: 21 names for voc20, 81 for coco80."""
-    return VOC_CLASSES if check_class_map(class_map) == "voc20" else ("background",) + COCO80
+    return make_class_map(class_map).names
 
 
 def evaluated_category_ids(class_map: str) -> list[int]:
     """The COCO category ids a model with this class map can predict, hence the ones to evaluate."""
-    return sorted(class_index(class_map))
+    return make_class_map(class_map).category_ids
 
 
 def annotation_path(root, split: str) -> Path:
@@ -140,32 +174,56 @@ class CocoInstances:
     category_ids: np.ndarray  # int64 (A,)
     ann_ids: np.ndarray  # int64 (A,)
     iscrowd: np.ndarray  # bool (A,)
+    categories: list  # [(category id, name)] in id order
+    # The `segmentation` of each annotation (polygons or RLE; None where absent), in the order of
+    # the arrays above; only loaded when asked for (it is large on train2017).
+    segmentations: list | None = None
+
+    def has_segmentation(self) -> bool:
+        """Every non-crowd annotation has a segmentation (and there is at least one)."""
+        if self.segmentations is None or not len(self.ann_ids):
+            return False
+        return all(seg is not None for seg, crowd in zip(self.segmentations, self.iscrowd)
+                   if not crowd)
 
     def rows(self, n: int) -> slice:
         return slice(int(self.offsets[n]), int(self.offsets[n + 1]))
 
 
 def _bad(path: Path, what: str) -> BanaError:
-    return BanaError(f"{path} is not a COCO instances file: {what}. Re-download it "
-                     "(annotations_trainval2017.zip from https://cocodataset.org).")
+    return BanaError(f"{path} is not a valid COCO instances file: {what}. Re-export it (or "
+                     "re-download annotations_trainval2017.zip for MS-COCO).")
 
 
-def _check_categories(path: Path, categories) -> None:
-    for cat in categories:
-        cat_id, name = cat.get("id"), cat.get("name")
+def _check_categories(path: Path, categories, coco2017: bool) -> list:
+    """[(id, name)] of the file's categories in id order. With coco2017, each must be the COCO
+    2017 category of that id (the voc20 and coco80 maps number COCO's own categories)."""
+    try:
+        pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
+    except (KeyError, TypeError, ValueError) as err:
+        raise _bad(path, f"a category lacks an integer id or a name ({err!r})") from None
+    ids = [cat_id for cat_id, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise _bad(path, "two categories share an id")
+    for cat_id, name in pairs if coco2017 else ():
         if COCO_NAME_BY_ID.get(cat_id) != name:
             expected = COCO_NAME_BY_ID.get(cat_id, "no category (ids are those of COCO 2017)")
             raise BanaError(f"{path} lists category id {cat_id} as {name!r}, but COCO 2017 has "
-                            f"{expected!r} there: only the 80 COCO 2017 detection categories are "
-                            "supported.")
+                            f"{expected!r} there: DATA.CLASS_MAP voc20 and coco80 number the 80 "
+                            "COCO 2017 categories; for your own categories set DATA.CLASS_MAP all.")
+    return pairs
 
 
-def load_instances(root, split: str) -> CocoInstances:
+def load_instances(root, split: str, coco2017: bool = True,
+                   segmentations: bool = False) -> CocoInstances:
     """Read annotations/instances_<split>.json into `CocoInstances`.
 
-    Only what box supervision needs is kept (no polygons), so the full train2017 file (860k
-    annotations) shrinks from gigabytes of Python objects to a few tens of megabytes of arrays.
-    Missing or malformed file, unknown categories or images → BanaError naming the file.
+    Only what box supervision needs is kept (segmentations only with `segmentations`), so the
+    full train2017 file (860k annotations) shrinks from gigabytes of Python objects to a few tens
+    of megabytes of arrays. coco2017: the categories must be COCO 2017's (the voc20 and coco80
+    class maps); otherwise any categories. Missing or malformed file, an annotation whose
+    category or image is not listed, a bbox without area or outside its image → BanaError
+    naming the file and the annotation.
     """
     root = Path(root)
     if not root.is_dir():
@@ -182,7 +240,7 @@ def load_instances(root, split: str) -> CocoInstances:
         raise _bad(path, f"invalid JSON ({err})") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations")):
         raise _bad(path, "expected a JSON object with 'images' and 'annotations'")
-    _check_categories(path, data.get("categories", []))
+    categories = _check_categories(path, data.get("categories", []), coco2017)
     try:
         images = sorted(data["images"], key=lambda im: im["id"])
         image_ids = np.array([im["id"] for im in images], dtype=np.int64)
@@ -206,9 +264,14 @@ def load_instances(root, split: str) -> CocoInstances:
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(path, "an annotation lacks a valid image_id, bbox [x, y, w, h], category_id "
                          f"or id ({err!r})") from None
-    unknown = sorted(set(category_ids.tolist()) - set(COCO80_IDS))
+    # voc20 / coco80 number COCO 2017's own categories; `all` numbers what the file lists.
+    listed = set(COCO80_IDS) if coco2017 else {cat_id for cat_id, _ in categories}
+    unknown = sorted(set(category_ids.tolist()) - listed)
     if unknown:
-        raise _bad(path, f"annotations use category ids {unknown[:5]} outside the 80 of COCO 2017")
+        first = int(ann_ids[np.isin(category_ids, unknown)][0])
+        raise _bad(path, f"annotation {first} has category id {unknown[0]}, which is not in "
+                         f"'categories' (ids {sorted(listed)[:12]}); "
+                         f"{len(unknown)} unlisted category id(s) in all")
     image_index = np.searchsorted(image_ids, ann_image)
     known = image_index < len(image_ids)
     known[known] = image_ids[image_index[known]] == ann_image[known]
@@ -216,6 +279,7 @@ def load_instances(root, split: str) -> CocoInstances:
         first = int(np.flatnonzero(~known)[0])
         raise _bad(path, f"annotation {int(ann_ids[first])} refers to image "
                          f"{int(ann_image[first])}, which is not in 'images'")
+    _check_boxes(path, xywh, ann_ids, heights[image_index], widths[image_index])
     order = np.argsort(image_index, kind="stable")
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)[order]
     return CocoInstances(
@@ -223,11 +287,34 @@ def load_instances(root, split: str) -> CocoInstances:
         offsets=np.concatenate([[0], np.cumsum(np.bincount(image_index, minlength=len(image_ids)))]
                                ).astype(np.int64),
         boxes=boxes.astype(np.float32), category_ids=category_ids[order], ann_ids=ann_ids[order],
-        iscrowd=iscrowd[order])
+        iscrowd=iscrowd[order], categories=categories,
+        segmentations=[anns[k].get("segmentation") or None for k in order.tolist()]
+        if segmentations else None)
+
+
+# A bbox may overhang its image by this much (rounding in exporters) before it is an error.
+_BOX_TOLERANCE = 1.0
+
+
+def _check_boxes(path: Path, xywh: np.ndarray, ann_ids: np.ndarray, heights: np.ndarray,
+                 widths: np.ndarray) -> None:
+    """Every bbox [x, y, w, h] has w, h > 0 and lies in its image (within _BOX_TOLERANCE)."""
+    x, y, w, h = xywh.T
+    empty = ~((w > 0) & (h > 0))
+    outside = ((x < -_BOX_TOLERANCE) | (y < -_BOX_TOLERANCE)
+               | (x + w > widths + _BOX_TOLERANCE) | (y + h > heights + _BOX_TOLERANCE))
+    for bad, what in ((empty, "a width or height that is not positive"),
+                      (outside, "a part outside its image")):
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise _bad(path, f"annotation {int(ann_ids[k])} has bbox {xywh[k].tolist()} with "
+                             f"{what} (image {int(widths[k])}x{int(heights[k])}); "
+                             f"{int(bad.sum())} such annotation(s) in all. Fix or remove them in "
+                             "the export")
 
 
 def kept_boxes(boxes: np.ndarray, category_ids: np.ndarray, iscrowd: np.ndarray, height: int,
-               width: int, class_map: str) -> tuple[np.ndarray, np.ndarray]:
+               width: int, class_map) -> tuple[np.ndarray, np.ndarray]:
     """The class targets among one image's annotations.
 
     boxes float32 (A, 4) x1, y1, x2, y2; category_ids int (A,); iscrowd bool (A,). Returns
@@ -236,7 +323,7 @@ def kept_boxes(boxes: np.ndarray, category_ids: np.ndarray, iscrowd: np.ndarray,
     without area after clipping (quietly: COCO has a few). Thin boxes are kept, as the authors
     keep them.
     """
-    mapping = class_index(class_map)
+    mapping = (class_map if isinstance(class_map, ClassMap) else make_class_map(class_map)).index
     clipped = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
@@ -261,8 +348,9 @@ class COCOBoxDataset(Dataset):
     """
 
     def __init__(self, root, split: str, class_map: str = "voc20", transform=None):
-        self.class_map = check_class_map(class_map)
-        self.instances = load_instances(root, split)
+        named = check_class_map(class_map) != "all"
+        self.instances = load_instances(root, split, coco2017=named)
+        self.class_map = make_class_map(class_map, self.instances.categories)
         self.root = Path(root)
         self.split = split
         self.transform = transform
@@ -278,7 +366,7 @@ class COCOBoxDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        return len(class_names(self.class_map))
+        return self.class_map.num_classes
 
     def image_path(self, image_id: str) -> Path:
         return self.root / self.split / self.instances.file_names[self._index[image_id]]
@@ -322,4 +410,124 @@ class COCOBoxDataset(Dataset):
             "ann_ids": torch.from_numpy(inst.ann_ids[rows][keep]),
             "category_ids": torch.from_numpy(inst.category_ids[rows][keep]),
         }
+        return self.transform(sample) if self.transform is not None else sample
+
+
+def rasterise_semantic(height: int, width: int, boxes_area, classes, crowd, segmentations,
+                       ignore: int = 255) -> np.ndarray:
+    """A semantic label map uint8 (H, W) from one image's instance segmentations.
+
+    classes (A,): each annotation's class index, 0 for a category the class map does not
+    predict; crowd (A,) bool; segmentations (A,): polygons or RLE. Rules: instances are painted
+    from the largest area down (where two overlap, the smaller, usually in front, wins); an
+    instance of an unpredicted category and every crowd region is `ignore` (neither background
+    nor a class: the model cannot be right or wrong there), painted last so it overrides.
+    """
+    from pycocotools import mask as mask_utils
+
+    label = np.zeros((height, width), np.uint8)
+    order = np.argsort(-np.asarray(boxes_area, np.float64), kind="stable")
+    ignored = np.zeros((height, width), bool)
+    for k in order.tolist():
+        seg = segmentations[k]
+        if seg is None:
+            continue
+        if isinstance(seg, list):  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = seg
+        mask = mask_utils.decode(rle).astype(bool)
+        if crowd[k] or classes[k] == 0:
+            ignored |= mask
+        else:
+            label[mask] = classes[k]
+    label[ignored] = ignore
+    return label
+
+
+class COCOMaskDataset(Dataset):
+    """COCO images with label maps: pseudo labels from `label_dirs` (`<dir>/<image id>.png`), or
+    the semantic ground truth rasterised from the instance segmentations (`rasterise_semantic`)
+    when `label_dirs` is empty or for the ids in `gt_ids`.
+
+    Items as `data.voc.VOCMaskDataset`'s: id, image uint8 (3, H, W), label int64 (L, H, W).
+    """
+
+    def __init__(self, root, split: str, class_map: str = "voc20", label_dirs=(),
+                 transform=None, gt_ids=None):
+        named = check_class_map(class_map) != "all"
+        self.root = Path(root)
+        self.split = split
+        self.label_dirs = [self.root / d for d in label_dirs]
+        self.gt_ids = frozenset(gt_ids or ())
+        needs_gt = not self.label_dirs or bool(self.gt_ids)
+        self.instances = load_instances(root, split, coco2017=named, segmentations=needs_gt)
+        self.class_map = make_class_map(class_map, self.instances.categories)
+        if needs_gt and not self.instances.has_segmentation():
+            raise BanaError(
+                f"split '{split}' has no segmentation masks in {self.instances.path} (every "
+                "non-crowd annotation needs a 'segmentation'), so there is no ground truth to "
+                "score or to train on. Train on its pseudo labels, and evaluate on a split "
+                "whose annotations have masks.")
+        self.transform = transform
+        self.ids = [str(i) for i in self.instances.image_ids.tolist()]
+        self._index = {image_id: n for n, image_id in enumerate(self.ids)}
+        _check_files([self.image_path(i) for i in self.ids], "images", make_tree_hint(self.root))
+        pseudo = [d / f"{i}.png" for i in self.ids if i not in self.gt_ids for d in self.label_dirs]
+        _check_files(pseudo, "label files", "stage 2 writes them (`python stage2.py "
+                     "--config-file CONFIG` with the same DATA.ROOT and DATA.PSEUDO_LABEL_DIR)")
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_map.num_classes
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / self.split / self.instances.file_names[self._index[image_id]]
+
+    def gt_label(self, image_id: str) -> np.ndarray:
+        """uint8 (H, W): the semantic ground truth of one image (255 = ignore)."""
+        n = self._index[image_id]
+        inst, rows = self.instances, self.instances.rows(n)
+        boxes = inst.boxes[rows]
+        classes = [self.class_map.index.get(int(c), 0) for c in inst.category_ids[rows]]
+        return rasterise_semantic(int(inst.heights[n]), int(inst.widths[n]),
+                                  (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                                  classes, inst.iscrowd[rows], inst.segmentations[rows])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _read_label(self, path: Path, image_path: Path, height: int, width: int) -> np.ndarray:
+        label = read_index_png(path)
+        if label.shape != (height, width):
+            raise BanaError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
+                            f"{image_path} is {width}x{height}; labels must match their image: "
+                            "re-create it with stage 2.")
+        bad = np.unique(label[(label >= self.num_classes) & (label != 255)])
+        if bad.size:
+            raise BanaError(f"label {path} holds values {bad[:10].tolist()}, outside the classes "
+                            f"0..{self.num_classes - 1} and the ignore value 255: re-create it "
+                            "with stage 2, or check DATA.CLASS_MAP / DATA.NUM_CLASSES.")
+        return label
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image_path = self.image_path(image_id)
+        image = read_image(image_path)
+        height, width = image.shape[:2]
+        if not self.label_dirs or image_id in self.gt_ids:
+            gt = self.gt_label(image_id)
+            if gt.shape != (height, width):
+                raise BanaError(f"image {image_path} is {width}x{height} but "
+                                f"{self.instances.path} says {gt.shape[1]}x{gt.shape[0]}: the "
+                                "image and the annotation file do not belong together.")
+            labels = [gt] * max(1, len(self.label_dirs))
+        else:
+            labels = [self._read_label(d / f"{image_id}.png", image_path, height, width)
+                      for d in self.label_dirs]
+        sample = {"id": image_id,
+                  "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                  "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
         return self.transform(sample) if self.transform is not None else sample

@@ -208,8 +208,8 @@ def test_crowd_box_is_no_target_but_is_not_background(coco_tree):
 
 
 def _write_hand_tree(root):
-    """Two 10 x 12 images. Image 7: a giraffe, a crowd person, a dog with a float box running off
-    the image, and a 0.5 px wide cat. Image 9: no annotation at all."""
+    """Two 10 x 12 images. Image 7: a giraffe, a crowd person, a dog with a float box ending on
+    the image's right edge, and a 0.5 px wide cat. Image 9: no annotation at all."""
     (root / "train2017").mkdir(parents=True)
     from utils.io import atomic_write_jpeg, atomic_write_json
     for image_id in (7, 9):
@@ -217,7 +217,7 @@ def _write_hand_tree(root):
     anns = [
         {"id": 1, "image_id": 7, "category_id": 25, "bbox": [0, 0, 3, 2], "iscrowd": 0},
         {"id": 2, "image_id": 7, "category_id": 1, "bbox": [5, 5, 2, 2], "iscrowd": 1},
-        {"id": 3, "image_id": 7, "category_id": 18, "bbox": [8.5, 1.2, 10, 3.5], "iscrowd": 0},
+        {"id": 3, "image_id": 7, "category_id": 18, "bbox": [8.5, 1.2, 3.5, 3.5], "iscrowd": 0},
         {"id": 4, "image_id": 7, "category_id": 17, "bbox": [2, 6, 0.5, 3], "iscrowd": 0},
     ]
     atomic_write_json(root / "annotations" / "instances_train2017.json", {
@@ -233,7 +233,7 @@ def test_hand_built_tree(tmp_path):
     dataset = COCOBoxDataset(root, "train2017", "voc20")
     assert dataset.ids == ["7", "9"]
     item = dataset[0]
-    # The dog [8.5, 1.2, 10, 3.5] -> x2 = 18.5 clipped to 12, y2 = 4.7; the 0.5 px cat is thin
+    # The dog [8.5, 1.2, 3.5, 3.5] -> x2 = 12, y2 = 4.7; the 0.5 px cat is thin
     # but has area, and is kept as the authors keep thin boxes. The giraffe is not in voc20.
     assert item["boxes"].tolist() == [[8.5, pytest.approx(1.2), 12.0, pytest.approx(4.7),
                                        VOC_CLASSES.index("dog")],
@@ -242,7 +242,7 @@ def test_hand_built_tree(tmp_path):
     expected = np.ones((10, 12), np.uint8)
     expected[0:2, 0:3] = 0  # giraffe
     expected[5:7, 5:7] = 0  # crowd
-    expected[1:4, 8:12] = 0  # dog: rows int(1.2)=1 .. int(4.7)=4, cols 8 .. 12 (clipped)
+    expected[1:4, 8:12] = 0  # dog: rows int(1.2)=1 .. int(4.7)=4, cols 8 .. 12
     # The cat [2, 6, 0.5, 3] covers columns int(2)..int(2.5) = none.
     assert np.array_equal(item["bg_mask"][0].numpy(), expected)
     empty = dataset[1]
