@@ -5,8 +5,9 @@
         the stage-3 model (MODEL.WEIGHTS, or --checkpoint) on TEST.SPLIT: single scale,
         multi-scale + flip, each with and without DenseCRF; writes OUTPUT_DIR/NAME/eval/.
     python evaluate.py --pred-dir DIR --data-root ROOT [--split val] [--out DIR]
-        a folder of index PNGs (predictions or pseudo labels) against SegmentationClassAug;
-        the last line printed is `mIoU: XX.XX`.
+        a folder of index PNGs (predictions or pseudo labels) against the split's ground truth:
+        VOC's SegmentationClassAug, or, where ROOT/annotations/instances_<split>.json exists,
+        the COCO-format instance masks; the last line printed is `mIoU: XX.XX`.
 """
 
 import argparse
@@ -36,9 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     folder = p.add_argument_group("folder mode")
     folder.add_argument("--pred-dir", metavar="DIR", help="folder of <id>.png index PNGs")
     folder.add_argument("--data-root", metavar="ROOT",
-                        help="dataset root holding SegmentationClassAug/ and ImageSets/")
+                        help="dataset root (VOC: SegmentationClassAug/ and ImageSets/; COCO "
+                             "layout: annotations/instances_<split>.json)")
     folder.add_argument("--split", default="val", help="split list to score (default val)")
-    folder.add_argument("--num-classes", type=int, default=21, help="classes incl. background")
+    folder.add_argument("--num-classes", type=int, default=None,
+                        help="classes incl. background (default: what the dataset says: 21 for "
+                             "VOC, K + 1 for a COCO-format file with K categories)")
+    folder.add_argument("--classes", metavar="FILE",
+                        help="VOC layout with your own classes: a file with one name per line")
+    folder.add_argument("--class-map", default="all", choices=("all", "voc20", "coco80"),
+                        help="COCO layout: which categories the predictions number (default all)")
     folder.add_argument("--out", metavar="DIR", help="also write metrics.json and metrics.md here")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return p

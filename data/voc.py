@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.errors import BanaError
-from utils.io import read_image, read_index_png
+from utils.io import read_image, read_index_png, read_label_png
 from utils.palette import VOC_CLASSES
 
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
@@ -68,12 +68,13 @@ def read_split(root, split: str) -> list[str]:
     return ids
 
 
-def parse_annotation(xml_path) -> tuple[np.ndarray, np.ndarray]:
+def parse_annotation(xml_path, classes=VOC_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and classes of a VOC annotation: float32 (K, 4) x1, y1, x2, y2 and int64 (K,).
 
-    The numbers are kept as the XML's floats and every object is kept, difficult ones too, as the
-    reference does (SPEC §0). Unknown class name, missing or non-numeric coordinates, or
-    malformed XML → BanaError naming the file.
+    classes: the class names, background first (class k is `classes[k]`; default PASCAL VOC's,
+    DATA.CLASSES for your own). The numbers are kept as the XML's floats and every object is
+    kept, difficult ones too, as the reference does (SPEC §0). Unknown class name, missing or
+    non-numeric coordinates, or malformed XML → BanaError naming the file.
     """
     xml_path = Path(xml_path)
     if not xml_path.is_file():
@@ -84,21 +85,24 @@ def parse_annotation(xml_path) -> tuple[np.ndarray, np.ndarray]:
     except ET.ParseError as err:
         raise BanaError(f"annotation {xml_path} is not valid XML ({err}); re-create or "
                         "re-download it.") from None
-    boxes, classes = [], []
+    boxes, labels = [], []
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
-        if name not in VOC_CLASSES[1:]:
+        if name not in classes[1:]:
+            fix = ("list your classes in DATA.CLASSES (names, or a labelmap.txt file)"
+                   if tuple(classes) == VOC_CLASSES else "add it to DATA.CLASSES")
             raise BanaError(f"annotation {xml_path} has an object of unknown class '{name}'; "
-                            f"expected one of: {', '.join(VOC_CLASSES[1:])}.")
+                            f"expected one of: {', '.join(classes[1:])}. If it is a class of "
+                            f"your data, {fix}.")
         try:
             box = [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (AttributeError, TypeError, ValueError):
             raise BanaError(f"annotation {xml_path}: object '{name}' lacks a numeric <bndbox> "
                             "with xmin, ymin, xmax, ymax.") from None
         boxes.append(box)
-        classes.append(VOC_CLASSES.index(name))
+        labels.append(classes.index(name))
     return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            np.asarray(classes, dtype=np.int64))
+            np.asarray(labels, dtype=np.int64))
 
 
 def has_area(boxes: np.ndarray) -> np.ndarray:
@@ -142,11 +146,12 @@ def _to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
 class VOCBoxDataset(Dataset):
     """Images with their boxes and background mask (stage 1, and stage 2 at full size)."""
 
-    def __init__(self, root, split: str, transform=None):
+    def __init__(self, root, split: str, transform=None, classes=VOC_CLASSES):
         self.root = check_root(root)
         self.split = split
         self.ids = read_split(self.root, split)
         self.transform = transform
+        self.classes = tuple(classes)
         _check_files([self.image_path(i) for i in self.ids], "images", _make_tree_hint(self.root))
         _check_files([self.xml_path(i) for i in self.ids], "annotations", _make_tree_hint(self.root))
         _check_files([self.bg_mask_path(i) for i in self.ids], "background masks",
@@ -168,7 +173,7 @@ class VOCBoxDataset(Dataset):
         image_id = self.ids[index]
         image = read_image(self.image_path(image_id))
         height, width = image.shape[:2]
-        boxes, classes = parse_annotation(self.xml_path(image_id))
+        boxes, classes = parse_annotation(self.xml_path(image_id), self.classes)
         boxes = clip_boxes(boxes, classes, height, width, source=self.xml_path(image_id))
         bg_path = self.bg_mask_path(image_id)
         if not bg_path.is_file():
@@ -232,20 +237,10 @@ class VOCMaskDataset(Dataset):
         return len(self.ids)
 
     def _read_label(self, path: Path, image_path: Path, height: int, width: int) -> np.ndarray:
-        label = read_index_png(path)
-        if label.shape != (height, width):
-            raise BanaError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
-                            f"{image_path} is {width}x{height}; labels must match their image: "
-                            f"re-create the label ({self._label_hint(path.parent)}).")
-        counts = np.bincount(label.reshape(-1), minlength=256)
-        bad = np.flatnonzero(counts[self.num_classes:IGNORE_INDEX])
-        if bad.size:
-            values = ", ".join(str(v + self.num_classes) for v in bad[:10])
-            raise BanaError(f"label {path} holds values {values}, outside the classes "
-                            f"0..{self.num_classes - 1} and the ignore value {IGNORE_INDEX}: "
-                            f"re-create the label ({self._label_hint(path.parent)}), or set "
-                            "DATA.NUM_CLASSES if the dataset has more classes.")
-        return label
+        is_gt = path.parent == self.gt_dir
+        return read_label_png(path, self.num_classes, "ground truth" if is_gt else "label",
+                              (height, width), f"re-create it ({self._label_hint(path.parent)}), "
+                              "or check DATA.NUM_CLASSES", image=f"its image {image_path}")
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
@@ -259,6 +254,25 @@ class VOCMaskDataset(Dataset):
             "label": torch.from_numpy(np.stack(labels).astype(np.int64)),
         }
         return self.transform(sample) if self.transform is not None else sample
+
+
+class VOCImageDataset(Dataset):
+    """Images of a split without labels (VOC test): items {"id", "image" uint8 (3, H, W)}."""
+
+    def __init__(self, root, split: str):
+        self.root = check_root(root)
+        self.ids = read_split(self.root, split)
+        _check_files([self.image_path(i) for i in self.ids], "images", _make_tree_hint(self.root))
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        return {"id": image_id, "image": _to_image_tensor(read_image(self.image_path(image_id)))}
 
 
 def _stack(tensors: list[torch.Tensor], key: str, ids: list[str]) -> torch.Tensor:

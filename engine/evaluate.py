@@ -24,15 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.voc import VOCMaskDataset, read_split
 from utils.cli import resolve_devices
 from utils.config import Config
 from utils.crf import DenseCRF
 from utils.errors import BanaError
-from utils.io import (atomic_write_json, atomic_write_png, atomic_write_text, read_image,
-                      read_index_png)
+from utils.io import atomic_write_json, atomic_write_png, atomic_write_text
 from utils.metrics import ConfusionMatrix, format_table
-from utils.palette import VOC_CLASSES, colorize, voc_palette
+from utils.palette import colorize, voc_palette
 
 EVAL_DIR = "eval"
 # Where the PASCAL VOC evaluation server expects test-set predictions (tar the `results` folder).
@@ -105,12 +103,6 @@ def modes_of(cfg: Config) -> list[str]:
     return modes
 
 
-def class_names(num_classes: int) -> list[str]:
-    if num_classes <= len(VOC_CLASSES):
-        return list(VOC_CLASSES[:num_classes])
-    return [f"class_{c}" for c in range(num_classes)]
-
-
 def load_model(path: Path, cfg: Config | None = None):
     """The stage-3 DeepLab of a checkpoint, in eval mode, rebuilt from the checkpoint's own
     description (backbone, classes, fc6 dilation, input normalisation). With `cfg`, a backbone or
@@ -141,31 +133,6 @@ def load_model(path: Path, cfg: Config | None = None):
                         f"{meta['num_classes']} classes ({str(e).splitlines()[0]}). {hint}") \
             from None
     return net.eval()
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Images of a split without labels (VOC test): items {"id", "image" uint8 (3, H, W)}."""
-
-    def __init__(self, root: Path, split: str):
-        self.root = Path(root)
-        self.ids = read_split(self.root, split)
-        missing = [i for i in self.ids if not self.image_path(i).is_file()]
-        if missing:
-            raise BanaError(f"{len(missing)} of {len(self.ids)} images of split '{split}' are "
-                            f"missing from {self.root / 'JPEGImages'} (first: "
-                            f"{', '.join(missing[:MISSING_SHOWN])}).")
-
-    def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        image = read_image(self.image_path(image_id))
-        return {"id": image_id, "image": torch.from_numpy(np.ascontiguousarray(
-            image.transpose(2, 0, 1)))}
 
 
 def _panel(image: np.ndarray, maps: list[np.ndarray]) -> np.ndarray:
@@ -248,14 +215,13 @@ class _Evaluation:
             self.done += 1
 
 
-def _dataset(cfg: Config, split: str, score: bool):
-    """The split's images with their GT (scoring), or the images alone (the VOC test split)."""
-    if score:
-        return VOCMaskDataset(cfg.data_root, split, num_classes=cfg.DATA.NUM_CLASSES)
-    return ImageDataset(cfg.data_root, split)
+def _dataset(data, split: str, score: bool):
+    """The split's images with their GT (scoring), or the images alone (a test split whose
+    predictions go to an evaluation server)."""
+    return data.mask_dataset(split) if score else data.image_dataset(split)
 
 
-def check_inputs(cfg: Config, args: argparse.Namespace, split: str, score: bool, modes):
+def check_inputs(cfg: Config, args: argparse.Namespace, data, split: str, score: bool, modes):
     """Every input of the evaluation, checked before the model is loaded; returns (the CRF or
     None, the checkpoint path, the dataset). Images differ in size: the loader takes one at a
     time, at full resolution."""
@@ -264,7 +230,7 @@ def check_inputs(cfg: Config, args: argparse.Namespace, split: str, score: bool,
     problems = Problems("evaluate.py")
     dataset = None
     if problems.passes(lambda: require_data_root(cfg.data_root)):
-        dataset = problems.check(lambda: _dataset(cfg, split, score))
+        dataset = problems.check(lambda: _dataset(data, split, score))
     crf = problems.check(lambda: _make_crf(cfg, modes))
     ckpt_path = problems.check(lambda: _checkpoint_path(cfg, args))
     if ckpt_path is not None:
@@ -359,10 +325,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         workers = os.cpu_count() or 1
     if workers < 0:
         raise BanaError(f"--workers {workers}: give 0 (CRF in the main process) or more.")
+    from data.datasets import open_data
+
+    data = open_data(cfg)
     split = cfg.TEST.SPLIT
-    score = split != "test"
+    score = split != data.test_split
     modes = modes_of(cfg) if score else modes_of(cfg)[-1:]
-    crf, ckpt_path, dataset = check_inputs(cfg, args, split, score, modes)
+    crf, ckpt_path, dataset = check_inputs(cfg, args, data, split, score, modes)
     device = _device(getattr(args, "gpu_id", "cpu"))
     net = load_model(ckpt_path, cfg).to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
@@ -386,7 +355,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         _stream(cfg, net, loader, device, state, crf, workers, bar)
     seconds = time.perf_counter() - start
 
-    names = class_names(cfg.DATA.NUM_CLASSES)
+    names = list(data.classes)
     summary = {"split": split, "images": len(dataset), "checkpoint": str(ckpt_path),
                "seconds": round(seconds, 2),
                "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
@@ -409,47 +378,66 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     return summary
 
 
-def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int = 21) -> dict:
-    """Score `<pred_dir>/<id>.png` index PNGs against `<data_root>/SegmentationClassAug` for
-    every id of the split; returns `ConfusionMatrix.compute()`'s dict. Every prediction must
-    exist and match its GT's size; 255 in a prediction is not a class and is an error."""
+def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int | None = None,
+                 classes=(), class_map: str = "all", data=None) -> dict:
+    """Score `<pred_dir>/<id>.png` index PNGs against the ground truth of every image of the
+    split (VOC: SegmentationClassAug; COCO layout: rasterised from the instance masks); returns
+    `ConfusionMatrix.compute()`'s dict. Every prediction must exist and match its GT's size;
+    255 in a prediction is not a class and is an error. data: the `data.datasets` dataset at
+    data_root (default: detected from its layout)."""
+    from data.datasets import detect_data
+    from utils.io import read_label_png
+
     pred_dir, data_root = Path(pred_dir), Path(data_root)
-    ids = read_split(data_root, split)
     if not pred_dir.is_dir():
         raise BanaError(f"--pred-dir {pred_dir} does not exist or is not a folder.")
-    gt_dir = data_root / "SegmentationClassAug"
-    for folder, what in ((pred_dir, "predictions"), (gt_dir, "GT masks")):
-        missing = [i for i in ids if not (folder / f"{i}.png").is_file()]
-        if missing:
-            raise BanaError(
-                f"{len(missing)} of {len(ids)} {what} of split '{split}' are missing from "
-                f"{folder} (first: {', '.join(missing[:MISSING_SHOWN])}). Every id of "
-                f"{data_root}/ImageSets/Segmentation/{split}.txt needs an <id>.png there; "
-                "check --split and the folder.")
-    matrix = ConfusionMatrix(num_classes)
+    if not data_root.is_dir():
+        raise BanaError(f"--data-root {data_root} does not exist or is not a folder.")
+    data = data or detect_data(data_root, split, num_classes, classes, class_map)
+    ids = data.split_ids(split)
+    missing = [i for i in ids if not (pred_dir / data.label_name(i)).is_file()]
+    if missing:
+        raise BanaError(
+            f"{len(missing)} of {len(ids)} predictions of split '{split}' are missing from "
+            f"{pred_dir} (first: {', '.join(missing[:MISSING_SHOWN])}). Every image of the split "
+            "needs an <id>.png there; check --split and the folder.")
+    if not data.has_gt(split):
+        raise BanaError(f"split '{split}' of {data_root} has no ground truth for every image "
+                        "(VOC: SegmentationClassAug/<id>.png; COCO layout: a segmentation for "
+                        "every annotation), so there is nothing to score against.")
+    matrix = None
     for image_id in tqdm(ids, desc="score", unit="img", dynamic_ncols=True):
-        pred_path, gt_path = pred_dir / f"{image_id}.png", gt_dir / f"{image_id}.png"
-        pred, gt = read_index_png(pred_path), read_index_png(gt_path)
-        if pred.shape != gt.shape:
-            raise BanaError(f"{pred_path} is {pred.shape[1]}x{pred.shape[0]} but its GT "
-                            f"{gt_path} is {gt.shape[1]}x{gt.shape[0]}: write every prediction "
-                            "at the full size of its image.")
-        try:
-            matrix.update(pred, gt)
-        except ValueError as e:
-            raise BanaError(f"cannot score {pred_path} against {gt_path}: {e}. Write predictions "
-                            "as class ids only (255 is not a class), or check --num-classes.") \
-                from None
+        gt = data.gt_label(split, image_id)
+        # A COCO-format dataset knows its classes once a split's annotations are read.
+        matrix = matrix or ConfusionMatrix(len(data.classes))
+        pred = read_label_png(pred_dir / data.label_name(image_id), len(data.classes),
+                              "prediction", gt.shape,
+                              "write every prediction at the full size of its image, as class "
+                              "ids only, or check --num-classes",
+                              image=f"the ground truth of image {image_id}")
+        unscorable = int(((pred == 255) & (gt != 255)).sum())
+        if unscorable:
+            raise BanaError(f"prediction {pred_dir / data.label_name(image_id)} holds the value "
+                            f"255, which is no class, at {unscorable} pixel(s) where the ground "
+                            "truth has one: write a class id at every pixel (255 is only "
+                            "tolerated where the ground truth is ignored).")
+        matrix.update(pred, gt)
     return matrix.compute()
 
 
 def run_folder(args: argparse.Namespace) -> dict:
     """Folder mode of evaluate.py: print the report (last line `mIoU: XX.XX`), and write
     metrics.json and metrics.md to --out when given. Returns the metrics dict."""
-    if args.num_classes < 2:
+    if args.num_classes is not None and args.num_classes < 2:
         raise BanaError(f"--num-classes {args.num_classes}: need at least 2 classes.")
-    metrics = score_folder(args.pred_dir, args.data_root, args.split, args.num_classes)
-    names = class_names(args.num_classes)
+    from data.datasets import detect_data
+
+    if not Path(args.data_root).is_dir():
+        raise BanaError(f"--data-root {args.data_root} does not exist or is not a folder.")
+    data = detect_data(args.data_root, args.split, args.num_classes,
+                       [args.classes] if args.classes else (), args.class_map)
+    metrics = score_folder(args.pred_dir, args.data_root, args.split, data=data)
+    names = list(data.classes)
     if args.out:
         summary = {"split": args.split, "pred_dir": str(args.pred_dir), "classes": names,
                    "modes": {"folder": metrics}}

@@ -74,9 +74,9 @@ def build_labeler(cfg: Config, init: str | None = None, input_norm: str | None =
 
 def open_train_dataset(cfg: Config):
     """The box dataset stage 1 trains on (no transform yet)."""
-    from data.datasets import box_dataset
+    from data.datasets import open_data
 
-    return box_dataset(cfg.DATA.DATASET, cfg.data_root, cfg.DATA.SPLIT, cfg.DATA.CLASS_MAP)
+    return open_data(cfg).box_dataset(cfg.DATA.SPLIT)
 
 
 def check_inputs(cfg: Config):

@@ -63,14 +63,11 @@ def load_labeler(cfg: Config):
                         f"'{cfg.MODEL.BACKBONE}'. Set MODEL.BACKBONE {meta['backbone']} or use a "
                         "checkpoint of that backbone.")
     if meta["num_classes"] != cfg.DATA.NUM_CLASSES:
-        if cfg.DATA.DATASET == "coco":
-            raise BanaError(
-                f"{path} was trained with {meta['num_classes']} classes but DATA.CLASS_MAP "
-                f"{cfg.DATA.CLASS_MAP} needs {cfg.DATA.NUM_CLASSES}: label COCO with a VOC-trained "
-                "stage-1 model (21 classes) under voc20, or with a COCO-trained one (81 classes) "
-                "under coco80.")
-        raise BanaError(f"{path} was trained with {meta['num_classes']} classes but "
-                        f"DATA.NUM_CLASSES is {cfg.DATA.NUM_CLASSES}.")
+        raise BanaError(
+            f"{path} was trained with {meta['num_classes']} classes but this dataset has "
+            f"DATA.NUM_CLASSES {cfg.DATA.NUM_CLASSES}: a stage-1 model labels the classes it was "
+            "trained on. Use one trained on these classes (on COCO 2017: a VOC-trained model "
+            "under DATA.CLASS_MAP voc20, a COCO-trained one under coco80).")
     model = dataclasses.replace(cfg.MODEL, FC6_DILATION=meta["fc6_dilation"])
     net = build_labeler(dataclasses.replace(cfg, MODEL=model), init="none",
                         input_norm=meta["input_norm"])
@@ -78,12 +75,12 @@ def load_labeler(cfg: Config):
     return net.eval()
 
 
-def open_dataset(cfg: Config):
+def open_dataset(cfg: Config, data=None):
     """The split to label, full-size images with their boxes, whose `ids` are the images in
-    labelling order (VOC, or COCO with DATA.CLASS_MAP)."""
-    from data.datasets import box_dataset
+    labelling order. data: the `data.datasets` dataset (default: opened from cfg)."""
+    from data.datasets import open_data
 
-    return box_dataset(cfg.DATA.DATASET, cfg.data_root, cfg.DATA.SPLIT, cfg.DATA.CLASS_MAP)
+    return (data or open_data(cfg)).box_dataset(cfg.DATA.SPLIT)
 
 
 def output_paths(out_root: Path, image_id: str, instances: bool) -> dict[str, Path]:
@@ -185,19 +182,19 @@ def _backbone_threads(device: torch.device, workers: int) -> int:
 
 def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
              pool: ProcessPoolExecutor, workers: int, position: int = 0,
-             progress: bool = True) -> int:
+             progress: bool = True, instances: bool = False) -> int:
     """Label `ids` of `dataset` (skipping finished ones) with the CRF processes of `pool`
-    (`workers` of them); returns how many images were labelled."""
+    (`workers` of them); returns how many images were labelled. instances: also write each
+    image's instance masks (the dataset's items carry category_ids)."""
     from tqdm import tqdm
 
     from utils.crf import DenseCRF
 
     out_root = cfg.pseudo_label_dir
-    coco = cfg.DATA.DATASET == "coco"
-    todo = pending_ids(ids, out_root, coco)
+    todo = pending_ids(ids, out_root, instances)
     if not todo:
         return 0
-    for d in (*LABELS, BOX_LABEL, *((INSTANCES,) if coco else ())):
+    for d in (*LABELS, BOX_LABEL, *((INSTANCES,) if instances else ())):
         (out_root / d).mkdir(parents=True, exist_ok=True)
     position_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
     subset = torch.utils.data.Subset(dataset, [position_of[i] for i in todo])
@@ -226,8 +223,8 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
                        # Truncation matches the bg mask's box regions (SPEC §0).
                        boxes=boxes.astype(np.int64),
                        bg_mask=(item["bg_mask"][0].numpy() == 1).astype(np.uint8),
-                       out=output_paths(out_root, item["id"], coco))
-            if coco:
+                       out=output_paths(out_root, item["id"], instances))
+            if instances:
                 job["category_ids"] = item["category_ids"].numpy()
             in_flight.add(pool.submit(label_one, job))
             if len(in_flight) >= 2 * workers:
@@ -248,41 +245,43 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
 
 def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: int) -> None:
     """One process of a multi-device run: labels ids[rank::n] on its own device."""
-    dataset = open_dataset(cfg)
+    from data.datasets import open_data
+
+    data = open_data(cfg)
+    dataset = open_dataset(cfg, data)
     ids = dataset.ids[rank::len(device_ids)]
     device = torch.device(f"cuda:{device_ids[rank]}" if accelerator == "gpu" else "cpu")
     with start_workers(workers) as pool:
-        generate(cfg, load_labeler(cfg), dataset, ids, device, pool, workers, position=rank)
+        generate(cfg, load_labeler(cfg), dataset, ids, device, pool, workers, position=rank,
+                 instances=data.writes_instances)
 
 
-def quality_report(cfg: Config, ids: list[str]) -> dict | None:
-    """mIoU of the box-filling baseline, Y_crf, Y_ret and their combination against the GT masks,
-    or None when the split has no GT (e.g. train_aug ids without SegmentationClassAug).
+def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
+    """mIoU of the box-filling baseline, Y_crf, Y_ret and their combination against the semantic
+    ground truth of `data` (a `data.datasets` dataset), or None when DATA.SPLIT has none (e.g.
+    VOC's train_aug, or a COCO-format split without segmentations).
 
     "Y_crf & Y_ret" is Y_crf where the two agree; a pixel where they disagree is scored as
     background (stage 3 ignores such pixels; here an object pixel among them counts as missed,
-    a background pixel as right).
-    "agreement" scores the agreeing pixels alone (the disagreeing ones are not counted), and
-    `agreement_coverage` is the share of labelled pixels where the two agree."""
-    from data.voc import parse_annotation
-    from utils.boxes import fill_boxes
-    from utils.io import read_index_png
+    a background pixel as right). "agreement" scores the agreeing pixels alone (the disagreeing
+    ones are not counted), and `agreement_coverage` is the share of labelled pixels where the two
+    agree. The box baseline is stage 2's Y_box (each box filled, smaller boxes on top)."""
+    from utils.io import read_label_png
     from utils.metrics import ConfusionMatrix
-    from utils.palette import VOC_CLASSES
 
-    root, out_root = cfg.data_root, cfg.pseudo_label_dir
-    gt_dir = root / "SegmentationClassAug"
-    if not all((gt_dir / f"{i}.png").is_file() for i in ids):
+    split, out_root = cfg.DATA.SPLIT, cfg.pseudo_label_dir
+    if not data.has_gt(split):
         return None
     n = cfg.DATA.NUM_CLASSES
     mats = {k: ConfusionMatrix(n) for k in REPORT_ROWS}
     agree_px = valid_px = 0
     for i in ids:
-        gt = read_index_png(gt_dir / f"{i}.png")
-        y_crf = read_index_png(out_root / "Y_crf" / f"{i}.png")
-        y_ret = read_index_png(out_root / "Y_ret" / f"{i}.png")
-        boxes, classes = parse_annotation(root / "Annotations" / f"{i}.xml")
-        filled = fill_boxes(np.concatenate([boxes, classes[:, None]], 1), *gt.shape)
+        gt = data.gt_label(split, i)
+        name = data.label_name(i)
+        y_crf, y_ret, filled = (
+            read_label_png(out_root / d / name, n, f"{d} label", gt.shape,
+                           f"delete it and rerun stage 2 (or check that {out_root} holds this "
+                           "dataset's labels)") for d in (*LABELS, BOX_LABEL))
         agree = y_crf == y_ret
         mats["box_baseline"].update(filled, gt)
         mats["Y_crf"].update(y_crf, gt)
@@ -295,8 +294,8 @@ def quality_report(cfg: Config, ids: list[str]) -> dict | None:
     report = {k: m.compute() for k, m in mats.items()}
     summary = {k: round(float(v["miou"]), 2) for k, v in report.items()}
     summary["agreement_coverage"] = round(100.0 * agree_px / max(valid_px, 1), 2)
-    return {"split": cfg.DATA.SPLIT, "images": len(ids), "miou": summary,
-            "per_class_iou": {k: dict(zip(VOC_CLASSES[:n], map(float, v["iou"])))
+    return {"split": split, "images": len(ids), "miou": summary,
+            "per_class_iou": {k: dict(zip(data.classes, map(float, v["iou"])))
                               for k, v in report.items()}}
 
 
@@ -315,13 +314,12 @@ def format_report(report: dict) -> str:
         f"{m['agreement_coverage']:.2f}% of labelled pixels)"])
 
 
-def merge_instances(cfg: Config, gt, ids: list[str]) -> dict[str, list[dict]]:
+def merge_instances(cfg: Config, gt, ids: list[str], category_ids) -> dict[str, list[dict]]:
     """COCO: the per-image instance files of `ids` merged into one results list per source;
     writes instances_<label>.json (results) and annotations_<label>.json (annotation format, with
     the images of `ids` and the categories of the class map) for Y_crf and Y_ret. gt: the split's
     annotations as a pycocotools COCO. Returns {source: results} for every INSTANCE_SOURCES
-    entry."""
-    from data.coco import evaluated_category_ids
+    entry. category_ids: the categories the class map predicts."""
     from utils.instances import results_as_dataset
     from utils.io import atomic_write_json
 
@@ -333,7 +331,7 @@ def merge_instances(cfg: Config, gt, ids: list[str]) -> dict[str, list[dict]]:
             merged[k] += record[k]
     labelled = {int(i) for i in ids}
     images = [im for im in gt.dataset["images"] if im["id"] in labelled]
-    wanted = set(evaluated_category_ids(cfg.DATA.CLASS_MAP))
+    wanted = set(category_ids)
     categories = [c for c in gt.dataset["categories"] if c["id"] in wanted]
     for k in LABELS:
         atomic_write_json(out_root / f"instances_{k}.json", merged[k])
@@ -342,13 +340,13 @@ def merge_instances(cfg: Config, gt, ids: list[str]) -> dict[str, list[dict]]:
     return merged
 
 
-def instance_report(cfg: Config, gt, ids: list[str], merged: dict[str, list[dict]]) -> dict:
+def instance_report(cfg: Config, gt, ids: list[str], merged: dict[str, list[dict]],
+                    categories) -> dict:
     """COCO segm AP (%) of the instance masks of every INSTANCE_SOURCES entry over `ids`, on the
-    categories the class map can predict; gt: the split's annotations as a pycocotools COCO."""
-    from data.coco import evaluated_category_ids
+    categories the class map can predict (`categories`); gt: the split's annotations as a
+    pycocotools COCO."""
     from utils.coco_eval import evaluate_instances
 
-    categories = evaluated_category_ids(cfg.DATA.CLASS_MAP)
     image_ids = [int(i) for i in ids]
     return {"split": cfg.DATA.SPLIT, "images": len(ids), "class_map": cfg.DATA.CLASS_MAP,
             "ap": {k: evaluate_instances(gt, merged[k], image_ids=image_ids,
@@ -366,19 +364,19 @@ def format_instance_report(report: dict) -> str:
            for k, stats in report["ap"].items()])
 
 
-def save_panels(cfg: Config, dataset, ids: list[str], out_dir: Path) -> None:
+def save_panels(cfg: Config, data, dataset, ids: list[str], out_dir: Path) -> None:
     """image | GT | Y_crf | Y_ret panels, for looking at pseudo labels before trusting them. The
-    GT panel is void (the palette's 255 colour) where the dataset has no semantic GT (COCO)."""
+    GT panel is void (the palette's 255 colour) where the split has no semantic GT."""
     from utils.io import atomic_write_png, read_image, read_index_png
     from utils.palette import colorize
 
-    root, out_root = cfg.data_root, cfg.pseudo_label_dir
+    out_root = cfg.pseudo_label_dir
+    has_gt = data.has_gt(cfg.DATA.SPLIT)
     for i in ids:
         image = read_image(dataset.image_path(i))
-        gt_path = root / "SegmentationClassAug" / f"{i}.png"
-        maps = [read_index_png(gt_path) if cfg.DATA.DATASET == "voc" and gt_path.is_file()
+        maps = [data.gt_label(cfg.DATA.SPLIT, i) if has_gt
                 else np.full(image.shape[:2], 255, np.uint8)]
-        maps += [read_index_png(out_root / d / f"{i}.png") for d in LABELS]
+        maps += [read_index_png(out_root / d / data.label_name(i)) for d in LABELS]
         gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
         panel = [image]
         for m in maps:
@@ -388,13 +386,17 @@ def save_panels(cfg: Config, dataset, ids: list[str], out_dir: Path) -> None:
 
 def check_inputs(cfg: Config):
     """Every input of stage 2, checked before the stage-1 model is loaded or a worker started;
-    returns the dataset to label."""
+    returns the `data.datasets` dataset and its split to label."""
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
 
+    from data.datasets import open_data
+
     problems = Problems("stage 2")
-    dataset = None
+    data = dataset = None
     if problems.passes(lambda: require_data_root(cfg.data_root)):
-        dataset = problems.check(lambda: open_dataset(cfg))
+        data = problems.check(lambda: open_data(cfg))
+        if data is not None:
+            dataset = problems.check(lambda: open_dataset(cfg, data))
         problems.check(lambda: require_writable(cfg.pseudo_label_dir, "DATA.PSEUDO_LABEL_DIR"))
     problems.check(lambda: require_checkpoint(
         cfg.output_path(cfg.MODEL.WEIGHTS), "MODEL.WEIGHTS (the stage-1 model, relative to "
@@ -402,7 +404,7 @@ def check_inputs(cfg: Config):
         "with the same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt."))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
     problems.raise_if_any()
-    return dataset
+    return data, dataset
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
@@ -410,17 +412,17 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from utils.cli import resolve_devices
     from utils.io import atomic_write_json
 
-    dataset = check_inputs(cfg)
+    data, dataset = check_inputs(cfg)
     devices = resolve_devices(args.gpu_id)
     print(devices.note)
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
-    coco = cfg.DATA.DATASET == "coco"
+    coco = data.writes_instances
     cfg.save()
     net = load_labeler(cfg)  # fail early, before any process starts, on a bad checkpoint
     ids = list(dataset.ids)
     out_root = cfg.pseudo_label_dir
     todo = len(pending_ids(ids, out_root, coco))
-    outputs = "{Y_crf,Y_ret,instances}" if coco else "{Y_crf,Y_ret}"
+    outputs = "{Y_crf,Y_ret,Y_box,instances}" if coco else "{Y_crf,Y_ret,Y_box}"
     print(f"Stage 2: {len(ids)} images in '{cfg.DATA.SPLIT}', {len(ids) - todo} already labelled, "
           f"{todo} to go; writing to {out_root}/{outputs} with {workers} CRF worker(s).")
     start = time.perf_counter()
@@ -436,7 +438,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         device = torch.device(f"cuda:{devices.devices[0]}" if devices.accelerator == "gpu"
                               else "cpu")
         with start_workers(workers) as pool:
-            generate(cfg, net, dataset, ids, device, pool, workers)
+            generate(cfg, net, dataset, ids, device, pool, workers, instances=coco)
     seconds = time.perf_counter() - start
     missing = pending_ids(ids, out_root, coco)
     if missing:
@@ -446,25 +448,32 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
               "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
               "label_dir": str(out_root)}
     if getattr(args, "save_vis", 0):
-        save_panels(cfg, dataset, ids[:args.save_vis], cfg.run_dir / "vis")
+        save_panels(cfg, data, dataset, ids[:args.save_vis], cfg.run_dir / "vis")
         print(f"Panels image | GT | Y_crf | Y_ret: {cfg.run_dir / 'vis'}")
+    # quality.json: the semantic report where the split has GT, the instance AP (COCO layout)
+    # where its annotations have masks.
+    quality = {}
+    report = quality_report(cfg, data, ids)
+    if report is not None:
+        print(format_report(report))
+        quality.update(report)
+        result["quality"] = report["miou"]
+    else:
+        print("No GT masks for this split: skipping the pseudo-label quality report.")
     if coco:
         from utils.coco_eval import load_ground_truth
 
         gt = load_ground_truth(dataset.annotation_file)  # once: train2017 takes a while
-        merged = merge_instances(cfg, gt, ids)
+        categories = dataset.class_map.category_ids
+        merged = merge_instances(cfg, gt, ids, categories)
         print(f"Instance masks: {out_root}/instances_{{Y_crf,Y_ret}}.json (COCO results), "
               f"{out_root}/annotations_{{Y_crf,Y_ret}}.json (COCO annotation files).")
-        report = instance_report(cfg, gt, ids, merged)
-        print(format_instance_report(report))
-        atomic_write_json(cfg.run_dir / "quality.json", report)
-        result["quality"] = {k: v["AP"] for k, v in report["ap"].items()}
-        return result
-    report = quality_report(cfg, ids)
-    if report is not None:
-        print(format_report(report))
-        atomic_write_json(cfg.run_dir / "quality.json", report)
-        result["quality"] = report["miou"]
-    else:
-        print("No GT masks for this split: skipping the quality report.")
+        if report is not None:
+            instance = instance_report(cfg, gt, ids, merged, categories)
+            instance["class_map"] = cfg.DATA.CLASS_MAP
+            print(format_instance_report(instance))
+            quality.update(instance)
+            result["instance_quality"] = {k: v["AP"] for k, v in instance["ap"].items()}
+    if quality:
+        atomic_write_json(cfg.run_dir / "quality.json", quality)
     return result

@@ -109,11 +109,12 @@ def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
 def open_datasets(cfg: Config):
     """(train, val): the split with its pseudo labels (or GT for DATA.GT_IDS), and the val split
     with its GT, both without transforms."""
-    from data.voc import VOCMaskDataset
+    from data.datasets import open_data
 
-    train = VOCMaskDataset(cfg.data_root, cfg.DATA.SPLIT, label_dirs=pseudo_label_dirs(cfg),
-                           gt_ids=read_gt_ids(cfg.DATA.GT_IDS), num_classes=cfg.DATA.NUM_CLASSES)
-    val = VOCMaskDataset(cfg.data_root, cfg.DATA.VAL_SPLIT, num_classes=cfg.DATA.NUM_CLASSES)
+    data = open_data(cfg)
+    train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=pseudo_label_dirs(cfg),
+                              gt_ids=read_gt_ids(cfg.DATA.GT_IDS))
+    val = data.mask_dataset(cfg.DATA.VAL_SPLIT)
     return train, val
 
 

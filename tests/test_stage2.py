@@ -19,6 +19,7 @@ import torch
 from data.voc import VOCBoxDataset, parse_annotation
 from engine.stage2 import (BOX_LABEL, LABELS, generate, load_labeler, open_dataset, pending_ids,
                            quality_report, run, start_workers)
+from data.datasets import open_data
 from utils.boxes import fill_boxes
 from utils.config import load_config
 from utils.errors import BanaError
@@ -99,22 +100,25 @@ def test_quality_report_is_printed_and_saved(reference):
     assert f"{saved['miou']['Y_crf']:6.2f}" in printed
 
 
-def test_quality_report_numbers_on_hand_made_labels(synthetic_voc, tmp_path):
+def test_quality_report_numbers_on_hand_made_labels(synthetic_voc_copy, tmp_path):
+    voc = synthetic_voc_copy
     """Y_crf = GT scores 100; Y_ret = the filled boxes scores what the box baseline scores; they
     agree where the GT equals the filled boxes, and on that region Y_crf (= GT) scores 100."""
     label_dir = tmp_path / "Generation"
-    cfg = stage2_cfg(synthetic_voc, tmp_path, label_dir)
-    ids = split_ids(synthetic_voc)
+    cfg = stage2_cfg(voc, tmp_path, label_dir)
+    ids = split_ids(voc)
     agree = valid = 0
     for i in ids:
-        gt = read_index_png(synthetic_voc / "SegmentationClassAug" / f"{i}.png")
-        boxes, classes = parse_annotation(synthetic_voc / "Annotations" / f"{i}.xml")
+        gt = read_index_png(voc / "SegmentationClassAug" / f"{i}.png")
+        boxes, classes = parse_annotation(voc / "Annotations" / f"{i}.xml")
         filled = fill_boxes(np.c_[boxes, classes], *gt.shape)
         atomic_write_png(label_dir / "Y_crf" / f"{i}.png", gt)
         atomic_write_png(label_dir / "Y_ret" / f"{i}.png", filled)
+        atomic_write_png(label_dir / "Y_box" / f"{i}.png", filled)
         agree += int(((gt == filled) & (gt != 255)).sum())
         valid += int((gt != 255).sum())
-    m = quality_report(cfg, ids)["miou"]
+    data = open_data(cfg)
+    m = quality_report(cfg, data, ids)["miou"]
     assert m["Y_crf"] == 100 and m["agreement"] == 100
     assert m["Y_ret"] == m["box_baseline"] < 90
     # Y_crf & Y_ret is Y_crf (= GT) where it equals Y_ret (= filled boxes), background elsewhere;
@@ -122,14 +126,15 @@ def test_quality_report_numbers_on_hand_made_labels(synthetic_voc, tmp_path):
     from utils.metrics import ConfusionMatrix
     mat = ConfusionMatrix(21)
     for i in ids:
-        gt = read_index_png(synthetic_voc / "SegmentationClassAug" / f"{i}.png")
-        boxes, classes = parse_annotation(synthetic_voc / "Annotations" / f"{i}.xml")
+        gt = read_index_png(voc / "SegmentationClassAug" / f"{i}.png")
+        boxes, classes = parse_annotation(voc / "Annotations" / f"{i}.xml")
         filled = fill_boxes(np.c_[boxes, classes], *gt.shape)
         mat.update(np.where(gt == filled, gt, 0).astype(np.uint8), gt)
     assert m["Y_crf&Y_ret"] == round(float(mat.compute()["miou"]), 2)
     assert m["box_baseline"] < m["Y_crf&Y_ret"] < m["Y_crf"]
     assert m["agreement_coverage"] == pytest.approx(100 * agree / valid, abs=0.01)
-    assert quality_report(cfg, ids + ["no_gt_for_this_id"]) is None
+    (voc / "SegmentationClassAug" / f"{ids[0]}.png").unlink()
+    assert quality_report(cfg, data, ids) is None  # one GT missing: no report
 
 
 def test_save_vis_writes_image_gt_and_label_panels(synthetic_voc, reference):

@@ -105,7 +105,7 @@ def test_coco_results_load_in_pycocotools_and_the_ap_report_matches_them(coco_ro
                                    image_ids=gt.getImgIds(),
                                    category_ids=evaluated_category_ids("voc20"))
         assert report["ap"][name] == pytest.approx(stats)
-        assert result["quality"][name] == pytest.approx(stats["AP"])
+        assert result["instance_quality"][name] == pytest.approx(stats["AP"])
     for stats in report["ap"].values():
         values = [stats[k] for k in AP_KEYS]
         assert values[0] is not None and all(v is None or 0 <= v <= 100 for v in values)
@@ -199,7 +199,7 @@ def test_class_map_and_classifier_size_must_agree(coco_root, stage1_dir, tmp_pat
         coco_cfg(coco_root, stage1_dir, tmp_path, "DATA.CLASS_MAP", "coco80")
     cfg = coco_cfg(coco_root, stage1_dir, tmp_path, "DATA.CLASS_MAP", "coco80",
                    "DATA.NUM_CLASSES", "81")
-    with pytest.raises(BanaError, match="trained with 21 classes.*under voc20"):
+    with pytest.raises(BanaError, match="trained with 21 classes.*DATA.CLASS_MAP voc20"):
         load_labeler(cfg)
 
 

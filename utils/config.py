@@ -52,14 +52,20 @@ def _unit(v) -> bool:
 
 @dataclass
 class DataConfig:
-    DATASET: str = _key("voc", "Dataset layout: PASCAL VOC (data/voc.py) or MS-COCO 2017 "
-                        "(data/coco.py; stages 1 and 2; stage 2 then also writes one instance mask per "
-                        "box).",
+    DATASET: str = _key("voc", "Dataset layout: PASCAL VOC (data/voc.py: VOC 2012, or any "
+                        "VOC-format export with DATA.CLASSES) or COCO (data/coco.py: MS-COCO "
+                        "2017, or any COCO-format export with DATA.CLASS_MAP all). On COCO, stage "
+                        "2 also writes one instance mask per box.",
                         choices=("voc", "coco"))
     CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
                           "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
-                          "NUM_CLASSES 21), 'coco80' all 80 (NUM_CLASSES 81).",
-                          choices=("voc20", "coco80"))
+                          "NUM_CLASSES 21), 'coco80' all 80 of COCO 2017 (NUM_CLASSES 81), 'all' "
+                          "every category of your annotation file, numbered 1..K by ascending "
+                          "category id (NUM_CLASSES K + 1).",
+                          choices=("voc20", "coco80", "all"))
+    CLASSES: list[str] = _key([], "VOC only: your class names, background excluded (class k is the "
+                              "k-th name), or the path of a file with one name per line (CVAT / "
+                              "LabelImg labelmap.txt works). Empty = the 20 PASCAL VOC classes.")
     ROOT: str = _key("datasets/VOC2012", "Dataset root holding JPEGImages/, Annotations/, "
                      "ImageSets/Segmentation/, SegmentationClassAug/, BgMaskfromBoxes/.")
     SPLIT: str = _key("train_aug", "Split list (ImageSets/Segmentation/<SPLIT>.txt) the stage "
@@ -252,6 +258,8 @@ def _coerce(value, t, where: str):
         item_t = typing.get_args(t)[0]
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, str) and item_t is str:
+            value = [value]  # e.g. DATA.CLASSES labelmap.txt
         if not isinstance(value, list):
             raise bad
         return [_coerce(v, item_t, where) for v in value]
@@ -322,7 +330,7 @@ def _validate(cfg: Config, source: str) -> None:
                                                    for m in cfg.SOLVER.MILESTONES):
         raise BanaError(f"{source}: SOLVER.MILESTONES {cfg.SOLVER.MILESTONES} must all be "
                         f"below SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}.")
-    if cfg.DATA.DATASET == "coco":
+    if cfg.DATA.DATASET == "coco" and cfg.DATA.CLASS_MAP != "all":
         classes = {"voc20": 21, "coco80": 81}[cfg.DATA.CLASS_MAP]
         if cfg.DATA.NUM_CLASSES != classes:
             raise BanaError(f"{source}: DATA.CLASS_MAP {cfg.DATA.CLASS_MAP} has {classes - 1} "

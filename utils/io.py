@@ -122,6 +122,29 @@ def read_index_png(path) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
+def read_label_png(path, num_classes: int, what: str = "label", size=None,
+                   fix: str = "re-create it", image=None, ignore: bool = True) -> np.ndarray:
+    """A label map uint8 (H, W) that is checked: its values are classes 0..num_classes-1 (or 255,
+    ignore, unless `ignore` is False: a prediction must name a class), and its size is `size`
+    (H, W) when given. Any other file is a BanaError naming it, saying it is the `what` (e.g.
+    "ground truth", "prediction"), what was expected and what was found, which file the size was
+    taken from (`image`, default "its image"), and ending with `fix`."""
+    label = read_index_png(path)
+    if size is not None and label.shape != tuple(size):
+        raise BanaError(f"{what} {path} is {label.shape[1]}x{label.shape[0]}, but "
+                        f"{image or 'its image'} is {size[1]}x{size[0]}: a label map must have "
+                        f"its image's size; {fix}.")
+    counts = np.bincount(label.reshape(-1), minlength=256)
+    bad = np.flatnonzero(counts[num_classes:255 if ignore else 256])
+    if bad.size:
+        values = ", ".join(str(v + num_classes) for v in bad[:10])
+        allowed = f"0..{num_classes - 1} (DATA.NUM_CLASSES {num_classes})" + (
+            " or 255 (ignore)" if ignore else "; 255 (ignore) is not a class")
+        raise BanaError(f"{what} {path} holds the value(s) {values}, which are no class: "
+                        f"expected {allowed}; {fix}.")
+    return label
+
+
 def read_image_size(path) -> tuple[int, int]:
     """(height, width) of an image from its header, without decoding the pixels."""
     path = Path(path)
