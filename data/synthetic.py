@@ -176,12 +176,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (0)")
     parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), metavar="NAME",
                         help=f"VOC class names to draw (default: {' '.join(DEFAULT_CLASSES)})")
-    parser.add_argument("--format", choices=("voc", "coco"), default="voc",
-                        help="VOC layout (default) or an MS-COCO layout with instance annotations")
+    parser.add_argument("--format", choices=("voc", "coco", "coco-custom"), default="voc",
+                        help="VOC layout (default), an MS-COCO 2017 layout with instance "
+                             "annotations, or a COCO-format export with its own made-up classes "
+                             "(train/, val/, instances_{train,val}.json: your own data's shape)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = parser.parse_args(argv)
 
     def go():
+        if args.format == "coco-custom":
+            from data.synthetic_coco import make_custom_coco
+
+            info = make_custom_coco(args.out, args.n_train, args.n_val, args.size, args.seed)
+            print(f"Wrote a COCO-format export with the classes {', '.join(info['categories'])} "
+                  f"({args.n_train} train + {args.n_val} val images of {args.size} px) to "
+                  f"{args.out}; use DATA.DATASET coco DATA.CLASS_MAP all DATA.NUM_CLASSES "
+                  f"{info['num_classes']}, after `python data/coco_bbox_setup.py --data-root "
+                  f"{args.out}`.")
+            return info
         if args.format == "coco":
             from data.synthetic_coco import make_synthetic_coco
 

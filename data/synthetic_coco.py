@@ -34,7 +34,7 @@ from utils.instances import box_pixel_masks, encode_masks, instance_results
 from utils.io import atomic_write_jpeg, atomic_write_json
 
 SYNTHETIC_CATEGORIES = ("person", "car", "bird", "cat", "dog", "giraffe")
-GENERATED = ("train2017", "val2017", "annotations", "BgMaskfromBoxes")
+GENERATED = ("train2017", "val2017", "train", "val", "annotations", "BgMaskfromBoxes")
 # Giraffe is not a VOC class, so data/synthetic.py has no style for it.
 _STYLES = {**STYLES,
            "giraffe": ClassStyle((215, 170, 85), "blotches", 0.18, 0.45, (0.3, 0.5, 0.2, 0.0))}
@@ -163,5 +163,71 @@ def make_synthetic_coco(out, n_train: int = 200, n_val: int = 100, size: int = 1
             "box_baseline_ap_train": {cm: {k: None if v is None else round(v, 2)
                                            for k, v in box_baseline_ap(train_json, cm).items()}
                                       for cm in ("voc20", "coco80")}}
+    atomic_write_json(out / MARKER, info)
+    return {**info, "root": str(out), "seconds": time.perf_counter() - start}
+
+
+# A user's own export: made-up names, gappy ids, listed out of order (as exporters do).
+CUSTOM_CATEGORIES = ((42, "sprocket"), (7, "widget"), (13, "gizmo"), (3, "doohickey"))
+CUSTOM_SPLITS = ("train", "val")
+
+
+def polygons(mask: np.ndarray) -> list[list[float]]:
+    """The outer contours of a bool (H, W) mask as COCO polygons [x1, y1, x2, y2, ...] (pixel
+    corners, so a polygon rasterises back onto about the same pixels; holes are lost, as in
+    any polygon export)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    return [(c.reshape(-1, 2) + 0.5).reshape(-1).astype(float).tolist()
+            for c in contours if len(c) >= 3]
+
+
+def make_custom_coco(out, n_train: int = 200, n_val: int = 60, size: int = 96,
+                     seed: int = 0) -> dict:
+    """Write a COCO-format export with its own classes under `out`, as CVAT, Label Studio or
+    Roboflow write one: `train/` and `val/` images, annotations/instances_{train,val}.json with
+    the CUSTOM_CATEGORIES (gappy ids, listed out of order), gappy image ids, segmentations as
+    polygons (even annotation ids) or compressed RLE (odd), the first image of each split with a
+    crowd region, and its second image without any annotation. No background masks: write them
+    with `python data/coco_bbox_setup.py --data-root OUT`. Returns what synthetic.json records."""
+    start = time.perf_counter()
+    out = Path(out)
+    if n_train < 2 or n_val < 2 or size < 32:
+        raise BanaError(f"need n_train >= 2, n_val >= 2 and size >= 32, got {n_train}, {n_val}, "
+                        f"{size}.")
+    _prepare_out(out)
+    from data.painting import style_for
+
+    order = sorted(CUSTOM_CATEGORIES)  # class k + 1 = the k-th id in ascending order
+    styles = [style_for(name) for _, name in order]
+    image_id, ann_id = 1000, 0
+    for split_index, (split, count) in enumerate(zip(CUSTOM_SPLITS, (n_train, n_val))):
+        images, annotations = [], []
+        for i in range(count):
+            image_id += 3 + i % 4  # gappy ids
+            rng = np.random.default_rng([seed, 7, split_index, i])
+            if i == 1:
+                rgb, instance, kinds = np.clip(background(size, styles, rng), 0, 255), None, []
+                rgb = np.round(rgb).astype(np.uint8)
+            else:
+                rgb, instance, kinds = render_instances(size, styles, rng, first=i % len(styles))
+            file_name = f"img_{split}_{i:05d}.jpg"
+            atomic_write_jpeg(out / split / file_name, rgb)
+            images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+            for n, k in enumerate(kinds, start=1):
+                ann_id += 1
+                crowd = i == 0 and n == len(kinds)
+                ann = _annotation(ann_id, image_id, order[k][0], instance == n, crowd)
+                if not crowd and ann_id % 2 == 0:
+                    ann["segmentation"] = polygons(instance == n)
+                annotations.append(ann)
+        atomic_write_json(out / "annotations" / f"instances_{split}.json", {
+            "info": {"description": f"synthetic custom COCO-format export, seed {seed}"},
+            "images": images, "annotations": annotations,
+            "categories": [{"id": cat_id, "name": name, "supercategory": "thing"}
+                           for cat_id, name in CUSTOM_CATEGORIES]})
+    info = {"format": "coco", "custom": True, "n_train": n_train, "n_val": n_val, "size": size,
+            "seed": seed, "categories": [name for _, name in order],
+            "num_classes": len(order) + 1}
     atomic_write_json(out / MARKER, info)
     return {**info, "root": str(out), "seconds": time.perf_counter() - start}

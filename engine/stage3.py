@@ -20,12 +20,14 @@ STAGE = 3
 class Stage3LitModule(pl.LightningModule):
     """Wraps a built `DeepLab`; trains with `models.losses.compute_loss`, validates mIoU."""
 
-    def __init__(self, net, cfg: Config):
+    def __init__(self, net, cfg: Config, classes=None):
         super().__init__()
         from utils.metrics import ConfusionMatrix
 
         self.net = net
         self.cfg = cfg
+        # Saved with the model so that predict.py names the classes without the dataset.
+        self.classes = list(classes) if classes is not None else None
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.confmat = ConfusionMatrix(cfg.DATA.NUM_CLASSES)
 
@@ -69,7 +71,7 @@ class Stage3LitModule(pl.LightningModule):
                               "num_classes": self.cfg.DATA.NUM_CLASSES,
                               "fc6_dilation": self.cfg.MODEL.FC6_DILATION,
                               "input_norm": self.net.backbone.input_norm,
-                              "config": self.cfg.to_dict()}
+                              "classes": self.classes, "config": self.cfg.to_dict()}
 
 
 def build_deeplab_from_config(cfg: Config, init: str | None = None,
@@ -107,20 +109,20 @@ def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
 
 
 def open_datasets(cfg: Config):
-    """(train, val): the split with its pseudo labels (or GT for DATA.GT_IDS), and the val split
-    with its GT, both without transforms."""
+    """(train, val, class names): the split with its pseudo labels (or GT for DATA.GT_IDS), and
+    the val split with its GT, both without transforms."""
     from data.datasets import open_data
 
     data = open_data(cfg)
     train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=pseudo_label_dirs(cfg),
                               gt_ids=read_gt_ids(cfg.DATA.GT_IDS))
     val = data.mask_dataset(cfg.DATA.VAL_SPLIT)
-    return train, val
+    return train, val, list(data.classes)
 
 
 def check_inputs(cfg: Config):
     """Every input of stage 3, checked before a network is built or weights are downloaded;
-    returns (train, val) datasets."""
+    returns (train, val datasets, class names)."""
     from engine.preflight import Problems, require_data_root, require_init, require_writable
 
     problems = Problems("stage 3")
@@ -155,14 +157,14 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 3; returns the last validation metrics and the checkpoint paths."""
     from models.backbones import MEAN_RGB
 
-    train, val = check_inputs(cfg)
+    train, val, classes = check_inputs(cfg)
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_deeplab_from_config(cfg)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
     train_loader, val_loader = loaders(cfg, train, val, per_device,
                                        MEAN_RGB[net.backbone.input_norm])
-    module = Stage3LitModule(net, cfg)
+    module = Stage3LitModule(net, cfg, classes)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     val_every = min(cfg.SOLVER.VAL_EVERY, cfg.SOLVER.MAX_ITER)

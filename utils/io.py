@@ -100,9 +100,23 @@ def _open(path, what: str) -> Image.Image:
     return image
 
 
-def read_image(path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB. Corrupt or missing → BanaError naming the file."""
+def read_image(path, exif: bool = False) -> np.ndarray:
+    """Read an image file as uint8 (H, W, 3) RGB. Corrupt or missing → BanaError naming the file.
+
+    Greyscale, palette, RGBA (alpha dropped) and CMYK images are converted to RGB; 16- and 32-bit
+    integer greyscale (e.g. 16-bit PNG) is scaled to 0..255 (value / 257), not clipped to white.
+    exif: apply the EXIF orientation (photos from a phone), as a viewer shows the image; dataset
+    readers leave it off, since annotations refer to the stored pixels.
+    """
     image = _open(path, "image")
+    if exif:
+        from PIL import ImageOps
+
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 

@@ -1,0 +1,30 @@
+"""Label maps for new images with a trained stage-3 model.
+
+    python predict.py --config-file configs/stage3_vgg.yml --gpu-id 0 --input photos/ \
+                      --output predictions/ [--checkpoint PATH] [--opts KEY VALUE ...]
+
+--input takes image files, folders of images and .txt lists of paths. Writes <stem>.png (class
+ids, VOC palette, the image's size) and overlay/<stem>.jpg per image, with the config's
+TEST.SCALES / TEST.FLIP / TEST.CRF (e.g. --opts TEST.SCALES [1.0] TEST.FLIP false TEST.CRF false
+for single scale). Already written images are skipped.
+"""
+
+from utils.cli import main
+
+
+def add_arguments(parser):
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders of images, or .txt files listing images")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="stage-3 checkpoint (default: MODEL.WEIGHTS under OUTPUT_DIR)")
+
+
+def run(cfg, args):
+    from engine.predict import run as run_predict
+
+    return run_predict(cfg, args)
+
+
+if __name__ == "__main__":
+    main(run, "Predict label maps for new images with a trained stage-3 model.", add_arguments)
