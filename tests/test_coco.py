@@ -151,7 +151,10 @@ def test_setup_cli_missing_annotations_exits_2(tmp_path, run_script):
     result = run_script("data/coco_bbox_setup.py", "--data-root", tmp_path, "--workers", "2")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "instances_train2017.json not found" in result.stderr.replace("\n", " ")
+    assert "holds no instances_<split>.json file" in result.stderr.replace("\n", " ")
+    named = run_script("data/coco_bbox_setup.py", "--data-root", tmp_path, "--splits", "val2017")
+    assert named.returncode == 2 and "instances_val2017.json not found" in " ".join(
+        named.stderr.split())
 
 
 @pytest.mark.parametrize("class_map", ["voc20", "coco80"])
@@ -223,7 +226,8 @@ def _write_hand_tree(root):
     atomic_write_json(root / "annotations" / "instances_train2017.json", {
         "images": [{"id": 9, "file_name": "9.jpg", "height": 10, "width": 12},
                    {"id": 7, "file_name": "7.jpg", "height": 10, "width": 12}],
-        "annotations": anns, "categories": [{"id": 25, "name": "giraffe"}]})
+        "annotations": anns, "categories": [{"id": 25, "name": "giraffe"}, {"id": 1, "name": "person"},
+                                            {"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}]})
 
 
 def test_hand_built_tree(tmp_path):
