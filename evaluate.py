@@ -70,10 +70,16 @@ def main(argv=None):
                      "--data-root ROOT (score a folder of label PNGs).")
 
     def go():
-        from engine.evaluate import run
         from utils.config import load_config
 
-        return run(load_config(args.config_file, args.opts), args)
+        cfg = load_config(args.config_file, args.opts)
+        if cfg.MODEL.TASK == "instance":  # Mask R-CNN: COCO mask and box AP
+            from engine.instance import evaluate
+
+            return evaluate(cfg, args)
+        from engine.evaluate import run
+
+        return run(cfg, args)
 
     return guarded(go, args.debug)
 

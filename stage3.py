@@ -1,6 +1,7 @@
 """Stage 3: train DeepLab-V1 (VGG-16) or DeepLab-V2 (ResNet-101) with the noise-aware loss.
 
     python stage3.py --config-file configs/stage3_vgg.yml --gpu-id 0 [--resume] [--opts ...]
+    python stage3.py --config-file configs/stage3_maskrcnn_coco.yml --gpu-id 0   # Mask R-CNN
 """
 
 from utils.cli import main
@@ -12,6 +13,10 @@ def add_arguments(parser):
 
 
 def run(cfg, args):
+    if cfg.MODEL.TASK == "instance":  # Mask R-CNN on instance masks (engine/instance.py)
+        from engine.instance import train
+
+        return train(cfg, args)
     from engine.stage3 import run as run_stage3
 
     return run_stage3(cfg, args)

@@ -105,6 +105,11 @@ class ClassMap:
     def num_classes(self) -> int:
         return len(self.names)
 
+    def category_ids_by_index(self) -> list[int]:
+        """The category id of class index 1..K (background excluded), in index order."""
+        by_index = {k: cat_id for cat_id, k in self.index.items()}
+        return [by_index[k] for k in range(1, len(self.names))]
+
 
 def check_class_map(class_map: str) -> str:
     if class_map not in CLASS_MAPS:
@@ -531,3 +536,86 @@ class COCOMaskDataset(Dataset):
                   "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                   "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
         return self.transform(sample) if self.transform is not None else sample
+
+
+class COCOInstanceDataset(Dataset):
+    """Images with instance targets for Mask R-CNN, from a COCO instances file.
+
+    annotation_file: the split's own file (masks "gt": its segmentations; "box": each box
+    filled) or stage 2's annotations_<Y_crf|Y_ret>.json (its pseudo masks). Crowd annotations,
+    categories outside the class map and empty masks are left out. Items: id, image uint8
+    (3, H, W), boxes float32 (N, 4) x1, y1, x2, y2, labels int64 (N,) class indices, masks uint8
+    (N, H, W). flip: mirror image and targets with probability 0.5 (training).
+    """
+
+    def __init__(self, root, split: str, annotation_file, class_map, masks: str = "gt",
+                 flip: bool = False):
+        from utils.coco_eval import load_ground_truth
+
+        self.root, self.split, self.masks, self.flip = Path(root), split, masks, flip
+        self.class_map = class_map
+        self.annotation_file = Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise BanaError(f"instance masks {self.annotation_file} not found: stage 2 writes "
+                            "annotations_Y_crf.json and annotations_Y_ret.json on a COCO-layout "
+                            "split (`python stage2.py --config-file CONFIG` with the same "
+                            "DATA.ROOT, DATA.SPLIT and DATA.PSEUDO_LABEL_DIR).")
+        self.coco = load_ground_truth(self.annotation_file)
+        self.ids = [str(i) for i in sorted(self.coco.getImgIds())]
+        if masks == "gt":
+            anns = [a for a in self.coco.dataset.get("annotations", []) if not a.get("iscrowd")]
+            if not anns or any(not a.get("segmentation") for a in anns):
+                raise BanaError(f"{self.annotation_file} has annotations without a segmentation: "
+                                "MODEL.INSTANCE_MASKS gt needs the split's own masks; use Y_crf, "
+                                "Y_ret or box.")
+        _check_files([self.image_path(i) for i in self.ids], "images", make_tree_hint(self.root))
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / self.split / self.coco.imgs[int(image_id)]["file_name"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def targets(self, image_id: str, height: int, width: int):
+        """(boxes (N, 4), labels (N,), masks uint8 (N, H, W)) of one image."""
+        from pycocotools import mask as mask_utils
+
+        from utils.instances import box_pixel_masks
+
+        boxes, labels, masks = [], [], []
+        for ann in self.coco.imgToAnns.get(int(image_id), []):
+            label = self.class_map.index.get(int(ann["category_id"]), 0)
+            x, y, w, h = ann["bbox"]
+            if ann.get("iscrowd") or label == 0 or w <= 0 or h <= 0:
+                continue
+            if self.masks == "box":
+                mask = box_pixel_masks([[x, y, x + w, y + h]], height, width)[0]
+            else:
+                seg = ann["segmentation"]
+                if isinstance(seg, list):
+                    seg = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+                elif isinstance(seg.get("counts"), list):
+                    seg = mask_utils.frPyObjects(seg, height, width)
+                mask = mask_utils.decode(seg).astype(bool)
+            if not mask.any():
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(label)
+            masks.append(mask)
+        return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                np.asarray(masks, np.uint8).reshape(-1, height, width))
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = read_image(self.image_path(image_id))
+        height, width = image.shape[:2]
+        boxes, labels, masks = self.targets(image_id, height, width)
+        if self.flip and torch.rand(()).item() < 0.5:
+            # Copies: an empty (0, H, W) mask array would keep its negative stride otherwise.
+            image, masks = image[:, ::-1].copy(), masks[:, :, ::-1].copy()
+            boxes = boxes.copy()
+            boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+        return {"id": image_id,
+                "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+                "masks": torch.from_numpy(np.ascontiguousarray(masks))}

@@ -239,7 +239,7 @@ class VOCMaskDataset(Dataset):
     def _read_label(self, path: Path, image_path: Path, height: int, width: int) -> np.ndarray:
         is_gt = path.parent == self.gt_dir
         return read_label_png(path, self.num_classes, "ground truth" if is_gt else "label",
-                              (height, width), f"re-create it ({self._label_hint(path.parent)}), "
+                              (height, width), f"re-create the label ({self._label_hint(path.parent)}), "
                               "or check DATA.NUM_CLASSES", image=f"its image {image_path}")
 
     def __getitem__(self, index: int) -> dict:

@@ -66,11 +66,13 @@ def network_groups(backbone: nn.Module, head: Iterable[nn.Module], solver: Solve
 
 
 def lr_factor(iteration: int, solver: SolverConfig) -> float:
-    """Learning-rate multiplier at `iteration` (0-based) for the configured schedule."""
+    """Learning-rate multiplier at `iteration` (0-based) for the configured schedule, times a
+    linear warm-up from 1/WARMUP_ITERS to 1 over the first WARMUP_ITERS iterations (if any)."""
+    warmup = min(1.0, (iteration + 1) / solver.WARMUP_ITERS) if solver.WARMUP_ITERS else 1.0
     if solver.SCHEDULER == "poly":
-        return max(0.0, 1.0 - iteration / solver.MAX_ITER) ** solver.POLY_POWER
+        return warmup * max(0.0, 1.0 - iteration / solver.MAX_ITER) ** solver.POLY_POWER
     passed = sum(iteration >= m for m in solver.MILESTONES)
-    return solver.LR_DECAY ** passed
+    return warmup * solver.LR_DECAY ** passed
 
 
 def make_optimizer(groups: list[dict], solver: SolverConfig):

@@ -419,7 +419,7 @@ def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int |
         if unscorable:
             raise BanaError(f"prediction {pred_dir / data.label_name(image_id)} holds the value "
                             f"255, which is no class, at {unscorable} pixel(s) where the ground "
-                            "truth has one: write a class id at every pixel (255 is only "
+                            "truth has one: write predictions as class ids only (255 is only "
                             "tolerated where the ground truth is ignored).")
         matrix.update(pred, gt)
     return matrix.compute()

@@ -63,7 +63,8 @@ def _load_results(results, gt: COCO) -> COCO:
     return _quiet(gt.loadRes, results)
 
 
-def evaluate_instances(annotation_json, results, image_ids=None, category_ids=None) -> dict:
+def evaluate_instances(annotation_json, results, image_ids=None, category_ids=None,
+                       iou_type: str = "segm") -> dict:
     """Instance-segmentation AP of `results` against the GT of `annotation_json`.
 
     annotation_json: path of an instances file, or a loaded pycocotools COCO (loading train2017
@@ -74,6 +75,7 @@ def evaluate_instances(annotation_json, results, image_ids=None, category_ids=No
     yielded no instance must still count its GT as missed.
     category_ids: COCO categories to evaluate (default: all); with the voc20 class map only the
     20 shared categories can be predicted, so pass `data.coco.evaluated_category_ids("voc20")`.
+    iou_type: "segm" (masks) or "bbox" (boxes; results then need a "bbox" [x, y, w, h]).
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl"} in %, None where no GT falls in the range,
     plus "images" and "instances" (the number of results evaluated).
     """
@@ -82,7 +84,7 @@ def evaluate_instances(annotation_json, results, image_ids=None, category_ids=No
     if image_ids is None:
         image_ids = sorted({a["image_id"] for a in dt.dataset["annotations"]}) or gt.getImgIds()
     image_ids = sorted({int(i) for i in image_ids})
-    evaluator = COCOeval(gt, dt, iouType="segm")
+    evaluator = COCOeval(gt, dt, iouType=iou_type)
     evaluator.params.imgIds = image_ids
     if category_ids is not None:
         evaluator.params.catIds = sorted({int(c) for c in category_ids})

@@ -26,7 +26,10 @@ import yaml
 from models.losses import LOSSES
 from utils.errors import BanaError
 
-BACKBONES = ("vgg16", "resnet101", "tiny")
+BACKBONES = ("vgg16", "resnet101", "tiny", "resnet50_fpn", "resnet50_fpn_v2")
+# Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
+TASK_BACKBONES = {"semantic": ("vgg16", "resnet101", "tiny"),
+                  "instance": ("tiny", "resnet50_fpn", "resnet50_fpn_v2")}
 
 
 def _key(default, help: str, choices=None, check: Callable[[Any], bool] | None = None,
@@ -150,6 +153,22 @@ class ModelConfig:
     BETA: float = _key(0.8, "Bootstrapping: weight of Y_crf in the soft target.", check=_unit,
                        rule="in [0, 1]")
     FREEZE_BN: bool = _key(False, "Stage 3: keep BatchNorm statistics and affine parameters fixed.")
+    TASK: str = _key("semantic", "Stage 3 and evaluate.py: 'semantic' trains and scores DeepLab "
+                     "(mIoU); 'instance' trains torchvision's Mask R-CNN on instance masks of a "
+                     "COCO-layout split and scores COCO mask and box AP (MODEL.BACKBONE tiny, "
+                     "resnet50_fpn or resnet50_fpn_v2; MODEL.INIT imagenet = ResNet-50 ImageNet "
+                     "backbone, coco = COCO detection (Faster R-CNN, no mask) weights, none, or "
+                     "a path).", choices=("semantic", "instance"))
+    INSTANCE_MASKS: str = _key("Y_crf", "Instance task: the masks Mask R-CNN trains on: stage 2's "
+                               "Y_crf or Y_ret (DATA.PSEUDO_LABEL_DIR/annotations_<name>.json), "
+                               "box (each box filled: the baseline) or gt (the split's own "
+                               "segmentations: the upper bound).",
+                               choices=("Y_crf", "Y_ret", "box", "gt"))
+    INSTANCE_SIZE: list[int] = _key([800, 1333], "Instance task: Mask R-CNN resizes each image "
+                                    "so its short side is the first number and its long side at "
+                                    "most the second (torchvision's min_size, max_size).",
+                                    check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+                                    rule="two integers 0 < min <= max")
 
 
 @dataclass
@@ -174,6 +193,9 @@ class SolverConfig:
                           check=_positive, rule="> 0")
     LOG_EVERY: int = _key(20, "Log training scalars every this many iterations.",
                           check=_positive, rule="> 0")
+    WARMUP_ITERS: int = _key(0, "Linear learning-rate warm-up over this many iterations (0 = "
+                             "none, as the authors' stages 1 and 3).", check=_non_negative,
+                             rule=">= 0")
 
 
 @dataclass
@@ -336,6 +358,14 @@ def _validate(cfg: Config, source: str) -> None:
             raise BanaError(f"{source}: DATA.CLASS_MAP {cfg.DATA.CLASS_MAP} has {classes - 1} "
                             f"classes plus background, so DATA.NUM_CLASSES must be {classes}, not "
                             f"{cfg.DATA.NUM_CLASSES}.")
+    allowed = TASK_BACKBONES[cfg.MODEL.TASK]
+    if cfg.MODEL.BACKBONE not in allowed:
+        raise BanaError(f"{source}: MODEL.BACKBONE {cfg.MODEL.BACKBONE} does not fit MODEL.TASK "
+                        f"{cfg.MODEL.TASK}; choose one of {', '.join(allowed)}.")
+    if cfg.MODEL.TASK == "instance" and cfg.DATA.DATASET != "coco":
+        raise BanaError(f"{source}: MODEL.TASK instance trains on COCO-format instance "
+                        "annotations: set DATA.DATASET coco (stage 2 on a COCO-layout dataset "
+                        "writes the pseudo instance masks).")
     if not cfg.NAME or "/" in cfg.NAME:
         raise BanaError(f"{source}: NAME = {cfg.NAME!r} must be a non-empty folder name "
                         "without '/'.")

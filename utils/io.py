@@ -154,7 +154,7 @@ def read_label_png(path, num_classes: int, what: str = "label", size=None,
         values = ", ".join(str(v + num_classes) for v in bad[:10])
         allowed = f"0..{num_classes - 1} (DATA.NUM_CLASSES {num_classes})" + (
             " or 255 (ignore)" if ignore else "; 255 (ignore) is not a class")
-        raise BanaError(f"{what} {path} holds the value(s) {values}, which are no class: "
+        raise BanaError(f"{what} {path} holds values {values}, which are no class: "
                         f"expected {allowed}; {fix}.")
     return label
 

@@ -1,0 +1,286 @@
+"""Stage 3's instance task: Mask R-CNN trained on instance masks and scored with COCO AP.
+
+    python stage3.py   --config-file configs/stage3_maskrcnn_coco.yml --gpu-id 0
+    python evaluate.py --config-file configs/stage3_maskrcnn_coco.yml --gpu-id 0 [--save-vis N]
+
+`MODEL.INSTANCE_MASKS` picks the masks of DATA.SPLIT it trains on: stage 2's Y_crf or Y_ret
+(DATA.ROOT/DATA.PSEUDO_LABEL_DIR/annotations_<name>.json), `box` (each GT box filled) or `gt`
+(the split's own segmentations). The same YAML / --opts / --gpu-id / --resume conventions,
+Lightning trainer, DDP and atomic checkpoints as stages 1 and 3. Evaluation runs the final model
+on TEST.SPLIT, writes COCO results files (results_segm.json, results_bbox.json: what the test-dev
+server takes) and, where the split has masks, prints COCOeval's segm and bbox AP lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
+                           make_trainer, parameter_groups, start_training)
+from utils.config import Config
+from utils.errors import BanaError
+
+STAGE = 3
+TASK = "instance"
+
+
+def split_annotation(cfg: Config, split: str) -> Path:
+    return cfg.data_root / "annotations" / f"instances_{split}.json"
+
+
+def mask_annotation(cfg: Config) -> Path:
+    """The annotation file whose masks training uses (MODEL.INSTANCE_MASKS)."""
+    if cfg.MODEL.INSTANCE_MASKS in ("box", "gt"):
+        return split_annotation(cfg, cfg.DATA.SPLIT)
+    return cfg.pseudo_label_dir / f"annotations_{cfg.MODEL.INSTANCE_MASKS}.json"
+
+
+def class_map_of(cfg: Config, split: str):
+    """The class map of DATA.CLASS_MAP over the split's categories; checks DATA.NUM_CLASSES."""
+    from data.coco import load_instances, make_class_map
+
+    named = cfg.DATA.CLASS_MAP != "all"
+    class_map = make_class_map(cfg.DATA.CLASS_MAP,
+                               load_instances(cfg.data_root, split, coco2017=named).categories)
+    if class_map.num_classes != cfg.DATA.NUM_CLASSES:
+        raise BanaError(f"DATA.CLASS_MAP {cfg.DATA.CLASS_MAP} on {split_annotation(cfg, split)} "
+                        f"has {class_map.num_classes - 1} classes plus background, so "
+                        f"DATA.NUM_CLASSES must be {class_map.num_classes}, not "
+                        f"{cfg.DATA.NUM_CLASSES}.")
+    return class_map
+
+
+def collate_list(batch):
+    return list(batch)
+
+
+class InstanceLitModule(pl.LightningModule):
+    """Wraps a torchvision MaskRCNN; one step = the sum of its losses (RPN, box, mask)."""
+
+    def __init__(self, model, cfg: Config, meta: dict):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.meta = meta
+        self.save_hyperparameters({"config": cfg.to_dict()})
+
+    def training_step(self, batch, batch_idx):
+        # torchvision's transform expects RGB in 0..1 and normalises with ImageNet statistics.
+        images = [item["image"].float() / 255 for item in batch]
+        targets = [{"boxes": item["boxes"], "labels": item["labels"], "masks": item["masks"]}
+                   for item in batch]
+        losses = self.model(images, targets)
+        losses = {"loss": sum(losses.values()), **losses}
+        if self.global_step % self.cfg.SOLVER.LOG_EVERY == 0:
+            check_finite(losses, self.global_step)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch))
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        groups = parameter_groups([self.model], [], self.cfg.SOLVER.LR,
+                                  self.cfg.SOLVER.WEIGHT_DECAY)
+        return make_optimizer(groups, self.cfg.SOLVER)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["bana"] = dict(self.meta)
+
+
+def require_init(init: str) -> None:
+    if init not in ("none", "imagenet", "coco") and not Path(init).is_file():
+        raise BanaError(f"MODEL.INIT is {init!r}, which is not a file: expected none, imagenet, "
+                        "coco or the path of a Mask R-CNN state dict.")
+
+
+def check_train_inputs(cfg: Config):
+    """Every input of an instance training run, before a network is built; returns (dataset,
+    class map)."""
+    from data.coco import COCOInstanceDataset
+    from engine.preflight import Problems, require_data_root, require_writable
+
+    problems = Problems("stage 3 (instance)")
+    dataset = class_map = None
+    if problems.passes(lambda: require_data_root(cfg.data_root)):
+        class_map = problems.check(lambda: class_map_of(cfg, cfg.DATA.SPLIT))
+        if class_map is not None:
+            masks = {"box": "box", "gt": "gt"}.get(cfg.MODEL.INSTANCE_MASKS, "segm")
+            dataset = problems.check(lambda: COCOInstanceDataset(
+                cfg.data_root, cfg.DATA.SPLIT, mask_annotation(cfg), class_map, masks=masks,
+                flip=cfg.DATA.FLIP))
+    problems.check(lambda: require_init(cfg.MODEL.INIT))
+    problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
+    problems.raise_if_any()
+    return dataset, class_map
+
+
+def train(cfg: Config, args: argparse.Namespace) -> dict:
+    """Train Mask R-CNN; returns the iteration count and the final checkpoint."""
+    from models.instance import build_instance_model
+
+    dataset, class_map = check_train_inputs(cfg)
+    devices, ckpt_path = start_training(cfg, args, STAGE)
+    model = build_instance_model(cfg.MODEL.BACKBONE, cfg.DATA.NUM_CLASSES, cfg.MODEL.INIT,
+                                 *cfg.MODEL.INSTANCE_SIZE)
+    meta = {"stage": STAGE, "task": TASK, "backbone": cfg.MODEL.BACKBONE,
+            "num_classes": cfg.DATA.NUM_CLASSES, "classes": list(class_map.names),
+            "category_ids": [0] + class_map.category_ids_by_index(),
+            "instance_size": list(cfg.MODEL.INSTANCE_SIZE),
+            "masks": cfg.MODEL.INSTANCE_MASKS, "config": cfg.to_dict()}
+    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_device, shuffle=True, drop_last=len(dataset) >= per_device,
+        num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_list,
+        persistent_workers=cfg.DATA.NUM_WORKERS > 0)
+    print(f"Mask R-CNN ({cfg.MODEL.BACKBONE}, init {cfg.MODEL.INIT}) on '{cfg.DATA.SPLIT}' "
+          f"({len(dataset)} images), masks {cfg.MODEL.INSTANCE_MASKS} from "
+          f"{dataset.annotation_file}.")
+    ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
+    trainer.fit(InstanceLitModule(model, cfg, meta), train_dataloaders=loader,
+                ckpt_path=ckpt_path)
+    final = ckpt_dir / "final.ckpt"
+    if trainer.is_global_zero:
+        print(f"Stage 3 (instance) done: {trainer.global_step} iterations, checkpoint {final}")
+    return {"iterations": trainer.global_step, "checkpoint": str(final),
+            **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+
+
+def load_instance_model(path: Path):
+    """The Mask R-CNN of an instance checkpoint, in eval mode, and its description."""
+    from engine.common import load_stage_checkpoint
+    from models.instance import build_instance_model
+
+    hint = ("Train it first: python stage3.py --config-file CONFIG (with MODEL.TASK instance) "
+            "and the same OUTPUT_DIR, or pass --checkpoint PATH.")
+    ckpt = load_stage_checkpoint(path, STAGE, hint)
+    meta = ckpt["bana"]
+    if meta.get("task") != TASK:
+        raise BanaError(f"{path} holds a semantic-segmentation model, but MODEL.TASK is instance: "
+                        "evaluate it with its own (semantic) config.")
+    model = build_instance_model(meta["backbone"], meta["num_classes"], "none",
+                                 *meta["instance_size"])
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
+                           if k.startswith(prefix)})
+    return model.eval(), meta
+
+
+def predict_instances(model, image: np.ndarray, device, threshold: float = 0.5):
+    """Detections of one RGB uint8 (H, W, 3) image: boxes (N, 4) x1, y1, x2, y2, labels (N,),
+    scores (N,), masks bool (N, H, W) (the mask probabilities above `threshold`)."""
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().to(device) / 255
+    with torch.inference_mode():
+        out = model([x])[0]
+    return (out["boxes"].cpu().numpy(), out["labels"].cpu().numpy(), out["scores"].cpu().numpy(),
+            (out["masks"][:, 0] > threshold).cpu().numpy())
+
+
+def draw_instances(image: np.ndarray, boxes, labels, scores, masks, names,
+                   min_score: float = 0.3) -> np.ndarray:
+    """The image with each detection above `min_score` painted (mask), framed (box) and named."""
+    import cv2
+
+    from utils.palette import voc_palette
+
+    out = image.copy()
+    palette = voc_palette()
+    for k in np.flatnonzero(scores >= min_score):
+        colour = palette[1 + k % 20]
+        out[masks[k]] = (0.5 * out[masks[k]] + 0.5 * colour).astype(np.uint8)
+        x1, y1, x2, y2 = (int(round(v)) for v in boxes[k])
+        cv2.rectangle(out, (x1, y1), (x2, y2), tuple(int(c) for c in colour), 1)
+        cv2.putText(out, f"{names[labels[k]]} {scores[k]:.2f}", (x1, max(8, y1 - 2)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    """Run the instance model on TEST.SPLIT, write COCO results, score them where there is GT."""
+    from tqdm import tqdm
+
+    from engine.evaluate import EVAL_DIR, _checkpoint_path, _device
+    from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
+    from utils.coco_eval import evaluate_instances, format_ap, load_ground_truth
+    from utils.instances import encode_masks
+    from utils.io import atomic_write_json, atomic_write_png, read_image
+
+    split = cfg.TEST.SPLIT
+    problems = Problems("evaluate.py (instance)")
+    if problems.passes(lambda: require_data_root(cfg.data_root)):
+        problems.check(lambda: require_checkpoint(
+            split_annotation(cfg, split), f"TEST.SPLIT {split}",
+            f"the split's annotation file should be {split_annotation(cfg, split)}."))
+    ckpt_path = problems.check(lambda: _checkpoint_path(cfg, args))
+    if ckpt_path is not None:
+        problems.check(lambda: require_checkpoint(ckpt_path, "the instance checkpoint "
+                                                  "(MODEL.WEIGHTS or --checkpoint)",
+                                                  "Train it first with stage3.py."))
+    problems.check(lambda: require_writable(cfg.run_dir / EVAL_DIR, "OUTPUT_DIR"))
+    problems.raise_if_any()
+
+    gt = load_ground_truth(split_annotation(cfg, split))
+    annotations = gt.dataset.get("annotations", [])
+    score = bool(annotations)
+    if score and any(not a.get("segmentation") for a in annotations if not a.get("iscrowd")):
+        raise BanaError(f"{split_annotation(cfg, split)} has annotations without a segmentation, "
+                        "so mask AP cannot be computed: evaluate on a split whose annotations "
+                        "have masks.")
+    device = _device(args.gpu_id)
+    model, meta = load_instance_model(ckpt_path)
+    model.to(device)
+    categories = meta["category_ids"]
+    out_dir = cfg.run_dir / EVAL_DIR
+    vis_n = getattr(args, "save_vis", 0) or 0
+    segm, bbox = [], []
+    image_ids = sorted(gt.getImgIds())
+    start = time.perf_counter()
+    for n, image_id in enumerate(tqdm(image_ids, desc="evaluate", unit="img", dynamic_ncols=True)):
+        info = gt.imgs[image_id]
+        image = read_image(cfg.data_root / split / info["file_name"])
+        boxes, labels, scores, masks = predict_instances(model, image, device)
+        for k, rle in enumerate(encode_masks(masks)):
+            common = {"image_id": int(image_id), "category_id": int(categories[labels[k]]),
+                      "score": float(scores[k])}
+            segm.append({**common, "segmentation": rle})
+            x1, y1, x2, y2 = (float(v) for v in boxes[k])
+            bbox.append({**common, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+        if n < vis_n:
+            atomic_write_png(out_dir / "vis" / f"{image_id}.png",
+                             draw_instances(image, boxes, labels, scores, masks, meta["classes"]))
+    seconds = time.perf_counter() - start
+    atomic_write_json(out_dir / "results_segm.json", segm)
+    atomic_write_json(out_dir / "results_bbox.json", bbox)
+    summary = {"split": split, "images": len(image_ids), "checkpoint": str(ckpt_path),
+               "masks": meta.get("masks"), "seconds": round(seconds, 2), "ap": {}}
+    if score:
+        evaluated = categories[1:]
+        for iou_type, results in (("segm", segm), ("bbox", bbox)):
+            summary["ap"][iou_type] = evaluate_instances(gt, results, image_ids=image_ids,
+                                                         category_ids=evaluated,
+                                                         iou_type=iou_type)
+    atomic_write_json(out_dir / "metrics.json", {k: _finite(v) for k, v in summary.items()})
+    print(f"Wrote {out_dir / 'results_segm.json'} and {out_dir / 'results_bbox.json'} "
+          f"({len(segm)} detections on {len(image_ids)} images).")
+    if vis_n:
+        print(f"Pictures of the predicted instances: {out_dir / 'vis'}")
+    if not score:
+        print(f"'{split}' has no annotations: nothing to score (upload the results files).")
+    for iou_type, stats in summary["ap"].items():
+        print(f"{iou_type} {format_ap(stats)}")
+    return summary
+
+
+def _finite(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value

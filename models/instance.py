@@ -1,0 +1,125 @@
+"""Mask R-CNN (torchvision) for stage 3's instance task: trained on stage 2's pseudo instance
+masks, the filled boxes, or the GT masks of a COCO-layout split.
+
+Backbones: "resnet50_fpn" / "resnet50_fpn_v2" (torchvision's `maskrcnn_resnet50_fpn[_v2]`) and
+"tiny" (five convolutions, one feature map at stride 8: for CPU tests and the demo).
+Initialisation (`init`), always through torchvision's own builders and weight enums, so the
+files and their cache paths are torchvision's:
+- "imagenet": the ResNet-50 ImageNet classifier as backbone (`weights_backbone`);
+- "coco": COCO *detection* weights (Faster R-CNN: backbone, RPN and box head; the box
+  classifier is re-initialised for our classes, and the mask head starts from scratch, because
+  torchvision's COCO Mask R-CNN weights were trained on COCO's masks: starting from them would
+  leak mask supervision into a box-supervised result);
+- "none": random; or a path to a state dict of this very model (e.g. exported from a checkpoint).
+Images go in as float RGB 0..255 (N, 3, H, W) or a list of (3, H, W); the model's transform
+normalises and resizes them (short side `min_size`, long side at most `max_size`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+from torch import nn
+
+from utils.errors import BanaError
+
+INSTANCE_BACKBONES = ("tiny", "resnet50_fpn", "resnet50_fpn_v2")
+
+
+class _TinyBody(nn.Module):
+    """Five 3×3 conv + GroupNorm + ReLU layers at stride 8, 64 channels: one feature map."""
+
+    out_channels = 64
+
+    def __init__(self):
+        super().__init__()
+        plan = ((3, 32, 2), (32, 64, 2), (64, 64, 1), (64, 64, 2), (64, 64, 1))
+        layers = []
+        for in_ch, out_ch, stride in plan:
+            layers += [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+                       nn.GroupNorm(8, out_ch), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def _tiny(num_classes: int, min_size: int, max_size: int):
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    anchors = AnchorGenerator(sizes=((8, 16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
+    return MaskRCNN(_TinyBody(), num_classes=num_classes, min_size=min_size, max_size=max_size,
+                    rpn_anchor_generator=anchors,
+                    box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+                    mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2))
+
+
+def _fetch(what: str, weights, build):
+    """build() with torchvision weights; a failed download becomes a message naming the file."""
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return build()
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise BanaError(
+            f"could not get the {what} ({type(err).__name__}: {err}). Without internet, "
+            f"download {weights.url} elsewhere and put it at {target} (the folder follows "
+            "$TORCH_HOME), or set MODEL.INIT to none or to the path of a state dict.") from None
+
+
+def build_instance_model(backbone: str, num_classes: int, init: str = "none",
+                         min_size: int = 800, max_size: int = 1333) -> nn.Module:
+    """torchvision's MaskRCNN with `num_classes` outputs (background included)."""
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models.detection import (FasterRCNN_ResNet50_FPN_V2_Weights,
+                                              FasterRCNN_ResNet50_FPN_Weights,
+                                              maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)
+
+    if backbone not in INSTANCE_BACKBONES:
+        raise BanaError(f"MODEL.BACKBONE {backbone!r} is no Mask R-CNN backbone: choose one of "
+                        f"{', '.join(INSTANCE_BACKBONES)}.")
+    sizes = {"min_size": min_size, "max_size": max_size}
+    if backbone == "tiny":
+        if init in ("imagenet", "coco"):
+            raise BanaError(f"MODEL.INIT {init}: there are no pretrained weights for the tiny "
+                            "Mask R-CNN; use none (or resnet50_fpn).")
+        model = _tiny(num_classes, min_size, max_size)
+    else:
+        v2 = backbone.endswith("_v2")
+        builder = maskrcnn_resnet50_fpn_v2 if v2 else maskrcnn_resnet50_fpn
+        if init == "imagenet":
+            weights = ResNet50_Weights.IMAGENET1K_V1
+            model = _fetch("ImageNet ResNet-50", weights, lambda: builder(
+                weights=None, weights_backbone=weights, num_classes=num_classes, **sizes))
+        else:
+            model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
+        if init == "coco":
+            weights = (FasterRCNN_ResNet50_FPN_V2_Weights if v2
+                       else FasterRCNN_ResNet50_FPN_Weights).COCO_V1
+            state = _fetch("COCO detection weights", weights,
+                           lambda: weights.get_state_dict(progress=False, check_hash=True))
+            # Everything but the 91-way box classifier (our classes differ).
+            state = {k: v for k, v in state.items() if not k.startswith("roi_heads.box_predictor")}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith(("roi_heads.box_predictor",
+                                                   "roi_heads.mask_")) for k in missing):
+                raise BanaError(f"the COCO detection weights do not fit {backbone}: "
+                                f"unexpected {unexpected[:3]}, missing {missing[:3]}.")
+    if init not in ("none", "imagenet", "coco"):
+        _load_path(model, init)
+    return model
+
+
+def _load_path(model: nn.Module, path: str) -> None:
+    if not os.path.isfile(path):
+        raise BanaError(f"MODEL.INIT is {path!r}, which is not a file: expected none, imagenet, "
+                        "coco or the path of a Mask R-CNN state dict.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError) as err:
+        raise BanaError(f"MODEL.INIT {path} is not a state dict of this Mask R-CNN "
+                        f"({str(err).splitlines()[0]}).") from None
