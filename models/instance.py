@@ -52,8 +52,13 @@ def _tiny(num_classes: int, min_size: int, max_size: int):
     from torchvision.ops import MultiScaleRoIAlign
 
     anchors = AnchorGenerator(sizes=((8, 16, 32, 64),), aspect_ratios=((0.5, 1.0, 2.0),))
+    # Proposal and sampling budgets for ~100 px images with a handful of objects: torchvision's
+    # defaults (2000 proposals, 512 RoIs per image) are sized for 800 px COCO images.
     return MaskRCNN(_TinyBody(), num_classes=num_classes, min_size=min_size, max_size=max_size,
-                    rpn_anchor_generator=anchors,
+                    rpn_anchor_generator=anchors, rpn_pre_nms_top_n_train=300,
+                    rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
+                    rpn_post_nms_top_n_test=100, box_batch_size_per_image=128,
+                    box_detections_per_img=50,
                     box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
                     mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2))
 
