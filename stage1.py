@@ -9,6 +9,9 @@ from utils.cli import main
 def add_arguments(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/NAME/checkpoints/last.ckpt")
+    parser.add_argument("--reconfigure", action="store_true",
+                        help="with --resume: continue with settings that differ from the run's "
+                             "record (config.yaml; the old one is kept as config.<n>.yaml)")
 
 
 def run(cfg, args):

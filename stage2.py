@@ -12,6 +12,9 @@ from utils.cli import main
 def add_arguments(parser):
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="CRF worker processes (default: number of cores)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the labels DATA.PSEUDO_LABEL_DIR already holds and label "
+                             "again (needed when they were made with other settings)")
     parser.add_argument("--save-vis", type=int, default=0, metavar="N",
                         help="write image | GT | Y_crf | Y_ret panels for the first N images")
 

@@ -277,6 +277,8 @@ def load_instances(root, split: str, coco2017: bool = True,
         raise _bad(path, f"annotation {first} has category id {unknown[0]}, which is not in "
                          f"'categories' (ids {sorted(listed)[:12]}); "
                          f"{len(unknown)} unlisted category id(s) in all")
+    if len(np.unique(ann_ids)) != len(ann_ids):
+        raise _bad(path, "two annotations share an id")
     image_index = np.searchsorted(image_ids, ann_image)
     known = image_index < len(image_ids)
     known[known] = image_ids[image_index[known]] == ann_image[known]

@@ -105,10 +105,14 @@ class VOCData:
         return all(self._gt_path(i).is_file() for i in read_split(self.root, split))
 
     def gt_label(self, split: str, image_id: str) -> np.ndarray:
-        from utils.io import read_label_png
+        """The checked ground truth: class values, and the size of its image (so that a
+        cropped GT is blamed on the GT, not on the labels compared with it)."""
+        from utils.io import read_image_size, read_label_png
 
+        image = self.root / "JPEGImages" / f"{image_id}.jpg"
         return read_label_png(self._gt_path(image_id), len(self.classes), "ground truth",
-                              fix="re-create it, or check DATA.NUM_CLASSES")
+                              read_image_size(image), "re-create it, or check DATA.NUM_CLASSES",
+                              image=f"its image {image}")
 
     @staticmethod
     def label_name(image_id: str) -> str:

@@ -62,6 +62,14 @@ def read_split(root, split: str) -> list[str]:
         fields = line.split()
         if fields:
             ids.append(Path(fields[0]).stem if "/" in fields[0] else fields[0])
+    if len(set(ids)) != len(ids):
+        seen, twice = set(), []
+        for i in ids:
+            if i in seen and i not in twice:
+                twice.append(i)
+            seen.add(i)
+        raise BanaError(f"split list {path} lists {len(twice)} image id(s) more than once "
+                        f"({', '.join(twice[:5])}): each would count twice. Remove the repeats.")
     if not ids:
         raise BanaError(f"split list {path} is empty: expected one image id per line; "
                         f"{_make_tree_hint(root)}.")
@@ -99,6 +107,10 @@ def parse_annotation(xml_path, classes=VOC_CLASSES) -> tuple[np.ndarray, np.ndar
         except (AttributeError, TypeError, ValueError):
             raise BanaError(f"annotation {xml_path}: object '{name}' lacks a numeric <bndbox> "
                             "with xmin, ymin, xmax, ymax.") from None
+        if box[2] < box[0] or box[3] < box[1]:
+            raise BanaError(f"annotation {xml_path}: object '{name}' has xmin, ymin, xmax, ymax "
+                            f"= {box}, a box whose max is below its min (swapped corners?). Fix "
+                            "the export; such a box would silently become background.")
         boxes.append(box)
         labels.append(classes.index(name))
     return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),

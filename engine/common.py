@@ -105,10 +105,18 @@ def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
 
 
 def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
-    """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename)."""
+    """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename). A
+    failed write (a full disk) removes the temporary file and names the checkpoint."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(str(tmp), weights_only=False)
+    try:
+        trainer.save_checkpoint(str(tmp), weights_only=False)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        errno_ = getattr(err, "errno", None) or (28 if "No space left" in str(err) else None)
+        if errno_ is None:
+            raise
+        raise OSError(errno_, os.strerror(errno_), str(path)) from None
     if trainer.is_global_zero:
         os.replace(tmp, path)
     trainer.strategy.barrier("atomic_save_checkpoint")
@@ -224,18 +232,106 @@ def check_resumable(path: Path, cfg: Config, stage: int) -> None:
                             f"{stored} to resume it. {hint}")
 
 
+# Keys that say where things are or how often to log, not what the run computes: a resumed run
+# may change them freely. Every other key is part of the run's record (its config.yaml).
+OPERATIONAL_KEYS = ("OUTPUT_DIR", "DATA.ROOT", "DATA.NUM_WORKERS", "DATA.PSEUDO_LABEL_DIR",
+                    "SOLVER.LOG_EVERY", "SOLVER.CKPT_EVERY", "SOLVER.VAL_EVERY", "MODEL.WEIGHTS",
+                    "TEST.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def record_differences(recorded: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, recorded value, new value) for every run-defining key that differs."""
+    old, new = _flatten(recorded), _flatten(cfg.to_dict())
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if not k.startswith(OPERATIONAL_KEYS) and old.get(k) != new.get(k)]
+
+
+def describe_differences(diffs) -> str:
+    return "; ".join(f"{k}: {a!r} recorded, {b!r} now" for k, a, b in diffs[:8]) + (
+        f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
+
+
+def check_resume_record(cfg: Config, ckpt_path: str, reconfigure: bool) -> None:
+    """A resumed run continues the recorded one: the same run-defining keys (unless
+    --reconfigure) and a MAX_ITER not below what the checkpoint already trained. Nothing is
+    rewritten when this refuses."""
+    import yaml
+
+    step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+    if cfg.SOLVER.MAX_ITER < step:
+        raise BanaError(f"cannot resume {cfg.run_dir}: its checkpoint has trained {step} "
+                        f"iterations, more than SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}. Set "
+                        f"SOLVER.MAX_ITER to at least {step} (the recorded run has "
+                        f"{_recorded_max_iter(cfg)}), or use checkpoints/final.ckpt as it is.")
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    recorded = yaml.safe_load(path.read_text()) or {}
+    diffs = record_differences(recorded, cfg)
+    if diffs and not reconfigure:
+        raise BanaError(f"cannot resume {cfg.run_dir} with other settings than it was trained "
+                        f"with ({path}): {describe_differences(diffs)}. Either resume with the "
+                        "recorded settings, start a new run in another folder (--opts NAME "
+                        "new_run), or pass --reconfigure to continue this run with the new "
+                        "settings (the old record is kept as config.<n>.yaml).")
+    if diffs:
+        n = 1
+        while (cfg.run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        os.replace(path, cfg.run_dir / f"config.{n}.yaml")
+        print(f"--reconfigure: {describe_differences(diffs)}; the previous record is "
+              f"config.{n}.yaml.")
+
+
+def _recorded_max_iter(cfg: Config):
+    import yaml
+
+    path = cfg.run_dir / "config.yaml"
+    if path.is_file():
+        return (yaml.safe_load(path.read_text()) or {}).get("SOLVER", {}).get("MAX_ITER", "?")
+    return "?"
+
+
 def start_training(cfg: Config, args, stage: int):
-    """What every training run does first: pick devices, decide fresh vs resume, seed, and save
-    the resolved config. Returns (devices, checkpoint to resume from or None)."""
+    """What every training run does first, holding the run folder's lock: clean what a killed
+    run left, pick devices, decide fresh vs resume (a resume must match the run's record), seed,
+    and save the resolved config. Returns (devices, checkpoint to resume from or None)."""
     from utils.cli import resolve_devices
+    from utils.runlock import clean_temporary_files
 
     devices = resolve_devices(args.gpu_id)
     print(devices.note)
+    clean_temporary_files(cfg.run_dir)
     ckpt_path = resume_path(cfg, getattr(args, "resume", False), stage)
+    if ckpt_path is not None:
+        check_resume_record(cfg, ckpt_path, getattr(args, "reconfigure", False))
     seed_everything(cfg.SEED)
     pl.seed_everything(cfg.SEED, workers=True, verbose=False)
     cfg.save()
     return devices, ckpt_path
+
+
+def fit(trainer: pl.Trainer, module, **kwargs) -> None:
+    """trainer.fit, with Ctrl-C reported as ours (exit 130, "rerun with --resume"): Lightning
+    catches KeyboardInterrupt itself and exits with status 1 and its own message."""
+    try:
+        trainer.fit(module, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
 
 
 def needs_sync_batchnorm(net: nn.Module, devices) -> bool:

@@ -320,18 +320,25 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     "classes", "modes": {mode: ConfusionMatrix.compute() output}, "seconds", ...}, which
     metrics.json holds too (NaN written as null). On the test split nothing is scored ("modes"
     is empty) and the most refined predictions go to the evaluation server's layout."""
+    from data.datasets import open_data
+    from utils.runlock import RunLock, clean_temporary_files
+
     workers = getattr(args, "workers", None)
     if workers is None:
         workers = os.cpu_count() or 1
     if workers < 0:
         raise BanaError(f"--workers {workers}: give 0 (CRF in the main process) or more.")
-    from data.datasets import open_data
-
     data = open_data(cfg)
     split = cfg.TEST.SPLIT
     score = split != data.test_split
     modes = modes_of(cfg) if score else modes_of(cfg)[-1:]
     crf, ckpt_path, dataset = check_inputs(cfg, args, data, split, score, modes)
+    with RunLock(cfg.run_dir / EVAL_DIR, "evaluate.py"):
+        clean_temporary_files(cfg.run_dir / EVAL_DIR)
+        return _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers)
+
+
+def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers) -> dict:
     device = _device(getattr(args, "gpu_id", "cpu"))
     net = load_model(ckpt_path, cfg).to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,

@@ -22,7 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, fit, make_optimizer,
                            make_trainer, parameter_groups, start_training)
 from utils.config import Config
 from utils.errors import BanaError
@@ -122,9 +122,16 @@ def check_train_inputs(cfg: Config):
 
 def train(cfg: Config, args: argparse.Namespace) -> dict:
     """Train Mask R-CNN; returns the iteration count and the final checkpoint."""
-    from models.instance import build_instance_model
+    from utils.runlock import RunLock
 
     dataset, class_map = check_train_inputs(cfg)
+    with RunLock(cfg.run_dir, "stage 3 (instance)"):
+        return _train(cfg, args, dataset, class_map)
+
+
+def _train(cfg: Config, args: argparse.Namespace, dataset, class_map) -> dict:
+    from models.instance import build_instance_model
+
     devices, ckpt_path = start_training(cfg, args, STAGE)
     model = build_instance_model(cfg.MODEL.BACKBONE, cfg.DATA.NUM_CLASSES, cfg.MODEL.INIT,
                                  *cfg.MODEL.INSTANCE_SIZE)
@@ -144,8 +151,8 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
-    trainer.fit(InstanceLitModule(model, cfg, meta), train_dataloaders=loader,
-                ckpt_path=ckpt_path)
+    fit(trainer, InstanceLitModule(model, cfg, meta), train_dataloaders=loader,
+        ckpt_path=ckpt_path)
     final = ckpt_dir / "final.ckpt"
     if trainer.is_global_zero:
         print(f"Stage 3 (instance) done: {trainer.global_step} iterations, checkpoint {final}")

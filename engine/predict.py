@@ -127,6 +127,16 @@ def predict_image(cfg: Config, net, image: np.ndarray, mode: str, crf, device) -
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Predict every input image (skipping those done); returns counts and images/s."""
+    from utils.runlock import RunLock, clean_temporary_files
+
+    images, ckpt_path, mode, crf = check_inputs(cfg, args)
+    with RunLock(args.output, "predict.py"):
+        clean_temporary_files(args.output)
+        return _predict(cfg, args, images, ckpt_path, mode, crf)
+
+
+def _predict(cfg: Config, args, images, ckpt_path, mode, crf) -> dict:
     from tqdm import tqdm
 
     from engine.common import load_stage_checkpoint
@@ -134,7 +144,6 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from utils.io import atomic_write_jpeg, atomic_write_png, read_image
     from utils.palette import voc_palette
 
-    images, ckpt_path, mode, crf = check_inputs(cfg, args)
     out = Path(args.output)
     todo = [p for p in images if not ((out / f"{p.stem}.png").is_file()
                                       and (out / OVERLAY_DIR / f"{p.stem}.jpg").is_file())]

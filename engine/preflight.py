@@ -92,3 +92,29 @@ def require_writable(folder: Path, key: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BanaError(f"{key} {folder} cannot be written: {probe} is not writable. Fix the "
                         f"permissions, or choose a writable folder instead ({key}).")
+
+
+def require_unused_weights(cfg, stage: str, scored: str) -> None:
+    """Training stages start from MODEL.INIT; MODEL.WEIGHTS names an earlier stage's output for
+    stage 2 and evaluate.py, which a training stage ignores. Refused: any MODEL.WEIGHTS for
+    stage 1 (`scored` empty), and for stage 3 an existing file that is not a stage-3 checkpoint
+    (say, the stage-1 model given in the hope of starting from it). A stage-3 config naming the
+    checkpoint evaluate.py will score (`scored`), existing or not yet, is fine."""
+    if not cfg.MODEL.WEIGHTS:
+        return
+    path = cfg.output_path(cfg.MODEL.WEIGHTS)
+    if scored:
+        if not path.is_file():
+            return
+        try:
+            import torch
+
+            meta = torch.load(path, map_location="cpu", weights_only=False).get("bana", {})
+        except Exception:  # unreadable: evaluate.py will say so; not this check's business
+            return
+        if meta.get("stage") == 3:
+            return
+    raise BanaError(f"MODEL.WEIGHTS is {cfg.MODEL.WEIGHTS!r}, but {stage} does not read it (it "
+                    "names an earlier stage's output for stage 2 and evaluate.py"
+                    + (f"; here only {scored}" if scored else "") + "). To start training from "
+                    "a checkpoint, set MODEL.INIT to its path; otherwise drop MODEL.WEIGHTS.")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, fit, make_optimizer,
                            make_trainer, network_groups, start_training)
 from utils.config import Config
 
@@ -82,13 +82,15 @@ def open_train_dataset(cfg: Config):
 def check_inputs(cfg: Config):
     """Every input of stage 1, checked before a network is built or weights are downloaded;
     returns the dataset."""
-    from engine.preflight import Problems, require_data_root, require_init, require_writable
+    from engine.preflight import (Problems, require_data_root, require_init, require_unused_weights,
+                                  require_writable)
 
     problems = Problems("stage 1")
     dataset = None
     if problems.passes(lambda: require_data_root(cfg.data_root)):
         dataset = problems.check(lambda: open_train_dataset(cfg))
     problems.check(lambda: require_init(cfg.MODEL.INIT))
+    problems.check(lambda: require_unused_weights(cfg, "stage 1", ""))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
     problems.raise_if_any()
     return dataset
@@ -108,9 +110,16 @@ def train_loader(cfg: Config, dataset, per_device_batch: int, fill) -> DataLoade
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 1; returns the final training metrics and the checkpoint path."""
-    from models.backbones import MEAN_RGB
+    from utils.runlock import RunLock
 
     dataset = check_inputs(cfg)
+    with RunLock(cfg.run_dir, "stage 1"):
+        return _train(cfg, args, dataset)
+
+
+def _train(cfg: Config, args: argparse.Namespace, dataset) -> dict:
+    from models.backbones import MEAN_RGB
+
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_labeler(cfg)
@@ -120,7 +129,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    fit(trainer, module, train_dataloaders=loader, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     final = ckpt_dir / "final.ckpt"
     if trainer.is_global_zero:

@@ -407,18 +407,91 @@ def check_inputs(cfg: Config):
     return data, dataset
 
 
-def run(cfg: Config, args: argparse.Namespace) -> dict:
-    """Generate (or finish generating) the pseudo labels; returns counts and the quality report."""
-    from utils.cli import resolve_devices
+RECORD = "labels.json"
+# What decides the labels a folder holds (besides the stage-1 model, recorded by its checksum).
+RECORD_KEYS = ("MODEL.BACKBONE", "MODEL.GRID_SIZE", "MODEL.BG_THRESHOLD", "MODEL.USE_U0",
+               "MODEL.DCRF", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES", "DATA.NUM_CLASSES")
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def labelling_record(cfg: Config) -> dict:
+    """The settings the labels of DATA.PSEUDO_LABEL_DIR are made with."""
+    record = {}
+    for key in RECORD_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        record[key] = value
+    record["stage-1 model (sha256)"] = file_sha256(cfg.output_path(cfg.MODEL.WEIGHTS))
+    return record
+
+
+def check_label_record(cfg: Config, overwrite: bool) -> None:
+    """Labels in a folder come from one labelling: a rerun with other settings is refused
+    (naming the keys) unless `overwrite`, which empties the folder's label files first. Writes
+    the record for a new or overwritten folder."""
+    import shutil
+
     from utils.io import atomic_write_json
 
+    out_root = cfg.pseudo_label_dir
+    path = out_root / RECORD
+    new = labelling_record(cfg)
+    labels = [d for d in (*LABELS, BOX_LABEL, INSTANCES) if (out_root / d).is_dir()]
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diffs = [(k, old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)]
+    else:
+        diffs = [("(no record)", "labels of an unknown labelling", "these settings")] \
+            if any(any((out_root / d).iterdir()) for d in labels) else []
+    if diffs and not overwrite:
+        listed = "; ".join(f"{k}: {a!r} recorded, {b!r} now" for k, a, b in diffs)
+        raise BanaError(f"{out_root} holds labels made with other settings ({path}): {listed}. "
+                        "Its labels would be kept as 'already labelled' and scored as if made "
+                        "with the new ones. Label into another folder (--opts "
+                        "DATA.PSEUDO_LABEL_DIR Generation_new), or pass --overwrite to delete "
+                        "them and label again.")
+    if overwrite and labels:
+        for d in labels:
+            shutil.rmtree(out_root / d)
+        for stale in out_root.glob("*_Y_*.json"):
+            stale.unlink()
+        print(f"--overwrite: deleted the labels in {out_root}.")
+    if overwrite or diffs or not path.is_file():
+        atomic_write_json(path, new)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Generate (or finish generating) the pseudo labels; returns counts and the quality report."""
+    from utils.runlock import RunLock
+
     data, dataset = check_inputs(cfg)
+    net = load_labeler(cfg)  # a bad checkpoint fails here, before anything is written
+    with RunLock(cfg.pseudo_label_dir, "stage 2"), RunLock(cfg.run_dir, "stage 2"):
+        return _label(cfg, args, data, dataset, net)
+
+
+def _label(cfg: Config, args: argparse.Namespace, data, dataset, net) -> dict:
+    from utils.cli import resolve_devices
+    from utils.io import atomic_write_json
+    from utils.runlock import clean_temporary_files
+
     devices = resolve_devices(args.gpu_id)
     print(devices.note)
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
     coco = data.writes_instances
+    clean_temporary_files(cfg.pseudo_label_dir)
+    check_label_record(cfg, getattr(args, "overwrite", False))
     cfg.save()
-    net = load_labeler(cfg)  # fail early, before any process starts, on a bad checkpoint
     ids = list(dataset.ids)
     out_root = cfg.pseudo_label_dir
     todo = len(pending_ids(ids, out_root, coco))

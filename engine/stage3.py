@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, make_optimizer,
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, fit, make_optimizer,
                            make_trainer, needs_sync_batchnorm, network_groups, start_training)
 from utils.config import Config
 from utils.errors import BanaError
@@ -114,8 +114,17 @@ def open_datasets(cfg: Config):
     from data.datasets import open_data
 
     data = open_data(cfg)
-    train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=pseudo_label_dirs(cfg),
-                              gt_ids=read_gt_ids(cfg.DATA.GT_IDS))
+    label_dirs = pseudo_label_dirs(cfg)
+    gt_ids = read_gt_ids(cfg.DATA.GT_IDS)
+    if gt_ids:
+        outside = sorted(gt_ids - set(data.split_ids(cfg.DATA.SPLIT)))
+        if outside:
+            import warnings
+
+            warnings.warn(f"DATA.GT_IDS {cfg.DATA.GT_IDS}: {len(outside)} of {len(gt_ids)} ids "
+                          f"are not in the split '{cfg.DATA.SPLIT}' and are ignored (e.g. "
+                          f"{', '.join(outside[:3])}).", stacklevel=2)
+    train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=label_dirs, gt_ids=gt_ids)
     val = data.mask_dataset(cfg.DATA.VAL_SPLIT)
     return train, val, list(data.classes)
 
@@ -123,13 +132,16 @@ def open_datasets(cfg: Config):
 def check_inputs(cfg: Config):
     """Every input of stage 3, checked before a network is built or weights are downloaded;
     returns (train, val datasets, class names)."""
-    from engine.preflight import Problems, require_data_root, require_init, require_writable
+    from engine.preflight import (Problems, require_data_root, require_init, require_unused_weights,
+                                  require_writable)
 
     problems = Problems("stage 3")
     datasets = None
     if problems.passes(lambda: require_data_root(cfg.data_root)):
         datasets = problems.check(lambda: open_datasets(cfg))
     problems.check(lambda: read_gt_ids(cfg.DATA.GT_IDS))
+    problems.check(lambda: require_unused_weights(cfg, "stage 3", "this run's checkpoint, "
+                                                  "for evaluate.py"))
     problems.check(lambda: require_init(cfg.MODEL.INIT))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
     problems.raise_if_any()
@@ -155,9 +167,16 @@ def loaders(cfg: Config, train, val, per_device_batch: int, fill) -> tuple[DataL
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Train stage 3; returns the last validation metrics and the checkpoint paths."""
-    from models.backbones import MEAN_RGB
+    from utils.runlock import RunLock
 
     train, val, classes = check_inputs(cfg)
+    with RunLock(cfg.run_dir, "stage 3"):
+        return _train(cfg, args, train, val, classes)
+
+
+def _train(cfg: Config, args: argparse.Namespace, train, val, classes) -> dict:
+    from models.backbones import MEAN_RGB
+
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_deeplab_from_config(cfg)
@@ -171,8 +190,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     checkpoint = AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY, monitor="val/miou")
     trainer = make_trainer(cfg, devices, [checkpoint], val_every=val_every,
                            sync_batchnorm=needs_sync_batchnorm(net, devices))
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=ckpt_path)
+    fit(trainer, module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+        ckpt_path=ckpt_path)
     if trainer.global_step % val_every:
         trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

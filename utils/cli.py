@@ -123,9 +123,11 @@ def os_error_message(error: OSError) -> str | None:
     if error.errno == errno.EEXIST and path is not None and not Path(path).is_dir():
         return (f"cannot create the folder {path}: a file of that name exists. Move the file "
                 f"away, or {_OUTPUT_FIX}")
-    if error.errno == errno.ENOSPC:
-        return (f"cannot write {path}: no space left on the device. Free some space and rerun "
-                "the same command; files already written are complete.")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write {path}: no space left on the device ({error.strerror}). Nothing "
+                "half-written was kept. Free some space, then rerun the same command (stages 1 "
+                "and 3: add --resume to continue from the last checkpoint); files already "
+                "written are complete and are not redone.")
     return None
 
 
@@ -143,7 +145,9 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
             raise
         report_error(message)
     except KeyboardInterrupt:
-        report_error("interrupted; outputs written so far are complete files, rerun to resume.")
+        report_error("interrupted; outputs written so far are complete files. Rerun the same "
+                     "command to continue (stages 1 and 3: add --resume to continue from the "
+                     "last checkpoint).")
         sys.exit(130)
     sys.exit(2)
 

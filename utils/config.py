@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +273,26 @@ def _describe_type(t) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[t]
 
 
-def _coerce(value, t, where: str):
-    """Check `value` against the annotated type `t`; ints are accepted where floats are."""
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping: PyYAML would keep the last
+    one silently (a second `SOLVER:` section would drop every key of the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise BanaError(f"the key '{key}' is written twice (lines {seen[key] + 1} and "
+                                f"{key_node.start_mark.line + 1}); the second would silently "
+                                "replace the first. Merge them into one.")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _coerce(value, t, where: str, raw: str | None = None):
+    """Check `value` against the annotated type `t`; ints are accepted where floats are. What a
+    person obviously means is accepted: `1e-3` (a string to YAML 1.1) as a number, `2024` as a
+    name (with `raw`, the text as typed after --opts, so `1.10` stays `1.10`)."""
     bad = BanaError(f"{where}: expected {_describe_type(t)}, found {value!r} "
                     f"({type(value).__name__}).")
     if typing.get_origin(t) is list:
@@ -294,19 +313,26 @@ def _coerce(value, t, where: str):
             raise bad
         return value
     if t is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
     if t is str:
         if value is None:
             return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return raw if raw is not None else str(value)
         if not isinstance(value, str):
             raise bad
         return value
     raise TypeError(f"unsupported schema type {t}")
 
 
-def _set(cfg: Config, dotted: str, value, source: str) -> None:
+def _set(cfg: Config, dotted: str, value, source: str, raw: str | None = None) -> None:
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -333,7 +359,7 @@ def _set(cfg: Config, dotted: str, value, source: str) -> None:
             for k, v in value.items():
                 _set(cfg, f"{dotted}.{k}", v, source)
             return
-        setattr(node, part, _coerce(value, t, f"{source}: {dotted}"))
+        setattr(node, part, _coerce(value, t, f"{source}: {dotted}", raw))
 
 
 def _validate(cfg: Config, source: str) -> None:
@@ -366,9 +392,15 @@ def _validate(cfg: Config, source: str) -> None:
         raise BanaError(f"{source}: MODEL.TASK instance trains on COCO-format instance "
                         "annotations: set DATA.DATASET coco (stage 2 on a COCO-layout dataset "
                         "writes the pseudo instance masks).")
-    if not cfg.NAME or "/" in cfg.NAME:
-        raise BanaError(f"{source}: NAME = {cfg.NAME!r} must be a non-empty folder name "
-                        "without '/'.")
+    if not re.fullmatch(r"[A-Za-z0-9_.+=-]+", cfg.NAME) or cfg.NAME in (".", ".."):
+        raise BanaError(f"{source}: NAME = {cfg.NAME!r} must be a plain folder name (letters, "
+                        "digits, '_', '-', '.', not '.' or '..'): the run is written to "
+                        "OUTPUT_DIR/NAME and must stay inside OUTPUT_DIR.")
+    label_dir = Path(cfg.DATA.PSEUDO_LABEL_DIR)
+    if not label_dir.is_absolute() and ".." in label_dir.parts:
+        raise BanaError(f"{source}: DATA.PSEUDO_LABEL_DIR = {cfg.DATA.PSEUDO_LABEL_DIR!r} leaves "
+                        "DATA.ROOT through '..': give a folder inside DATA.ROOT, or an absolute "
+                        "path if the labels belong elsewhere.")
 
 
 def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
@@ -394,17 +426,24 @@ def load_config(path: str | Path | None = None, opts: list[str] | None = None) -
         if not path.is_file():
             raise BanaError(f"Config file {path} does not exist. Shipped configs live in "
                             "configs/ (e.g. configs/stage1.yml, configs/demo/stage1.yml).")
+        text = path.read_text()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(text, Loader=_StrictLoader)
+        except BanaError as e:
+            raise BanaError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
-            raise BanaError(f"{path} is not valid YAML: {e}") from None
+            raise BanaError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            raise BanaError(f"{path} is empty: a config file sets at least the keys of its stage "
+                            "(see the shipped configs in configs/, e.g. configs/stage1.yml).")
         if not isinstance(data, dict):
             raise BanaError(f"{path}: expected a mapping of config keys at the top level, "
                             f"found {type(data).__name__}.")
         for key, value in data.items():
             _set(cfg, str(key), value, str(path))
-    for key, value in parse_opts(list(opts or [])):
-        _set(cfg, key, value, f"--opts {key}")
+    raw_opts = list(opts or [])
+    for (key, value), raw in zip(parse_opts(raw_opts), raw_opts[1::2]):
+        _set(cfg, key, value, f"--opts {key}", raw)
     _validate(cfg, str(path) if path is not None else "config")
     return cfg
 

@@ -36,6 +36,11 @@ def _atomic_write(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        # Name the file being written, not the temporary one (a full disk, a quota).
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -114,6 +119,10 @@ def read_image(path, exif: bool = False) -> np.ndarray:
 
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import warnings
+
+        warnings.warn(f"{path} is a {image.mode} (more than 8 bits per pixel) image: scaled to "
+                      "8 bits (value / 257) for the network.", stacklevel=2)
         grey = np.asarray(image, dtype=np.float64) / 257.0
         grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
