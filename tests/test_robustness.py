@@ -540,6 +540,147 @@ def no_crf_workers_for_stage2(env):
     return stage2(env, workers=0), ["--workers 0"], "at least 1"
 
 
+# --- issue 16, class 1: reporting paths read ground truth the code never expected --------------
+
+def crop_png(path: Path, rows: int = 4) -> None:
+    atomic_write_png(path, read_index_png(path)[:-rows])
+
+
+@case
+def cropped_gt_in_the_stage2_report(env):
+    root = env.copy()
+    gt = root / "SegmentationClassAug/val_00002.png"
+    crop_png(gt)
+    return stage2(env, root=root), [str(gt), "ground truth"], "re-create it"
+
+
+@case
+def gt_value_out_of_range_in_the_stage2_report(env):
+    root = env.copy()
+    gt = root / "SegmentationClassAug/val_00001.png"
+    set_label_value(gt, 40)
+    return stage2(env, root=root), [str(gt), "values 40"], "or check DATA.NUM_CLASSES"
+
+
+@case
+def cropped_gt_in_folder_mode_is_blamed_on_the_gt(env):
+    root = env.copy()
+    pred = Path(shutil.copytree(root / "SegmentationClassAug", env.tmp / "pred"))
+    gt = root / "SegmentationClassAug/val_00003.png"
+    crop_png(gt)
+    return (["evaluate.py", "--pred-dir", str(pred), "--data-root", str(root)],
+            [f"ground truth {gt}"], "re-create it")
+
+
+@case
+def cropped_gt_in_stage3_validation(env):
+    root = env.copy(env.labelled)
+    gt = root / "SegmentationClassAug/val_00000.png"
+    crop_png(gt)
+    return stage3(env, root=root), [f"ground truth {gt}"], "re-create the label"
+
+
+# --- class 4: paths that leave their place ------------------------------------------------------
+
+@case
+def name_dot_dot_for_stage1(env):
+    return stage1(env, "NAME", ".."), ["NAME = '..'"], "plain folder name"
+
+
+@case
+def name_with_a_path_for_stage3(env):
+    return stage3(env, "NAME", "a/../../escape"), ["NAME = 'a/../../escape'"], "plain folder name"
+
+
+@case
+def name_dot_for_evaluate(env):
+    return evaluate(env, "NAME", "."), ["NAME = '.'"], "plain folder name"
+
+
+@case
+def label_dir_leaving_the_root_for_stage2(env):
+    argv = stage2(env)
+    argv[argv.index("DATA.PSEUDO_LABEL_DIR") + 1] = "../outside"
+    return argv, ["DATA.PSEUDO_LABEL_DIR = '../outside'"], "an absolute path"
+
+
+# --- class 5: garbage that used to be accepted without a word -----------------------------------
+
+@case
+def section_written_twice_in_yaml(env):
+    config = env.config("stage1.yml", "SOLVER:\n  MAX_ITER: 5\n")
+    return stage1(env, config=config), [str(config), "'SOLVER' is written twice"], "Merge them"
+
+
+@case
+def empty_yaml_file(env):
+    config = env.tmp / "empty.yml"
+    config.write_text("# nothing here\n")
+    return stage1(env, config=config), [str(config), "is empty"], "configs/stage1.yml"
+
+
+@case
+def duplicate_ids_in_a_split_list(env):
+    root = env.copy()
+    split = root / "ImageSets/Segmentation/train_aug.txt"
+    split.write_text(split.read_text() + "train_00001\ntrain_00002\n")
+    return stage1(env, root=root), [str(split), "train_00001"], "Remove the repeats"
+
+
+@case
+def inverted_box_in_an_annotation(env):
+    root = env.copy()
+    xml = root / "Annotations/train_00004.xml"
+    text = xml.read_text()
+    xmin = text.split("<xmin>")[1].split("<")[0]
+    xmax = text.split("<xmax>")[1].split("<")[0]
+    xml.write_text(text.replace(f"<xmin>{xmin}<", f"<xmin>{xmax}<", 1)
+                   .replace(f"<xmax>{xmax}<", f"<xmax>{xmin}<", 1))
+    return stage1(env, root=root), [str(xml), "swapped corners"], "Fix the export"
+
+
+@case
+def stage1_weights_given_to_stage3(env):
+    return (stage3(env, "MODEL.WEIGHTS", str(env.stage1_ckpt)), ["MODEL.WEIGHTS",
+            "stage 3 does not read it"], "set MODEL.INIT to its path")
+
+
+@case
+def weights_given_to_stage1(env):
+    return (stage1(env, "MODEL.WEIGHTS", str(env.stage1_ckpt)), ["MODEL.WEIGHTS",
+            "stage 1 does not read it"], "set MODEL.INIT to its path")
+
+
+# --- class 2: a folder in use (a lock held by a live process: this test's own) -----------------
+
+def hold_lock(folder: Path) -> Path:
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".lock").write_text(json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "started": "now", "what": "stage 9",
+        "command": "another run"}))
+    return folder / ".lock"
+
+
+@case
+def run_folder_in_use_for_stage1(env):
+    lock = hold_lock(env.tmp / "runs" / "stage1")
+    return stage1(env), [str(lock.parent), f"PID {os.getpid()}"], "choose another folder"
+
+
+@case
+def label_folder_in_use_for_stage2(env):
+    lock = hold_lock(env.tmp / "Generation")
+    return stage2(env), [str(lock.parent), "in use by another run"], f"delete {lock}"
+
+
+@case
+def eval_folder_in_use_for_evaluate(env):
+    lock = hold_lock(env.tmp / "runs" / "stage3" / "eval")
+    return evaluate(env), [str(lock.parent), "in use by another run"], "Wait for it to finish"
+
+
 def run_script(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
@@ -832,16 +973,234 @@ def test_stage2_killed_mid_run_leaves_whole_labels_and_resumes(artifacts, clean_
 
 @pytest.mark.slow
 def test_two_stage2_runs_on_one_folder_never_corrupt_a_label(artifacts, clean_labels, tmp_path):
+    """Started together, one run takes the label folder's lock and the other is refused with a
+    message naming the folder; the labels are those of one clean run."""
     argv = stage2_argv(artifacts, tmp_path)
     procs = [start(argv, tmp_path / f"run{k}.log") for k in range(2)]
     try:
-        for k, proc in enumerate(procs):
-            assert proc.wait(timeout=240) == 0, (tmp_path / f"run{k}.log").read_text()[-3000:]
+        codes = [proc.wait(timeout=240) for proc in procs]
     finally:
         for proc in procs:
             stop(proc)
+    logs = [(tmp_path / f"run{k}.log").read_text() for k in range(2)]
+    assert sorted(codes) == [0, 2], logs
+    refused = logs[codes.index(2)]
+    assert "in use by another run" in " ".join(refused.split()) and "Traceback" not in refused
     assert_same_labels(read_labels(tmp_path / "Generation"), clean_labels)
     assert temporary_files(tmp_path / "Generation") == []
+    assert not (tmp_path / "Generation" / ".lock").exists()
+
+
+def test_two_stage3_runs_into_one_folder_one_is_refused(labelled_voc, tmp_path):
+    env = Env(tmp_path, labelled_voc, labelled_voc, tmp_path, tmp_path)
+    argv = stage3(env, "SOLVER.MAX_ITER", "6", "SOLVER.VAL_EVERY", "6")
+    procs = [start(argv, tmp_path / f"run{k}.log") for k in range(2)]
+    try:
+        codes = [proc.wait(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            stop(proc)
+    logs = [(tmp_path / f"run{k}.log").read_text() for k in range(2)]
+    assert sorted(codes) == [0, 2], logs
+    assert ("in use by another run" in " ".join(logs[codes.index(2)].split())
+            or "already holds a run" in " ".join(logs[codes.index(2)].split()))
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path):
+    import socket
+
+    from utils.runlock import RunLock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with RunLock(folder, "test"):
+        assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(BanaError, match="in use by another run"):
+            RunLock(folder, "second").__enter__()
+    assert not (folder / ".lock").exists()
+    # another host's lock is never judged stale from here
+    (folder / ".lock").write_text(json.dumps({"pid": dead.pid, "host": "elsewhere"}))
+    with pytest.raises(BanaError, match="on elsewhere"):
+        RunLock(folder, "test").__enter__()
+
+
+def test_secondary_ranks_run_under_rank_0s_lock(tmp_path, monkeypatch):
+    from utils.runlock import RunLock
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with RunLock(tmp_path, "rank 1"):
+        assert not (tmp_path / ".lock").exists()
+
+
+# --- class 3: runs that change under their record -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_stage3(labelled_voc, tmp_path_factory):
+    """A 4-iteration stage-3 run (its config.yaml and checkpoints)."""
+    out = tmp_path_factory.mktemp("record")
+    env = Env(out, labelled_voc, labelled_voc, out, out)
+    proc = run_script(stage3(env, "SOLVER.MAX_ITER", "4", "SOLVER.VAL_EVERY", "4",
+                             "SOLVER.CKPT_EVERY", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return env
+
+
+def _copy_run(env: Env, tmp_path: Path) -> Env:
+    shutil.copytree(env.tmp / "runs", tmp_path / "runs")
+    return Env(tmp_path, env.voc, env.labelled, env.stage1_ckpt, env.stage3_ckpt)
+
+
+@pytest.mark.parametrize("opts, names", [
+    (["SOLVER.MAX_ITER", "2"], ["trained 4 iterations", "SOLVER.MAX_ITER 2"]),
+    (["SOLVER.MAX_ITER", "6", "MODEL.LOSS", "ce_crf"], ["MODEL.LOSS: 'nal' recorded, 'ce_crf' now"]),
+    (["SOLVER.MAX_ITER", "6", "SOLVER.LR", "0.5"], ["SOLVER.LR: 0.01 recorded, 0.5 now"]),
+    (["SOLVER.MAX_ITER", "6", "DATA.CROP_SIZE", "40"], ["DATA.CROP_SIZE: 48 recorded, 40 now"]),
+])
+def test_resume_with_other_settings_is_refused_and_the_record_kept(trained_stage3, tmp_path,
+                                                                   opts, names):
+    env = _copy_run(trained_stage3, tmp_path)
+    record = tmp_path / "runs/stage3/config.yaml"
+    before = record.read_bytes()
+    proc = run_script(stage3(env, *opts, flags=["--resume"]))
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and all(n in err for n in names), err
+    assert "Traceback" not in proc.stderr
+    assert record.read_bytes() == before
+
+
+def test_reconfigure_continues_with_new_settings_and_keeps_the_old_record(trained_stage3,
+                                                                          tmp_path):
+    env = _copy_run(trained_stage3, tmp_path)
+    proc = run_script(stage3(env, "SOLVER.MAX_ITER", "6", "SOLVER.VAL_EVERY", "6",
+                             "MODEL.LOSS", "ce_crf", flags=["--resume", "--reconfigure"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MODEL.LOSS" in proc.stdout
+    assert "loss: nal" in (tmp_path / "runs/stage3/config.1.yaml").read_text().lower()
+    assert "ce_crf" in (tmp_path / "runs/stage3/config.yaml").read_text()
+    assert torch.load(tmp_path / "runs/stage3/checkpoints/final.ckpt", weights_only=False,
+                      map_location="cpu")["global_step"] == 6
+
+
+def test_a_leftover_temporary_file_is_cleaned_up_on_resume(trained_stage3, tmp_path):
+    env = _copy_run(trained_stage3, tmp_path)
+    leftover = tmp_path / "runs/stage3/checkpoints/.last.ckpt.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    proc = run_script(stage3(env, "SOLVER.MAX_ITER", "4", "SOLVER.VAL_EVERY", "4",
+                             flags=["--resume"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not leftover.exists() and "Removed 1 temporary file" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opts, key", [(["MODEL.USE_U0", "false"], "MODEL.USE_U0"),
+                                       (["MODEL.DCRF", "[3,50,3,3,3]"], "MODEL.DCRF"),
+                                       (["MODEL.BG_THRESHOLD", "0.5"], "MODEL.BG_THRESHOLD")])
+def test_relabelling_with_other_settings_is_refused_until_overwrite(artifacts, tmp_path, opts,
+                                                                    key):
+    env = Env(tmp_path, artifacts["voc"], artifacts["labelled"], artifacts["stage1"],
+              artifacts["stage3"])
+    first = run_script(stage2(env))
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = (tmp_path / "Generation/labels.json").read_bytes()
+    refused = run_script(stage2(env, *opts))
+    err = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and key in err and "--overwrite" in err, err
+    assert (tmp_path / "Generation/labels.json").read_bytes() == record
+    again = run_script(stage2(env, *opts, flags=["--overwrite"]))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "deleted the labels" in again.stdout and "0 already labelled" in again.stdout
+    assert json.loads((tmp_path / "Generation/labels.json").read_text())[key] != \
+        json.loads(record)[key]
+
+
+# --- class 5 (warnings with a count) and class 6 (messages for real faults) ---------------------
+
+def test_gt_ids_outside_the_split_warn_with_a_count(labelled_voc, tmp_path):
+    from engine.stage3 import open_datasets
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("train_00001\nnot_an_image\nval_00000\n")
+    cfg = load_config(REPO / "configs/demo/stage3.yml", ["DATA.ROOT", str(labelled_voc),
+                                                         "DATA.GT_IDS", str(ids)])
+    with pytest.warns(UserWarning, match="2 of 3 ids are not in the split 'train'"):
+        open_datasets(cfg)
+
+
+def test_a_16_bit_image_is_scaled_with_a_warning_not_read_as_white(tmp_path):
+    from PIL import Image
+
+    from utils.io import read_image
+
+    Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)).save(tmp_path / "d.png")
+    with pytest.warns(UserWarning, match="scaled to 8 bits"):
+        rgb = read_image(tmp_path / "d.png")
+    assert rgb.min() == 0 and 200 < rgb.max() < 255
+
+
+@pytest.mark.parametrize("opts, key, expected", [
+    (["SOLVER.LR", "1e-3"], "SOLVER.LR", 1e-3), (["SOLVER.LR", "5E-4"], "SOLVER.LR", 5e-4),
+    (["NAME", "2024"], "NAME", "2024"), (["NAME", "1.10"], "NAME", "1.10"),
+    (["SEED", "7"], "SEED", 7)])
+def test_opts_are_read_as_a_person_means_them(opts, key, expected):
+    cfg = load_config(REPO / "configs/demo/stage1.yml", opts)
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_a_full_disk_names_the_file_being_written_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    from utils.cli import os_error_message
+    from utils.io import atomic_write_png
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "labels" / "x.png"
+    with pytest.raises(OSError) as info:
+        atomic_write_png(target, np.zeros((4, 4), np.uint8))
+    assert info.value.filename == str(target)
+    assert list((tmp_path / "labels").iterdir()) == []
+    message = os_error_message(info.value)
+    assert str(target) in message and "--resume" in message
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint(tmp_path):
+    import errno
+
+    from engine.common import atomic_save_checkpoint
+
+    class FullDisk:
+        is_global_zero = True
+
+        def save_checkpoint(self, path, weights_only=False):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpabc")
+
+    with pytest.raises(OSError) as info:
+        atomic_save_checkpoint(FullDisk(), tmp_path / "last.ckpt")
+    assert info.value.filename == str(tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_stage3_exits_130_with_the_way_back(labelled_voc, tmp_path):
+    env = Env(tmp_path, labelled_voc, labelled_voc, tmp_path, tmp_path)
+    log = tmp_path / "run.log"
+    proc = start(stage3(env, "SOLVER.MAX_ITER", "5000", "SOLVER.VAL_EVERY", "5000"), log)
+    deadline = time.monotonic() + 120
+    while "iter " not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = " ".join(log.read_text().split())
+    assert "interrupted" in text and "add --resume" in text and "Traceback" not in text
 
 
 @pytest.mark.slow
