@@ -11,23 +11,11 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from models.labeler import Labeler
 from models.pooling import _window_membership, grid_padding, sample_counts
-
-
-class _Identity(nn.Module):
-    def __init__(self, out_channels):
-        super().__init__()
-        self.out_channels = out_channels
-
-    def forward(self, x):
-        return x
-
-    def new_modules(self):
-        return []
+from tests.test_labeler import _Identity
 
 
 def _pad_for_grid(x, g):
