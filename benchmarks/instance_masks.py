@@ -11,6 +11,7 @@ val split's masks. Prints the table; --write-docs also writes docs/instance_resu
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,20 +35,24 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("/tmp/instance_masks"))
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES,
+                        help="mask sources to (re)train; the table has every source whose run "
+                             "exists under --out")
     args = parser.parse_args(argv)
     root, out = args.out / "R", args.out / "O"
-    _run("data/synthetic.py", "--format", "coco-custom", "--out", root, "--n-train", "120",
-         "--n-val", "30", "--size", "96", "--seed", "0")
-    _run("data/coco_bbox_setup.py", "--data-root", root)
     opts = ["DATA.DATASET", "coco", "DATA.CLASS_MAP", "all", "DATA.ROOT", root, "DATA.SPLIT",
             "train", "DATA.VAL_SPLIT", "val", "DATA.NUM_CLASSES", "5", "OUTPUT_DIR", out]
-    _run("stage1.py", "--config-file", "configs/demo/stage1.yml", "--gpu-id", "cpu", "--opts",
-         *opts)
-    _run("stage2.py", "--config-file", "configs/demo/stage2.yml", "--gpu-id", "cpu", "--opts",
-         *opts)
+    if not (out / "stage2" / "quality.json").is_file():  # data, stage 1 and 2 once per --out
+        _run("data/synthetic.py", "--format", "coco-custom", "--out", root, "--n-train", "120",
+             "--n-val", "30", "--size", "96", "--seed", "0")
+        _run("data/coco_bbox_setup.py", "--data-root", root)
+        _run("stage1.py", "--config-file", "configs/demo/stage1.yml", "--gpu-id", "cpu",
+             "--opts", *opts)
+        _run("stage2.py", "--config-file", "configs/demo/stage2.yml", "--gpu-id", "cpu",
+             "--opts", *opts)
     it = args.iterations
-    rows = {}
-    for source in SOURCES:
+    for source in args.sources:
+        shutil.rmtree(out / f"instance_{source}", ignore_errors=True)
         run = ["MODEL.INSTANCE_MASKS", source, "NAME", f"instance_{source}",
                "MODEL.WEIGHTS", f"instance_{source}/checkpoints/final.ckpt",
                "SOLVER.MAX_ITER", str(it), "SOLVER.MILESTONES", f"[{it * 3 // 4}]"]
@@ -55,12 +60,14 @@ def main(argv=None):
                           "--gpu-id", "cpu", "--opts", *opts, *run)
         _run("evaluate.py", "--config-file", "configs/demo/stage3_instance.yml", "--gpu-id",
              "cpu", "--save-vis", "4", "--opts", *opts, *run, "TEST.SPLIT", "val")
-        metrics = json.loads((out / f"instance_{source}" / "eval" / "metrics.json").read_text())
-        rows[source] = {t: metrics["ap"][t] for t in ("segm", "bbox")}
-        rows[source]["train_seconds"] = round(seconds)
-        print(f"{source:6s} segm AP {rows[source]['segm']['AP']:.1f}  AP50 "
-              f"{rows[source]['segm']['AP50']:.1f}  bbox AP {rows[source]['bbox']['AP']:.1f}  "
-              f"({seconds:.0f} s)", flush=True)
+        ap = json.loads((out / f"instance_{source}" / "eval" / "metrics.json").read_text())["ap"]
+        print(f"{source:6s} segm AP {ap['segm']['AP']:.1f}  AP50 {ap['segm']['AP50']:.1f}  "
+              f"bbox AP {ap['bbox']['AP']:.1f}  ({seconds:.0f} s training)", flush=True)
+    rows = {}
+    for source in SOURCES:
+        metrics = out / f"instance_{source}" / "eval" / "metrics.json"
+        if metrics.is_file():
+            rows[source] = json.loads(metrics.read_text())["ap"]
     lines = ["# Mask R-CNN on each mask source (synthetic COCO-format export, CPU)", "",
              "`python -m benchmarks.instance_masks --write-docs`: 120 train / 30 val images of "
              "96 px with made-up classes; tiny Mask R-CNN, "
