@@ -91,7 +91,29 @@ class Env:
         return Path(shutil.copytree(tree or self.voc, self.tmp / "VOC"))
 
     def config(self, template: str, text: str) -> Path:
-        """A config file: a shipped demo config with `text` appended (later keys win)."""
+        """A config file: a shipped demo config with the keys of `text` merged in (its values
+        win), written as one YAML mapping (a section written twice is itself an error)."""
+        import yaml
+
+        def merge(base, extra):
+            for key, value in extra.items():
+                if isinstance(value, dict) and isinstance(base.get(key), dict):
+                    merge(base[key], value)
+                else:
+                    base[key] = value
+            return base
+
+        base = yaml.safe_load((REPO / "configs/demo" / template).read_text())
+        try:
+            extra = yaml.safe_load(text)
+        except yaml.YAMLError:  # deliberately broken YAML: append it as it is
+            return self.raw_config(template, text)
+        path = self.tmp / "config.yml"
+        path.write_text(yaml.safe_dump(merge(base, extra or {}), sort_keys=False))
+        return path
+
+    def raw_config(self, template: str, text: str) -> Path:
+        """A config file: a shipped demo config with `text` appended verbatim."""
         path = self.tmp / "config.yml"
         path.write_text((REPO / "configs/demo" / template).read_text() + "\n" + text)
         return path
@@ -608,7 +630,7 @@ def label_dir_leaving_the_root_for_stage2(env):
 
 @case
 def section_written_twice_in_yaml(env):
-    config = env.config("stage1.yml", "SOLVER:\n  MAX_ITER: 5\n")
+    config = env.raw_config("stage1.yml", "SOLVER:\n  MAX_ITER: 5\n")
     return stage1(env, config=config), [str(config), "'SOLVER' is written twice"], "Merge them"
 
 
@@ -838,10 +860,13 @@ def test_a_nan_term_in_stage3_is_named_before_the_total(labelled_voc, tmp_path, 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen:
     """Start a script in its own process group (so that it can be killed with its workers); its
-    output goes to `log`, since an unread pipe would block it."""
+    output goes to `log`, since an unread pipe would block it. SIGINT is restored to its
+    default in the child: a suite started as a background job of a non-interactive shell runs
+    with SIGINT ignored, which children would otherwise inherit."""
     with open(log, "ab") as f:
         return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 240) -> None:
