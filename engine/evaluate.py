@@ -126,6 +126,7 @@ def load_model(path: Path, cfg: Config | None = None):
     backbone = build_backbone(meta["backbone"], fc6_dilation=meta["fc6_dilation"], init="none",
                               input_norm=meta["input_norm"])
     net = DeepLab(meta["num_classes"], backbone)
+    net.meta = meta  # the checkpoint's description (classes, backbone, ...), for predict.py
     try:
         net.load_state_dict(model_state(ckpt))
     except RuntimeError as e:

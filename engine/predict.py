@@ -139,7 +139,6 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 def _predict(cfg: Config, args, images, ckpt_path, mode, crf) -> dict:
     from tqdm import tqdm
 
-    from engine.common import load_stage_checkpoint
     from engine.evaluate import _device, load_model
     from utils.io import atomic_write_jpeg, atomic_write_png, read_image
     from utils.palette import voc_palette
@@ -149,7 +148,7 @@ def _predict(cfg: Config, args, images, ckpt_path, mode, crf) -> dict:
                                       and (out / OVERLAY_DIR / f"{p.stem}.jpg").is_file())]
     device = _device(args.gpu_id)
     net = load_model(ckpt_path, cfg).to(device)
-    meta = load_stage_checkpoint(ckpt_path, 3, "")["bana"]
+    meta = net.meta
     names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
     print(f"Predicting {len(todo)} image(s) ({len(images) - len(todo)} already done) with "
           f"{ckpt_path}, mode {mode}; writing {out}/<stem>.png and {out}/{OVERLAY_DIR}/.")
