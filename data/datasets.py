@@ -131,6 +131,7 @@ class COCOData:
         self.class_map_name = data_cfg.CLASS_MAP
         self.num_classes = data_cfg.NUM_CLASSES
         self._datasets: dict = {}
+        self._instances: dict = {}
         self._classes = None
 
     def _checked(self, dataset):
@@ -156,11 +157,17 @@ class COCOData:
             raise RuntimeError("open a split first: the classes come from its annotation file")
         return self._classes
 
-    def split_ids(self, split: str) -> list[str]:
+    def _split_instances(self, split: str):
+        """The split's annotation file with its segmentations, read once per split."""
         from data.coco import load_instances
 
-        ids = load_instances(self.root, split, coco2017=self.class_map_name != "all").image_ids
-        return [str(i) for i in ids.tolist()]
+        if split not in self._instances:
+            self._instances[split] = load_instances(
+                self.root, split, coco2017=self.class_map_name != "all", segmentations=True)
+        return self._instances[split]
+
+    def split_ids(self, split: str) -> list[str]:
+        return [str(i) for i in self._split_instances(split).image_ids.tolist()]
 
     def box_dataset(self, split: str, transform=None):
         from data.coco import COCOBoxDataset
@@ -183,10 +190,7 @@ class COCOData:
         return self._datasets[split]
 
     def has_gt(self, split: str) -> bool:
-        from data.coco import load_instances
-
-        return load_instances(self.root, split, coco2017=self.class_map_name != "all",
-                              segmentations=True).has_segmentation()
+        return self._split_instances(split).has_segmentation()
 
     def gt_label(self, split: str, image_id: str) -> np.ndarray:
         return self._gt(split).gt_label(image_id)

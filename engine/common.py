@@ -198,7 +198,7 @@ class LineProgress(pl.callbacks.ProgressBar):
                   + "  ".join(f"{k} {v:.2f}" for k, v in sorted(val.items())), flush=True)
 
 
-def resume_path(cfg: Config, resume: bool, stage: int) -> str | None:
+def resume_path(cfg: Config, resume: bool, stage: int) -> tuple[str | None, int]:
     """The checkpoint to resume from, or None for a fresh run.
 
     A fresh run refuses to start over an existing one, so nothing already trained is lost. The
@@ -208,21 +208,23 @@ def resume_path(cfg: Config, resume: bool, stage: int) -> str | None:
     last = cfg.run_dir / CHECKPOINT_DIR / "last.ckpt"
     if resume:
         if last.is_file():
-            check_resumable(last, cfg, stage)
+            step = check_resumable(last, cfg, stage)
             print(f"Resuming from {last}.")
-            return str(last)
+            return str(last), step
         print(f"--resume: no checkpoint at {last} yet; starting from iteration 0.")
-        return None
+        return None, 0
     if last.is_file():
         raise BanaError(f"{cfg.run_dir} already holds a run ({last}). Pass --resume to continue "
                         "it, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
-    return None
+    return None, 0
 
 
-def check_resumable(path: Path, cfg: Config, stage: int) -> None:
+def check_resumable(path: Path, cfg: Config, stage: int) -> int:
+    """Check the checkpoint fits the config; returns the iterations it has trained."""
     hint = (f"Move {cfg.run_dir} away to start over, or choose another OUTPUT_DIR/NAME "
             "(--opts NAME my_run).")
-    meta = load_stage_checkpoint(path, stage, hint)["bana"]
+    ckpt = load_stage_checkpoint(path, stage, hint)
+    meta = ckpt["bana"]
     for key, configured, stored in (("MODEL.BACKBONE", cfg.MODEL.BACKBONE, meta["backbone"]),
                                     ("DATA.NUM_CLASSES", cfg.DATA.NUM_CLASSES,
                                      meta["num_classes"])):
@@ -230,6 +232,7 @@ def check_resumable(path: Path, cfg: Config, stage: int) -> None:
             raise BanaError(f"cannot resume from {path}: it was trained with {key} "
                             f"{stored!r}, but the config says {configured!r}. Set {key} "
                             f"{stored} to resume it. {hint}")
+    return int(ckpt.get("global_step", 0))
 
 
 # Keys that say where things are or how often to log, not what the run computes: a resumed run
@@ -261,13 +264,12 @@ def describe_differences(diffs) -> str:
         f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
 
 
-def check_resume_record(cfg: Config, ckpt_path: str, reconfigure: bool) -> None:
+def check_resume_record(cfg: Config, step: int, reconfigure: bool) -> None:
     """A resumed run continues the recorded one: the same run-defining keys (unless
     --reconfigure) and a MAX_ITER not below what the checkpoint already trained. Nothing is
     rewritten when this refuses."""
     import yaml
 
-    step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
     if cfg.SOLVER.MAX_ITER < step:
         raise BanaError(f"cannot resume {cfg.run_dir}: its checkpoint has trained {step} "
                         f"iterations, more than SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}. Set "
@@ -312,9 +314,9 @@ def start_training(cfg: Config, args, stage: int):
     devices = resolve_devices(args.gpu_id)
     print(devices.note)
     clean_temporary_files(cfg.run_dir)
-    ckpt_path = resume_path(cfg, getattr(args, "resume", False), stage)
+    ckpt_path, step = resume_path(cfg, getattr(args, "resume", False), stage)
     if ckpt_path is not None:
-        check_resume_record(cfg, ckpt_path, getattr(args, "reconfigure", False))
+        check_resume_record(cfg, step, getattr(args, "reconfigure", False))
     seed_everything(cfg.SEED)
     pl.seed_everything(cfg.SEED, workers=True, verbose=False)
     cfg.save()

@@ -104,7 +104,8 @@ def require_unused_weights(cfg, stage: str, scored: str) -> None:
         return
     path = cfg.output_path(cfg.MODEL.WEIGHTS)
     if scored:
-        if not path.is_file():
+        # This run's own checkpoint (the usual config), or one not written yet: nothing to read.
+        if not path.is_file() or (cfg.run_dir / "checkpoints").resolve() in path.resolve().parents:
             return
         try:
             import torch
