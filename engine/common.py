@@ -85,8 +85,16 @@ def make_optimizer(groups: list[dict], solver: SolverConfig):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
+def _nonfinite_error(iteration: int, found: str) -> BanaError:
+    return BanaError(
+        f"non-finite loss at iteration {iteration}: {found}. Training stopped; the last "
+        "checkpoint was written before this iteration and is intact. Lower SOLVER.LR, check the "
+        "labels, or rerun with --resume.")
+
+
 def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    """Stop training at the first non-finite loss, naming the terms, before anything is saved.
+    """Stop training at a non-finite loss, naming the terms, before anything is saved. Reads the
+    values on the host: on a GPU it waits for the step (see `FiniteWatch` for the training loop).
 
     losses: scalar tensors; "loss" is the total, the other entries are its terms.
     """
@@ -98,16 +106,81 @@ def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
     bad.sort(key=lambda item: item[0] == "loss")
     found = ", ".join(f"term '{name}' = {value.detach().float().mean().item()}"
                       for name, value in bad)
-    raise BanaError(
-        f"non-finite loss at iteration {iteration}: {found}. Training stopped; the last "
-        "checkpoint was written before this iteration and is intact. Lower SOLVER.LR, check the "
-        "labels, or rerun with --resume.")
+    raise _nonfinite_error(iteration, found)
+
+
+class FiniteWatch:
+    """Finiteness of the training losses, checked without stopping the device every step.
+
+    `update` records, on the device, the first iteration whose loss terms are not all finite and
+    their values (no host-device synchronisation). `check` reads that record (one
+    synchronisation) and raises naming the iteration and the terms; the training loop calls it
+    every SOLVER.LOG_EVERY iterations and before every checkpoint is written, so a checkpoint
+    never holds weights trained on a non-finite loss. Under DDP every process checks at the same
+    iteration and all of them stop, whichever process saw the bad loss.
+    """
+
+    def __init__(self):
+        self.names: list[str] | None = None
+        self.first: torch.Tensor | None = None  # () long, -1 while every loss was finite
+        self.values: torch.Tensor | None = None  # (terms,) float32, at the first bad iteration
+
+    def update(self, losses: dict[str, torch.Tensor], iteration: int) -> None:
+        values = torch.stack([v.detach().float().mean() for v in losses.values()])
+        if self.first is None or self.first.device != values.device:
+            self.names = list(losses)
+            self.first = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.values = torch.zeros_like(values)
+        new = (~torch.isfinite(values)).any() & (self.first < 0)
+        self.first = torch.where(new, torch.full_like(self.first, iteration), self.first)
+        self.values = torch.where(new, values, self.values)
+
+    def check(self, strategy=None) -> None:
+        if self.first is None:
+            return
+        first = self.first
+        if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+            # The earliest bad iteration over all processes; -1 everywhere if none.
+            everyone = strategy.all_gather(first).reshape(-1)
+            bad = everyone[everyone >= 0]
+            first = bad.min() if len(bad) else first
+        iteration = int(first)
+        if iteration < 0:
+            return
+        if int(self.first) == iteration:
+            pairs = sorted(zip(self.names, self.values.tolist()), key=lambda p: p[0] == "loss")
+            found = ", ".join(f"term '{n}' = {v}" for n, v in pairs if not math.isfinite(v))
+        else:
+            found = "in another process of this run"
+        raise _nonfinite_error(iteration, found)
+
+
+class FiniteCheck(pl.Callback):
+    """Calls the module's `finite_watch.check` every `every` iterations and at the end of
+    training (AtomicCheckpoint checks before writing)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            check_watch(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        check_watch(trainer, pl_module)
+
+
+def check_watch(trainer, pl_module) -> None:
+    watch = getattr(pl_module, "finite_watch", None)
+    if watch is not None:
+        watch.check(trainer.strategy)
 
 
 def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename). A
     failed write (a full disk) removes the temporary file and names the checkpoint."""
     path = Path(path)
+    check_watch(trainer, trainer.lightning_module)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         trainer.save_checkpoint(str(tmp), weights_only=False)
@@ -311,15 +384,22 @@ def start_training(cfg: Config, args, stage: int):
     from utils.cli import resolve_devices
     from utils.runlock import clean_temporary_files
 
-    devices = resolve_devices(args.gpu_id)
-    print(devices.note)
-    clean_temporary_files(cfg.run_dir)
+    from utils.distributed import detect_launch
+    from utils.precision import check_precision
+
+    launch = detect_launch()
+    devices = resolve_devices(args.gpu_id, launch=launch)
+    check_precision(cfg.TRAINER.PRECISION, devices.accelerator)
+    if launch.is_main:
+        print(devices.note)
+        clean_temporary_files(cfg.run_dir)
     ckpt_path, step = resume_path(cfg, getattr(args, "resume", False), stage)
-    if ckpt_path is not None:
+    if ckpt_path is not None and launch.is_main:
         check_resume_record(cfg, step, getattr(args, "reconfigure", False))
     seed_everything(cfg.SEED)
     pl.seed_everything(cfg.SEED, workers=True, verbose=False)
-    cfg.save()
+    if launch.is_main:
+        cfg.save()
     return devices, ckpt_path
 
 
@@ -339,7 +419,7 @@ def fit(trainer: pl.Trainer, module, **kwargs) -> None:
 def needs_sync_batchnorm(net: nn.Module, devices) -> bool:
     """BatchNorm layers that train, on more than one device: their statistics must be computed
     over the whole batch (as the authors' SyncBatchNorm), not over each device's slice."""
-    return devices.count > 1 and any(
+    return devices.total > 1 and any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.weight is not None
         and m.weight.requires_grad for m in net.modules())
 
@@ -357,7 +437,7 @@ def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
     # A live bar on a terminal; plain periodic lines in logs (CI, nohup, the demo).
     progress = (TQDMProgressBar(refresh_rate=10) if sys.stdout.isatty()
                 else LineProgress(cfg.SOLVER.LOG_EVERY * 5))
-    strategy = "ddp" if devices.count > 1 else "auto"
+    strategy = "ddp" if devices.total > 1 else "auto"
     if strategy == "ddp" and devices.accelerator == "cpu":
         from pytorch_lightning.strategies import DDPStrategy
 
@@ -372,7 +452,9 @@ def make_trainer(cfg: Config, devices, callbacks: list[pl.Callback], *,
         accelerator=devices.accelerator, devices=devices.devices, strategy=strategy,
         max_steps=cfg.SOLVER.MAX_ITER, max_epochs=-1, logger=loggers,
         log_every_n_steps=cfg.SOLVER.LOG_EVERY, enable_checkpointing=False,
-        callbacks=[*callbacks, LearningRateMonitor("step"), progress],
+        callbacks=[FiniteCheck(cfg.SOLVER.LOG_EVERY), *callbacks, LearningRateMonitor("step"),
+                   progress],
+        precision=cfg.TRAINER.PRECISION, num_nodes=devices.num_nodes,
         enable_progress_bar=True,
         default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",
         enable_model_summary=False, use_distributed_sampler=True, sync_batchnorm=sync_batchnorm,

@@ -22,7 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, fit, make_optimizer,
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, FiniteWatch, fit, make_optimizer,
                            make_trainer, parameter_groups, start_training)
 from utils.config import Config
 from utils.errors import BanaError
@@ -70,6 +70,7 @@ class InstanceLitModule(pl.LightningModule):
         self.cfg = cfg
         self.meta = meta
         self.save_hyperparameters({"config": cfg.to_dict()})
+        self.finite_watch = FiniteWatch()
 
     def training_step(self, batch, batch_idx):
         # torchvision's transform expects RGB in 0..1 and normalises with ImageNet statistics.
@@ -78,8 +79,7 @@ class InstanceLitModule(pl.LightningModule):
                    for item in batch]
         losses = self.model(images, targets)
         losses = {"loss": sum(losses.values()), **losses}
-        if self.global_step % self.cfg.SOLVER.LOG_EVERY == 0:
-            check_finite(losses, self.global_step)
+        self.finite_watch.update(losses, self.global_step)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch))
         return losses["loss"]
@@ -140,7 +140,7 @@ def _train(cfg: Config, args: argparse.Namespace, dataset, class_map) -> dict:
             "category_ids": [0] + class_map.category_ids_by_index(),
             "instance_size": list(cfg.MODEL.INSTANCE_SIZE),
             "masks": cfg.MODEL.INSTANCE_MASKS, "config": cfg.to_dict()}
-    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
+    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=per_device, shuffle=True, drop_last=len(dataset) >= per_device,
         num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_list,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, fit, make_optimizer,
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, FiniteWatch, fit, make_optimizer,
                            make_trainer, network_groups, start_training)
 from utils.config import Config
 
@@ -24,6 +24,15 @@ class Stage1LitModule(pl.LightningModule):
         self.net = net
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.to_dict()})
+        self.finite_watch = FiniteWatch()
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # The boxes stay on the host: the reference BAP lays its samples out from their
+        # coordinates there (models/pooling.py), which on the device would wait for the GPU.
+        boxes = batch.pop("boxes")
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        batch["boxes"] = boxes
+        return batch
 
     def training_step(self, batch, batch_idx):
         images = batch["image"].float()
@@ -31,13 +40,14 @@ class Stage1LitModule(pl.LightningModule):
         bg_mask = (batch["bg_mask"] == 1).float()
         logits, targets = self.net(images, batch["boxes"], bg_mask)
         loss = F.cross_entropy(logits, targets)
-        check_finite({"ce": loss}, self.global_step)
+        self.finite_watch.update({"ce": loss}, self.global_step)
         with torch.no_grad():
-            correct = logits.argmax(1) == targets
-            fg = targets > 0
-            fg_acc = correct[fg].float().mean() if fg.any() else correct.new_tensor(float("nan"))
-            bg_acc = correct[~fg].float().mean() if (~fg).any() else correct.new_tensor(
-                float("nan"))
+            # Accuracies as ratios of counts: NaN (0/0) without foreground or background
+            # prototypes, and no host-device synchronisation.
+            correct = (logits.argmax(1) == targets).float()
+            fg = (targets > 0).float()
+            fg_acc = (correct * fg).sum() / fg.sum()
+            bg_acc = (correct * (1 - fg)).sum() / (1 - fg).sum()
         n = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=False)
         self.log("train/fg_acc", fg_acc.float(), prog_bar=True, batch_size=n)
@@ -96,7 +106,8 @@ def check_inputs(cfg: Config):
     return dataset
 
 
-def train_loader(cfg: Config, dataset, per_device_batch: int, fill) -> DataLoader:
+def train_loader(cfg: Config, dataset, per_device_batch: int, fill,
+                 pin_memory: bool = False) -> DataLoader:
     from data.transforms import TrainTransform
     from data.voc import collate_boxes
 
@@ -105,7 +116,7 @@ def train_loader(cfg: Config, dataset, per_device_batch: int, fill) -> DataLoade
                                        color_jitter=tuple(cfg.DATA.COLOR_JITTER), fill=fill)
     return DataLoader(dataset, batch_size=per_device_batch, shuffle=True, drop_last=True,
                       num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_boxes,
-                      persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=False)
+                      persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=pin_memory)
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
@@ -123,8 +134,11 @@ def _train(cfg: Config, args: argparse.Namespace, dataset) -> dict:
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_labeler(cfg)
-    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
-    loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm])
+    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
+    loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm],
+                          pin_memory=devices.accelerator == "gpu")
+    if devices.accelerator == "gpu":
+        net = net.to(memory_format=torch.channels_last)
     module = Stage1LitModule(net, cfg)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, check_finite, fit, make_optimizer,
+from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, FiniteWatch, fit, make_optimizer,
                            make_trainer, needs_sync_batchnorm, network_groups, start_training)
 from utils.config import Config
 from utils.errors import BanaError
@@ -30,6 +30,7 @@ class Stage3LitModule(pl.LightningModule):
         self.classes = list(classes) if classes is not None else None
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.confmat = ConfusionMatrix(cfg.DATA.NUM_CLASSES)
+        self.finite_watch = FiniteWatch()
 
     def training_step(self, batch, batch_idx):
         from models.losses import compute_loss
@@ -39,7 +40,7 @@ class Stage3LitModule(pl.LightningModule):
         m = self.cfg.MODEL
         losses = compute_loss(m.LOSS, cos, labels[:, 0], labels[:, 1], temperature=m.TEMPERATURE,
                               gamma=m.GAMMA, lam=m.LAMBDA, beta=m.BETA)
-        check_finite(losses, self.global_step)
+        self.finite_watch.update(losses, self.global_step)
         n = images.shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=n)
@@ -148,7 +149,8 @@ def check_inputs(cfg: Config):
     return datasets
 
 
-def loaders(cfg: Config, train, val, per_device_batch: int, fill) -> tuple[DataLoader, DataLoader]:
+def loaders(cfg: Config, train, val, per_device_batch: int, fill,
+            pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     from data.transforms import TrainTransform
     from data.voc import collate_masks
 
@@ -158,10 +160,10 @@ def loaders(cfg: Config, train, val, per_device_batch: int, fill) -> tuple[DataL
     workers = cfg.DATA.NUM_WORKERS
     train_loader = DataLoader(train, batch_size=per_device_batch, shuffle=True, drop_last=True,
                               num_workers=workers, collate_fn=collate_masks,
-                              persistent_workers=workers > 0)
+                              persistent_workers=workers > 0, pin_memory=pin_memory)
     # Val images differ in size: one at a time, at full resolution (SPEC §5 single scale).
     val_loader = DataLoader(val, batch_size=1, shuffle=False, num_workers=min(workers, 2),
-                            collate_fn=collate_masks)
+                            collate_fn=collate_masks, pin_memory=pin_memory)
     return train_loader, val_loader
 
 
@@ -180,9 +182,12 @@ def _train(cfg: Config, args: argparse.Namespace, train, val, classes) -> dict:
     devices, ckpt_path = start_training(cfg, args, STAGE)
 
     net = build_deeplab_from_config(cfg)
-    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.count)
+    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     train_loader, val_loader = loaders(cfg, train, val, per_device,
-                                       MEAN_RGB[net.backbone.input_norm])
+                                       MEAN_RGB[net.backbone.input_norm],
+                                       pin_memory=devices.accelerator == "gpu")
+    if devices.accelerator == "gpu":
+        net = net.to(memory_format=torch.channels_last)
     module = Stage3LitModule(net, cfg, classes)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.backbones import build_backbone
+from utils.precision import float32_region, full
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -52,12 +53,17 @@ class DeepLab(nn.Module):
     def forward(self, images, out_size=None):
         """images (N,3,H,W) RGB 0..255 -> cosine scores (N,C,h,w) in [-1, 1], or (N,C,*out_size).
 
-        Upsampling is bilinear with align_corners=True, as in the reference.
+        Upsampling is bilinear with align_corners=True, as in the reference. The backbone runs
+        under whatever autocast is active; the cosine classifier and the upsampling run in
+        float32 (utils/precision.py), so the scores are float32 in every precision.
         """
-        features = F.normalize(self.backbone(images), dim=1)
-        cos = F.conv2d(features, F.normalize(self.classifier.weight, dim=1))
-        if out_size is not None:
-            cos = F.interpolate(cos, size=tuple(out_size), mode="bilinear", align_corners=True)
+        features = self.backbone(images)
+        with float32_region(features.device.type):
+            features = F.normalize(full(features), dim=1)
+            cos = F.conv2d(features, F.normalize(full(self.classifier.weight), dim=1))
+            if out_size is not None:
+                cos = F.interpolate(cos, size=tuple(out_size), mode="bilinear",
+                                    align_corners=True)
         return cos
 
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from models.backbones import build_backbone
 from models.pooling import (background_attention, background_prototypes, box_prototypes,
-                            sampled_box_prototypes)
+                            sampled_box_prototypes, to_device)
 from utils.errors import BanaError
+from utils.precision import float32_region, full
 
 POOLINGS = ("bap", "gap")
 ROI_SAMPLINGS = ("reference", "roi_align")
@@ -62,11 +63,20 @@ class Labeler(nn.Module):
         Rows: foreground prototypes first (box order, ROI cells row-major, target = box class),
         then the background prototypes of valid grid cells (image order, cells row-major,
         target 0).
+
+        Runs in float32 under autocast (utils/precision.py). Boxes given on the CPU (as stage 1
+        keeps them) stay there: the sample layout is computed on the host and only its result is
+        copied to the device, without waiting for the device.
         """
+        with float32_region(features.device.type):
+            return self._head(full(features), boxes, full(bg_mask))
+
+    def _head(self, features, boxes, bg_mask):
         n, _, h, w = features.shape
-        all_boxes = torch.cat(list(boxes)).to(features.device)
-        counts = torch.tensor([len(b) for b in boxes], device=features.device)
-        image_index = torch.repeat_interleave(torch.arange(n, device=features.device), counts)
+        device = features.device
+        all_boxes = torch.cat([torch.as_tensor(b).cpu() for b in boxes]).to(features.dtype)
+        counts = torch.tensor([len(b) for b in boxes])
+        image_index = torch.repeat_interleave(torch.arange(n), counts)
         rois = torch.cat([image_index[:, None].to(all_boxes.dtype), all_boxes[:, :4]], 1)
         if self.roi_sampling == "reference":
             protos, valid = self._background(features, bg_mask)
@@ -75,11 +85,11 @@ class Labeler(nn.Module):
         else:
             protos, valid, a_fg = self._prototypes_and_attention(features, bg_mask)
             scale = (h / bg_mask.shape[2], w / bg_mask.shape[3])
-            fg = box_prototypes(features, a_fg, rois, self.roi_size, scale)
+            fg = box_prototypes(features, a_fg, to_device(rois, device), self.roi_size, scale)
         bg = protos[valid]
         cells = self.roi_size[0] * self.roi_size[1]
-        targets = torch.cat([all_boxes[:, 4].long().repeat_interleave(cells),
-                             torch.zeros(len(bg), dtype=torch.long, device=features.device)])
+        targets = torch.cat([to_device(all_boxes[:, 4].long().repeat_interleave(cells), device),
+                             torch.zeros(len(bg), dtype=torch.long, device=device)])
         return self.classify(torch.cat([fg, bg])), targets
 
     def classify(self, prototypes):

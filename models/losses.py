@@ -22,6 +22,8 @@ label maps agree everywhere, is a normal batch.
 import torch
 import torch.nn.functional as F
 
+from utils.precision import float32_region, full
+
 LOSSES = ("nal", "ce_crf", "ce_ret", "baseline", "er", "bs")
 
 
@@ -170,7 +172,15 @@ def compute_loss(name: str, cos_logits: torch.Tensor, y_crf: torch.Tensor, y_ret
     Returns {"loss": total to back-propagate, plus its terms}: "ce" always; "wce" for nal,
     "entropy" for er, "bootstrap" for bs. Terms are not detached; detach them before logging.
     ce_crf / ce_ret train on one label map alone, every non-ignored pixel counting.
+    Computed in float32 whatever autocast is active (utils/precision.py).
     """
+    with float32_region(cos_logits.device.type):
+        return _compute_loss(name, full(cos_logits), y_crf, y_ret, temperature=temperature,
+                             gamma=gamma, lam=lam, beta=beta, ignore_index=ignore_index)
+
+
+def _compute_loss(name, cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta,
+                  ignore_index):
     if name == "nal":
         total, ce, wce = noise_aware_loss(cos_logits, y_crf, y_ret, temperature, gamma, lam,
                                           ignore_index)

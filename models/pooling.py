@@ -13,6 +13,17 @@ import torch.nn.functional as F
 _EPS = 1e-12
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes through pinned memory without blocking, so the
+    host does not wait for the device's queue to drain (a plain copy would)."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def grid_padding(height: int, width: int, grid_size: int) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) zeros that make height and width divide by G, placed as the
     reference's `pad_for_grid` places them: an even amount is split equally between both sides,
@@ -180,7 +191,7 @@ def sampled_box_prototypes(features, boxes, image_size, protos, valid, use_bap, 
     position = slot[point_box] + local
     grid = torch.zeros(n, 1, longest, 2)
     grid[point_image, 0, position] = torch.stack([gx, gy], 1)
-    roi = F.grid_sample(features, grid.to(device=device, dtype=features.dtype), mode="bilinear",
+    roi = F.grid_sample(features, to_device(grid.to(features.dtype), device), mode="bilinear",
                         padding_mode="zeros", align_corners=False)[:, :, 0]  # (N,D,longest)
 
     cos = torch.einsum("njd,ndp->njp", F.normalize(protos, dim=2), F.normalize(roi, dim=1))
@@ -190,10 +201,10 @@ def sampled_box_prototypes(features, boxes, image_size, protos, valid, use_bap, 
 
     member = (_window_membership(y, rows[point_box], rh, pad_at_start=False)[:, :, None]
               & _window_membership(x, cols[point_box], rw, pad_at_start=True)[:, None, :])
-    member = member.reshape(total, cells).to(device)  # (P, cells)
-    point_image_d, position_d = point_image.to(device), position.to(device)
+    member = to_device(member.reshape(total, cells), device)  # (P, cells)
+    point_image_d, position_d = to_device(point_image, device), to_device(position, device)
     values = member * a_fg[point_image_d, position_d][:, None]
-    row_of = (local_box[point_box].to(device) * cells)[:, None] + torch.arange(cells, device=device)
+    row_of = to_device((local_box[point_box] * cells)[:, None] + torch.arange(cells), device)
     weights = features.new_zeros(n, max_boxes * cells, longest).index_put(
         (point_image_d[:, None].expand(-1, cells), row_of, position_d[:, None].expand(-1, cells)),
         values.to(features.dtype))
@@ -201,4 +212,4 @@ def sampled_box_prototypes(features, boxes, image_size, protos, valid, use_bap, 
     den = weights.sum(2, keepdim=True)
     pooled = num / (den + _EPS)
     box_rows = (image * max_boxes * cells + local_box * cells)[:, None] + torch.arange(cells)
-    return pooled.reshape(n * max_boxes * cells, d)[box_rows.reshape(-1).to(device)]
+    return pooled.reshape(n * max_boxes * cells, d)[to_device(box_rows.reshape(-1), device)]

@@ -796,15 +796,19 @@ def load_ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@pytest.mark.parametrize("log_every", [1, 100])
 def test_a_nan_in_stage1_stops_at_that_iteration_and_keeps_the_last_checkpoint(
-        synthetic_voc, tmp_path, monkeypatch):
-    """CKPT_EVERY 2: last.ckpt holds step 4 when iteration 5 (0-based) computes a NaN loss."""
+        synthetic_voc, tmp_path, monkeypatch, log_every):
+    """CKPT_EVERY 2: last.ckpt holds step 4 when iteration 5 (0-based) computes a NaN loss.
+    With LOG_EVERY 100 finiteness is read only before the checkpoint of step 6: the error still
+    names iteration 5, and no checkpoint of NaN weights is written."""
     import engine.stage1
     from engine.stage1 import build_labeler, run
 
     cfg = load_config(REPO / "configs/demo/stage1.yml", [
         "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(tmp_path), *FAST,
-        "SOLVER.MAX_ITER", "8", "SOLVER.MILESTONES", "[6]", "SOLVER.CKPT_EVERY", "2"])
+        "SOLVER.MAX_ITER", "8", "SOLVER.MILESTONES", "[6]", "SOLVER.CKPT_EVERY", "2",
+        "SOLVER.LOG_EVERY", str(log_every)])
     last = cfg.run_dir / "checkpoints/last.ckpt"
     seen = {}
 

@@ -209,6 +209,21 @@ class TestConfig:
     CRF: bool = _key(True, "Also report results after DenseCRF post-processing (MODEL.DCRF).")
 
 
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
+
+@dataclass
+class TrainerConfig:
+    PRECISION: str = _key("32", "Arithmetic of the networks: '32' (float32 everywhere, the "
+                          "authors' numbers), 'bf16-mixed' (bfloat16 autocast: GPUs with bf16, "
+                          "e.g. A100/H100, and CPUs) or '16-mixed' (float16 autocast with loss "
+                          "scaling, CUDA only). Stages 1 and 3 train with Lightning's precision "
+                          "plugin; stage 2, evaluate.py and predict.py run their backbone under "
+                          "the same autocast. BAP's attention and prototypes, the cosine "
+                          "classifier, the losses and every CRF input stay float32 (docs/SPEC.md "
+                          "§9).", choices=PRECISIONS)
+
+
 @dataclass
 class Config:
     NAME: str = _key("stage1", "Run name; outputs go to OUTPUT_DIR/NAME.")
@@ -218,6 +233,7 @@ class Config:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     SOLVER: SolverConfig = field(default_factory=SolverConfig)
     TEST: TestConfig = field(default_factory=TestConfig)
+    TRAINER: TrainerConfig = field(default_factory=TrainerConfig)
 
     @property
     def run_dir(self) -> Path:
