@@ -2,6 +2,7 @@
 
     python stage2.py --config-file configs/stage2.yml --gpu-id 0 [--workers N] [--save-vis N]
     python stage2.py --config-file configs/stage2_coco.yml --gpu-id 0   # COCO: + instance masks
+    torchrun --nproc_per_node 4 stage2.py --config-file configs/stage2.yml  # one shard per process
 """
 
 import os
@@ -15,6 +16,10 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the labels DATA.PSEUDO_LABEL_DIR already holds and label "
                              "again (needed when they were made with other settings)")
+    parser.add_argument("--pixel-work", default="auto", choices=("auto", "device", "workers"),
+                        help="where the per-pixel work (upsampling, cosines, unaries, retrieval) "
+                             "runs: on the backbone's device, or in the CRF workers; auto = the "
+                             "device on a GPU, the workers on the CPU")
     parser.add_argument("--save-vis", type=int, default=0, metavar="N",
                         help="write image | GT | Y_crf | Y_ret panels for the first N images")
 

@@ -132,26 +132,47 @@ def start_workers(workers: int) -> ProcessPoolExecutor:
 
 
 def label_one(job: dict) -> str:
-    """Worker: features of one image -> Y_crf and Y_ret PNGs (and on COCO its instance JSON).
-    Returns the image id."""
-    from utils.boxes import fill_boxes
-    from utils.io import atomic_write_json, atomic_write_png
-    from utils.palette import voc_palette
+    """Worker, per-pixel work on the CPU: features of one image -> Y_crf and Y_ret PNGs (and on
+    COCO its instance JSON). Returns the image id."""
     from models.pseudo_labels import make_pseudo_labels
 
-    coco = "category_ids" in job
     labels = make_pseudo_labels(
         job["features"], job["weight"], job["image"], job["boxes"], job["bg_mask"],
         grid_size=job["grid_size"], bg_threshold=job["bg_threshold"], crf=job["crf"],
-        use_u0=job["use_u0"], return_box_scores=coco)
-    if coco:
-        atomic_write_json(job["out"][INSTANCES], image_instances(job, *labels))
+        use_u0=job["use_u0"], return_box_scores="category_ids" in job)
+    return write_labels(job, *labels)
+
+
+def crf_one(job: dict) -> tuple[str, np.ndarray]:
+    """Worker, device path: the CRF of one image's unaries -> (image id, arg-max channels (H,W)
+    uint8)."""
+    from models.pseudo_labels import crf_channels
+
+    channels = crf_channels(job["crf"], job["image"], job["probs"], job["class_regions"])
+    return job["id"], channels.astype(np.uint8)
+
+
+def write_labels(job: dict, y_crf: np.ndarray, y_ret: np.ndarray,
+                 box_scores: np.ndarray | None = None) -> str:
+    """Write one image's Y_crf, Y_ret and Y_box PNGs (and on COCO its instance JSON, the
+    instances split by `box_scores`); returns the image id. Runs in a worker."""
+    from utils.boxes import fill_boxes
+    from utils.io import atomic_write_json, atomic_write_png
+    from utils.palette import voc_palette
+
+    if "category_ids" in job:
+        atomic_write_json(job["out"][INSTANCES], image_instances(job, y_crf, y_ret, box_scores))
     palette = voc_palette()
-    for d, label in zip(LABELS, labels):
+    for d, label in zip(LABELS, (y_crf, y_ret)):
         atomic_write_png(job["out"][d], label, palette=palette)
-    atomic_write_png(job["out"][BOX_LABEL], fill_boxes(job["boxes"], *labels[0].shape),
+    atomic_write_png(job["out"][BOX_LABEL], fill_boxes(job["boxes"], *y_crf.shape),
                      palette=palette)
     return job["id"]
+
+
+def write_job(job: dict) -> str:
+    """Worker, device path: `write_labels` of a job that carries its labels."""
+    return write_labels(job, job["y_crf"], job["y_ret"], job.get("box_scores"))
 
 
 def image_instances(job: dict, y_crf: np.ndarray, y_ret: np.ndarray,
@@ -170,6 +191,9 @@ def image_instances(job: dict, y_crf: np.ndarray, y_ret: np.ndarray,
     return record
 
 
+PIXEL_WORK = ("auto", "device", "workers")
+
+
 def _backbone_threads(device: torch.device, workers: int) -> int:
     """Threads for the backbone: on the CPU only the cores the CRF workers leave (at least one).
     A multi-threaded forward next to busy workers waits on OpenMP barriers whenever one of its
@@ -180,15 +204,31 @@ def _backbone_threads(device: torch.device, workers: int) -> int:
     return max(1, (os.cpu_count() or 1) - workers)
 
 
+def pixel_work_on_device(choice: str, device: torch.device) -> bool:
+    """Where the per-pixel work (upsampling, cosines, unaries, retrieval) runs: on the backbone's
+    device ("device"), or in the CRF workers next to the CRF ("workers"); "auto" picks the device
+    when it is a GPU. On the CPU the workers win: they run it in parallel, the main process one
+    image at a time (benchmarks/stage2_throughput.py measures both)."""
+    if choice == "auto":
+        return device.type != "cpu"
+    return choice == "device"
+
+
 def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
              pool: ProcessPoolExecutor, workers: int, position: int = 0,
-             progress: bool = True, instances: bool = False) -> int:
+             progress: bool = True, instances: bool = False, pixel_work: str = "auto") -> int:
     """Label `ids` of `dataset` (skipping finished ones) with the CRF processes of `pool`
     (`workers` of them); returns how many images were labelled. instances: also write each
-    image's instance masks (the dataset's items carry category_ids)."""
+    image's instance masks (the dataset's items carry category_ids). pixel_work: see
+    `pixel_work_on_device`.
+
+    Streaming: the main process decodes images and runs the backbone (under TRAINER.PRECISION's
+    autocast) and, on the device path, the unaries and the retrieval; the workers run the CRF
+    and write the files. At most 2 × workers jobs are in flight, so memory stays flat."""
     from tqdm import tqdm
 
     from utils.crf import DenseCRF
+    from utils.precision import full, inference_autocast
 
     out_root = cfg.pseudo_label_dir
     todo = pending_ids(ids, out_root, instances)
@@ -196,55 +236,111 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
         return 0
     for d in (*LABELS, BOX_LABEL, *((INSTANCES,) if instances else ())):
         (out_root / d).mkdir(parents=True, exist_ok=True)
+    on_device = pixel_work_on_device(pixel_work, device)
+    cuda = device.type == "cuda"
     position_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
     subset = torch.utils.data.Subset(dataset, [position_of[i] for i in todo])
     loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False,
-                                         num_workers=min(cfg.DATA.NUM_WORKERS, 2))
+                                         num_workers=min(cfg.DATA.NUM_WORKERS, 2),
+                                         pin_memory=cuda)
     crf = DenseCRF.from_list(cfg.MODEL.DCRF)
     net = net.to(device)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    weight = net.classifier.weight.detach()[:, :, 0, 0].float()
     # NumPy arrays, not tensors, go to the workers: torch would move every tensor through a
     # shared-memory file per job, numpy pickles as plain bytes.
-    weight = net.classifier.weight.detach()[:, :, 0, 0].float().cpu().numpy()
-    common = {"weight": weight, "crf": crf, "grid_size": cfg.MODEL.GRID_SIZE,
-              "bg_threshold": cfg.MODEL.BG_THRESHOLD, "use_u0": cfg.MODEL.USE_U0}
+    common = {"crf": crf, "grid_size": cfg.MODEL.GRID_SIZE, "bg_threshold": cfg.MODEL.BG_THRESHOLD,
+              "use_u0": cfg.MODEL.USE_U0}
+    if not on_device:
+        common["weight"] = weight.cpu().numpy()
     bar = tqdm(total=len(todo), desc="stage 2", unit="img", position=position,
                disable=not progress, dynamic_ncols=True)
-    in_flight = set()
+    in_flight: dict = {}  # future -> None (a finished image) or (job, ImageState) awaiting its CRF
     done = 0
+
+    def collect(futures) -> None:
+        nonlocal done
+        from models.pseudo_labels import retrieval
+
+        for f in futures:
+            waiting = in_flight.pop(f)
+            result = f.result()
+            if waiting is None:
+                done += 1
+                bar.update(1)
+                continue
+            job, state = waiting
+            labels = retrieval(state, result[1], return_box_scores=instances)
+            for key in ("probs", "class_regions", "image", "crf"):
+                del job[key]  # the writer needs none of them: do not pickle them again
+            job.update(zip(("y_crf", "y_ret", "box_scores"), labels))
+            in_flight[pool.submit(write_job, job)] = None
+
     threads = torch.get_num_threads()
     torch.set_num_threads(_backbone_threads(device, workers))
     try:
         for item in loader:
+            x = item["image"][None].float().to(device, non_blocking=cuda)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
-                feats = net.backbone(item["image"][None].float().to(device))[0]
+                with inference_autocast(cfg.TRAINER.PRECISION, device):
+                    feats = net.backbone(x)[0]
+                feats = full(feats).float()
             boxes = item["boxes"].numpy()
-            job = dict(common, id=item["id"], features=feats.float().cpu().numpy(),
-                       image=np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy()),
+            image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
+            job = dict(common, id=item["id"], image=image,
                        # Truncation matches the bg mask's box regions (SPEC §0).
                        boxes=boxes.astype(np.int64),
-                       bg_mask=(item["bg_mask"][0].numpy() == 1).astype(np.uint8),
                        out=output_paths(out_root, item["id"], instances))
+            bg_mask = (item["bg_mask"][0] == 1).to(torch.uint8)
             if instances:
                 job["category_ids"] = item["category_ids"].numpy()
-            in_flight.add(pool.submit(label_one, job))
-            if len(in_flight) >= 2 * workers:
-                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    f.result()
-                done += len(finished)
-                bar.update(len(finished))
-        for f in in_flight:
-            f.result()
-            done += 1
-            bar.update(1)
+            if not on_device:
+                job.update(features=feats.cpu().numpy(), bg_mask=bg_mask.numpy())
+                in_flight[pool.submit(label_one, job)] = None
+            else:
+                job, state = _device_unaries(cfg, job, feats, weight, bg_mask.to(device))
+                if state is None:
+                    in_flight[pool.submit(write_job, job)] = None
+                else:
+                    in_flight[pool.submit(crf_one, job)] = (job, state)
+            while len(in_flight) >= 2 * workers:
+                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                collect(finished)
+        while in_flight:
+            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            collect(finished)
     finally:
         torch.set_num_threads(threads)
         bar.close()
     return done
 
 
-def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: int) -> None:
-    """One process of a multi-device run: labels ids[rank::n] on its own device."""
+def _device_unaries(cfg: Config, job: dict, feats: torch.Tensor, weight: torch.Tensor,
+                    bg_mask: torch.Tensor):
+    """Device path: the unaries of one image where its features are. Returns (the CRF job, the
+    image's state for the retrieval), or (a write job of empty labels, None) without boxes."""
+    from models.pseudo_labels import check_inputs, unaries
+
+    feats, weight, bg_mask, boxes = check_inputs(feats, weight, job["image"].shape, job["boxes"],
+                                                 bg_mask)
+    if len(boxes) == 0:
+        empty = np.zeros(bg_mask.shape, np.uint8)
+        job.update(y_crf=empty, y_ret=empty.copy(),
+                   box_scores=np.zeros((0, *bg_mask.shape), np.float32))
+        return job, None
+    probs, state = unaries(feats, weight, boxes, bg_mask, cfg.MODEL.GRID_SIZE,
+                           cfg.MODEL.BG_THRESHOLD, cfg.MODEL.USE_U0)
+    job.update(probs=probs.cpu().numpy(), class_regions=state.class_regions.cpu().numpy())
+    return job, state
+
+
+def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: int,
+                pixel_work: str) -> None:
+    """One process of a multi-device run on one machine (--gpu-id 0,1): labels ids[rank::n] on
+    its own device."""
     from data.datasets import open_data
 
     data = open_data(cfg)
@@ -253,7 +349,7 @@ def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: i
     device = torch.device(f"cuda:{device_ids[rank]}" if accelerator == "gpu" else "cpu")
     with start_workers(workers) as pool:
         generate(cfg, load_labeler(cfg), dataset, ids, device, pool, workers, position=rank,
-                 instances=data.writes_instances)
+                 instances=data.writes_instances, pixel_work=pixel_work)
 
 
 def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
@@ -410,7 +506,10 @@ def check_inputs(cfg: Config):
 RECORD = "labels.json"
 # What decides the labels a folder holds (besides the stage-1 model, recorded by its checksum).
 RECORD_KEYS = ("MODEL.BACKBONE", "MODEL.GRID_SIZE", "MODEL.BG_THRESHOLD", "MODEL.USE_U0",
-               "MODEL.DCRF", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES", "DATA.NUM_CLASSES")
+               "MODEL.DCRF", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES", "DATA.NUM_CLASSES",
+               "TRAINER.PRECISION")
+# Keys added to the record later: a record without them was made with these values.
+RECORD_DEFAULTS = {"TRAINER.PRECISION": "32"}
 
 
 def file_sha256(path: Path) -> str:
@@ -449,6 +548,7 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
     labels = [d for d in (*LABELS, BOX_LABEL, INSTANCES) if (out_root / d).is_dir()]
     if path.is_file():
         old = json.loads(path.read_text())
+        old = {**RECORD_DEFAULTS, **old}
         diffs = [(k, old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)]
     else:
         diffs = [("(no record)", "labels of an unknown labelling", "these settings")] \
@@ -480,38 +580,81 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         return _label(cfg, args, data, dataset, net)
 
 
-def _label(cfg: Config, args: argparse.Namespace, data, dataset, net) -> dict:
-    from utils.cli import resolve_devices
-    from utils.io import atomic_write_json
+def _prepare_folder(cfg: Config, args: argparse.Namespace, launch) -> None:
+    """Rank 0 readies the label folder (leftovers, the labelling record, --overwrite) while the
+    other processes of a torchrun / srun launch wait; an error there stops all of them."""
+    from utils.distributed import barrier, broadcast_error
     from utils.runlock import clean_temporary_files
 
-    devices = resolve_devices(args.gpu_id)
-    print(devices.note)
+    problem = None
+    if launch.is_main:
+        try:
+            clean_temporary_files(cfg.pseudo_label_dir)
+            check_label_record(cfg, getattr(args, "overwrite", False))
+            cfg.save()
+        except (BanaError, OSError) as e:
+            broadcast_error(str(e), launch)
+            raise
+    problem = broadcast_error(problem, launch)
+    if problem is not None:
+        raise BanaError(f"process 0 stopped: {problem}")
+    barrier(launch)
+
+
+def _label(cfg: Config, args: argparse.Namespace, data, dataset, net) -> dict:
+    from utils.cli import resolve_devices
+    from utils.distributed import all_reduce_sum, announce_shard, detect_launch, shard
+    from utils.io import atomic_write_json
+    from utils.precision import check_precision
+
+    launch = detect_launch()
+    devices = resolve_devices(args.gpu_id, launch=launch)
+    check_precision(cfg.TRAINER.PRECISION, devices.accelerator)
+    pixel_work = getattr(args, "pixel_work", "auto") or "auto"
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
+    if launch.distributed:  # the processes of one node share its cores
+        workers = max(1, workers // launch.local_world_size)
     coco = data.writes_instances
-    clean_temporary_files(cfg.pseudo_label_dir)
-    check_label_record(cfg, getattr(args, "overwrite", False))
-    cfg.save()
+    if launch.is_main:
+        print(devices.note)
+    _prepare_folder(cfg, args, launch)
     ids = list(dataset.ids)
+    mine = shard(ids, launch)
+    announce_shard(launch, len(mine))
     out_root = cfg.pseudo_label_dir
-    todo = len(pending_ids(ids, out_root, coco))
+    todo = len(pending_ids(mine, out_root, coco))
     outputs = "{Y_crf,Y_ret,Y_box,instances}" if coco else "{Y_crf,Y_ret,Y_box}"
-    print(f"Stage 2: {len(ids)} images in '{cfg.DATA.SPLIT}', {len(ids) - todo} already labelled, "
-          f"{todo} to go; writing to {out_root}/{outputs} with {workers} CRF worker(s).")
+    where = f"shard {launch.rank}/{launch.world_size} of " if launch.distributed else ""
+    print(f"Stage 2: {where}{len(mine)} images in '{cfg.DATA.SPLIT}', {len(mine) - todo} already "
+          f"labelled, {todo} to go; writing to {out_root}/{outputs} with {workers} CRF "
+          "worker(s).", flush=True)
     start = time.perf_counter()
-    if devices.count > 1 and todo:
+    if launch.distributed:
+        if todo:
+            device = devices.device_of(launch.local_rank)
+            with start_workers(workers) as pool:
+                generate(cfg, net, dataset, mine, device, pool, workers, instances=coco,
+                         position=launch.local_rank, pixel_work=pixel_work)
+        seconds = time.perf_counter() - start
+        # Waits for every shard to be written before rank 0 checks and scores the split.
+        labelled = int(all_reduce_sum(torch.tensor(todo), launch))
+        if not launch.is_main:
+            return {"images": len(mine), "labelled_now": todo, "seconds": round(seconds, 2),
+                    "shard": f"{launch.rank}/{launch.world_size}", "label_dir": str(out_root)}
+        todo = labelled
+    elif devices.count > 1 and todo:
         import torch.multiprocessing as mp
 
         ids_per = devices.devices if isinstance(devices.devices, list) \
             else list(range(devices.devices))
         per_shard = max(1, workers // len(ids_per))
-        mp.spawn(_shard_main, args=(cfg, ids_per, devices.accelerator, per_shard),
+        mp.spawn(_shard_main, args=(cfg, ids_per, devices.accelerator, per_shard, pixel_work),
                  nprocs=len(ids_per), join=True)
     elif todo:
-        device = torch.device(f"cuda:{devices.devices[0]}" if devices.accelerator == "gpu"
-                              else "cpu")
+        device = devices.device_of(0)
         with start_workers(workers) as pool:
-            generate(cfg, net, dataset, ids, device, pool, workers, instances=coco)
+            generate(cfg, net, dataset, ids, device, pool, workers, instances=coco,
+                     pixel_work=pixel_work)
     seconds = time.perf_counter() - start
     missing = pending_ids(ids, out_root, coco)
     if missing:

@@ -35,7 +35,7 @@ def _corners(a: torch.Tensor):
     weights of i0 and i0 + 1 (n_out, 2); the second is 0 where i0 is the last index."""
     i0 = (a > 0).to(torch.int32).argmax(1)  # first non-zero; its weight is > 0 for linear weights
     padded = F.pad(a, (0, 1))
-    rows = torch.arange(len(a))
+    rows = torch.arange(len(a), device=a.device)
     return i0, torch.stack([padded[rows, i0], padded[rows, i0 + 1]], 1)
 
 
@@ -58,8 +58,8 @@ class UpsampledFeatures:
         self.features = features
         self.size = (int(size[0]), int(size[1]))
         _, h, w = features.shape
-        self.ah = _interpolation_matrix(h, self.size[0])
-        self.aw = _interpolation_matrix(w, self.size[1])
+        self.ah = _interpolation_matrix(h, self.size[0]).to(features.device)
+        self.aw = _interpolation_matrix(w, self.size[1]).to(features.device)
         self.norm = self._norm()
 
     def _norm(self) -> torch.Tensor:
@@ -67,7 +67,7 @@ class UpsampledFeatures:
         _, h, w = self.features.shape
         padded = F.pad(self.features, (0, 1, 0, 1))  # the missing neighbour of the last row/col
         corners = [padded[:, r:r + h, s:s + w] for r in (0, 1) for s in (0, 1)]  # a = 2r + s
-        gram = torch.empty(4, 4, h, w)
+        gram = self.features.new_empty(4, 4, h, w)
         for a in range(4):
             for b in range(a, 4):
                 gram[a, b] = gram[b, a] = (corners[a] * corners[b]).sum(0)
@@ -108,9 +108,10 @@ def background_prototypes_2d(feats: UpsampledFeatures, bg_mask: torch.Tensor, gr
     g = grid_size
     left, right, top, bottom = grid_padding(height, width, g)
     cell_h, cell_w = (height + top + bottom) // g, (width + left + right) // g
-    cell = (((torch.arange(height) + top) // cell_h)[:, None] * g
-            + ((torch.arange(width) + left) // cell_w)[None])
-    masks = (cell == torch.arange(g * g)[:, None, None]) & (bg_mask > 0)  # (J,H,W)
+    device = bg_mask.device
+    cell = (((torch.arange(height, device=device) + top) // cell_h)[:, None] * g
+            + ((torch.arange(width, device=device) + left) // cell_w)[None])
+    masks = (cell == torch.arange(g * g, device=device)[:, None, None]) & (bg_mask > 0)  # (J,H,W)
     counts = masks.sum((1, 2))
     protos = feats.masked_sum(masks.float()) / counts.clamp_min(1)[:, None]
     return protos, counts > 0
@@ -121,17 +122,17 @@ def background_attention_2d(feats: UpsampledFeatures, protos: torch.Tensor,
     """A_bg(p) = mean over the valid cells j of ReLU(cos(F↑(p), q_j)) (H,W); zero everywhere when
     no cell is valid (an image covered by its boxes), where the reference would give NaN."""
     if not valid.any():
-        return torch.zeros(feats.size)
+        return feats.features.new_zeros(feats.size)
     return feats.cosine(protos[valid]).relu().mean(0)
 
 
-def box_masks(boxes: np.ndarray, height: int, width: int) -> torch.Tensor:
+def box_masks(boxes: np.ndarray, height: int, width: int, device=None) -> torch.Tensor:
     """(K,H,W) bool; box k covers rows y1:y2 and columns x1:x2 (as slices) after clipping to the
     image, so negative coordinates never wrap around. boxes (K,≥4) int, x1,y1,x2,y2 first."""
-    b = torch.as_tensor(np.asarray(boxes)[:, :4], dtype=torch.int64)
+    b = torch.as_tensor(np.asarray(boxes)[:, :4], dtype=torch.int64, device=device)
     x1, x2 = b[:, 0].clamp(0, width), b[:, 2].clamp(0, width)
     y1, y2 = b[:, 1].clamp(0, height), b[:, 3].clamp(0, height)
-    ys, xs = torch.arange(height), torch.arange(width)
+    ys, xs = torch.arange(height, device=b.device), torch.arange(width, device=b.device)
     rows = (ys >= y1[:, None]) & (ys < y2[:, None])  # (K,H)
     cols = (xs >= x1[:, None]) & (xs < x2[:, None])  # (K,W)
     return rows[:, :, None] & cols[:, None, :]
@@ -178,7 +179,7 @@ def unary_probabilities(feats: UpsampledFeatures, class_weight: torch.Tensor, bg
         bg = (~inside).float()
     per_box = box_cams(feats, class_weight, masks, box_channel)
     index = box_channel[:, None, None].expand_as(per_box)
-    fg = torch.zeros(n, *feats.size).scatter_reduce_(0, index, per_box, "amax")
+    fg = per_box.new_zeros(n, *feats.size).scatter_reduce_(0, index, per_box, "amax")
     unary = torch.cat([bg[None], fg])
     return torch.where(inside, unary.softmax(0), unary)
 
@@ -192,7 +193,7 @@ def retrieval_scores(feats: UpsampledFeatures, label_weight: torch.Tensor, y_crf
     y_crf = k (w_k if there is no such pixel); S_k = ReLU(cos(F↑, p_k)); the background score is 1
     outside every box; each class's score is 0 outside its own boxes.
     """
-    labels = torch.arange(len(label_weight))
+    labels = torch.arange(len(label_weight), device=y_crf.device)
     masks = y_crf[None] == labels[:, None, None]  # (L,H,W)
     counts = masks.sum((1, 2))
     means = feats.masked_sum(masks.float()) / counts.clamp_min(1)[:, None]
@@ -203,12 +204,95 @@ def retrieval_scores(feats: UpsampledFeatures, label_weight: torch.Tensor, y_crf
     return scores
 
 
-def _as_float32(x, name: str, ndim: int) -> torch.Tensor:
-    x = torch.as_tensor(x).detach().to("cpu", torch.float32)
+def _as_float32(x, name: str, ndim: int, device=None) -> torch.Tensor:
+    x = torch.as_tensor(x).detach().to(device or "cpu", torch.float32)
     if x.ndim != ndim:
         raise ValueError(f"make_pseudo_labels: {name} must have {ndim} dimensions, got shape "
                          f"{tuple(x.shape)}.")
     return x
+
+
+class ImageState:
+    """What one image's labelling keeps between its unaries and its retrieval, on the features'
+    device: F↑, the classifier rows of background and the present classes (L,D), the box masks
+    (K,H,W), each box's channel (K,), each present class's box union (L-1,H,W) and the class id
+    of each channel (L,) uint8."""
+
+    def __init__(self, feats, label_weight, masks, box_channel, class_regions, ids):
+        self.feats, self.label_weight, self.masks = feats, label_weight, masks
+        self.box_channel, self.class_regions, self.ids = box_channel, class_regions, ids
+
+
+def check_inputs(features, classifier_weight, image_shape, boxes, bg_mask):
+    """make_pseudo_labels' inputs as (features, weight) float32 tensors on the features' device,
+    bg_mask tensor, boxes (K,5) array; ValueError naming what does not fit."""
+    device = features.device if torch.is_tensor(features) else None
+    features = _as_float32(features, "features (D,h,w)", 3, device)
+    weight = _as_float32(classifier_weight, "classifier_weight (C,D)", 2, features.device)
+    bg_mask = torch.as_tensor(np.asarray(bg_mask) if not torch.is_tensor(bg_mask) else bg_mask)
+    boxes = np.asarray(boxes).reshape(-1, 5) if np.size(boxes) == 0 else np.asarray(boxes)
+    if weight.shape[1] != features.shape[0]:
+        raise ValueError(f"make_pseudo_labels: classifier_weight {tuple(weight.shape)} expects "
+                         f"{weight.shape[1]} feature channels, features {tuple(features.shape)} "
+                         f"have {features.shape[0]}.")
+    if bg_mask.ndim != 2 or tuple(image_shape) != (*bg_mask.shape, 3):
+        raise ValueError(f"make_pseudo_labels: image {tuple(image_shape)} must be (H,W,3) and "
+                         f"bg_mask {tuple(bg_mask.shape)} (H,W) of the same image.")
+    if boxes.ndim != 2 or boxes.shape[1] != 5:
+        raise ValueError(f"make_pseudo_labels: boxes must be (K,5) = x1,y1,x2,y2,class, got shape "
+                         f"{boxes.shape}.")
+    if len(boxes):
+        classes = np.unique(boxes[:, 4].astype(np.int64))
+        if classes[0] < 1 or classes[-1] >= len(weight):
+            raise ValueError(f"make_pseudo_labels: box classes {classes.tolist()} must lie in "
+                             f"[1, {len(weight) - 1}] (the classifier has {len(weight)} rows, "
+                             "row 0 = background).")
+    return features, weight, bg_mask.to(features.device), boxes
+
+
+def unaries(features: torch.Tensor, weight: torch.Tensor, boxes: np.ndarray, bg_mask: torch.Tensor,
+            grid_size: int, bg_threshold: float, use_u0: bool = True):
+    """SPEC §3 steps 1-3 on the features' device: (probs (L,H,W) float32, ImageState). Inputs as
+    returned by `check_inputs`, with at least one box."""
+    height, width = bg_mask.shape
+    device = features.device
+    classes, box_channel = np.unique(boxes[:, 4].astype(np.int64), return_inverse=True)
+    box_channel = torch.as_tensor(box_channel.reshape(-1), dtype=torch.int64, device=device)
+    masks = box_masks(boxes, height, width, device)
+    class_regions = torch.zeros(len(classes), height, width, device=device).index_add_(
+        0, box_channel, masks.float()) > 0
+    label_weight = weight[torch.as_tensor(np.concatenate([[0], classes]), device=device)]
+    feats = UpsampledFeatures(features, (height, width))
+    probs = unary_probabilities(feats, label_weight[1:], bg_mask, masks, box_channel, grid_size,
+                                bg_threshold, use_u0)
+    ids = np.concatenate([[0], classes]).astype(np.uint8)
+    return probs, ImageState(feats, label_weight, masks, box_channel, class_regions, ids)
+
+
+def crf_channels(crf, image: np.ndarray, probs: np.ndarray, class_regions: np.ndarray) -> np.ndarray:
+    """SPEC §3 steps 4-5 on the CPU: the CRF's refined probabilities, each class zeroed outside
+    its boxes, then the arg-max channel (H,W) int64. probs (L,H,W) float32; class_regions
+    (L-1,H,W) bool."""
+    refined = np.asarray(crf(image, probs), dtype=np.float32).copy()
+    refined[1:] *= class_regions
+    # NumPy's argmax over the leading axis is ~6x faster than torch's on the CPU, with the same
+    # ties (the first maximum).
+    return refined.argmax(0)
+
+
+def retrieval(state: ImageState, y_crf_channels, return_box_scores: bool = False):
+    """SPEC §3 step 6 on the state's device: (y_crf, y_ret) uint8 (H,W) class ids, and with
+    return_box_scores the per-box normalised CAM (K,H,W) float32."""
+    device = state.feats.features.device
+    channels = torch.as_tensor(np.asarray(y_crf_channels), device=device)
+    y_ret = retrieval_scores(state.feats, state.label_weight, channels,
+                             state.class_regions).argmax(0)
+    ids = state.ids
+    out = (ids[np.asarray(y_crf_channels)], ids[y_ret.cpu().numpy()])
+    if not return_box_scores:
+        return out
+    scores = box_cams(state.feats, state.label_weight[1:], state.masks, state.box_channel)
+    return (*out, scores.cpu().numpy())
 
 
 def make_pseudo_labels(features, classifier_weight, image: np.ndarray, boxes, bg_mask: np.ndarray,
@@ -224,48 +308,17 @@ def make_pseudo_labels(features, classifier_weight, image: np.ndarray, boxes, bg
     lies in a box of class c. With return_box_scores, also the per-box normalised CAM float32
     (K,H,W) of `box_cams`, boxes in input order, which splits a class's pixels into instances
     (`utils.instances.instance_masks`).
+
+    Runs where `features` lies (a tensor on a GPU: there, but the CRF on the CPU); stage 2 calls
+    the three phases (`unaries`, `crf_channels`, `retrieval`) itself to overlap them.
     """
-    features = _as_float32(features, "features (D,h,w)", 3)
-    weight = _as_float32(classifier_weight, "classifier_weight (C,D)", 2)
-    bg_mask = torch.as_tensor(np.asarray(bg_mask))
-    boxes = np.asarray(boxes).reshape(-1, 5) if np.size(boxes) == 0 else np.asarray(boxes)
-    if weight.shape[1] != features.shape[0]:
-        raise ValueError(f"make_pseudo_labels: classifier_weight {tuple(weight.shape)} expects "
-                         f"{weight.shape[1]} feature channels, features {tuple(features.shape)} "
-                         f"have {features.shape[0]}.")
-    if bg_mask.ndim != 2 or tuple(np.shape(image)) != (*bg_mask.shape, 3):
-        raise ValueError(f"make_pseudo_labels: image {np.shape(image)} must be (H,W,3) and bg_mask "
-                         f"{tuple(bg_mask.shape)} (H,W) of the same image.")
-    if boxes.ndim != 2 or boxes.shape[1] != 5:
-        raise ValueError(f"make_pseudo_labels: boxes must be (K,5) = x1,y1,x2,y2,class, got shape "
-                         f"{boxes.shape}.")
+    features, weight, bg_mask, boxes = check_inputs(features, classifier_weight, np.shape(image),
+                                                    boxes, bg_mask)
     height, width = bg_mask.shape
     if len(boxes) == 0:
         empty = np.zeros((height, width), np.uint8)
         return (empty, empty.copy(), np.zeros((0, height, width), np.float32)) \
             if return_box_scores else (empty, empty.copy())
-    classes, box_channel = np.unique(boxes[:, 4].astype(np.int64), return_inverse=True)
-    if classes[0] < 1 or classes[-1] >= len(weight):
-        raise ValueError(f"make_pseudo_labels: box classes {classes.tolist()} must lie in "
-                         f"[1, {len(weight) - 1}] (the classifier has {len(weight)} rows, row 0 = "
-                         "background).")
-    box_channel = torch.as_tensor(box_channel.reshape(-1), dtype=torch.int64)
-    masks = box_masks(boxes, height, width)
-    class_regions = torch.zeros(len(classes), height, width).index_add_(
-        0, box_channel, masks.float()) > 0
-    label_weight = weight[torch.as_tensor(np.concatenate([[0], classes]))]
-
-    feats = UpsampledFeatures(features, (height, width))
-    probs = unary_probabilities(feats, label_weight[1:], bg_mask, masks, box_channel, grid_size,
-                                bg_threshold, use_u0)
-    refined = torch.from_numpy(crf(image, probs.numpy()))
-    refined[1:] *= class_regions
-    # NumPy's argmax over the leading axis is ~6x faster than torch's on the CPU, with the same
-    # ties (the first maximum).
-    y_crf = torch.from_numpy(refined.numpy().argmax(0))
-    y_ret = retrieval_scores(feats, label_weight, y_crf, class_regions).numpy().argmax(0)
-    ids = np.concatenate([[0], classes]).astype(np.uint8)
-    if not return_box_scores:
-        return ids[y_crf.numpy()], ids[y_ret]
-    scores = box_cams(feats, label_weight[1:], masks, box_channel)
-    return ids[y_crf.numpy()], ids[y_ret], scores.numpy()
+    probs, state = unaries(features, weight, boxes, bg_mask, grid_size, bg_threshold, use_u0)
+    channels = crf_channels(crf, image, probs.cpu().numpy(), state.class_regions.cpu().numpy())
+    return retrieval(state, channels, return_box_scores)

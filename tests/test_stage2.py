@@ -255,3 +255,21 @@ def test_a_killed_run_resumes_to_identical_files(synthetic_voc, stage1_dir, refe
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{finished} already labelled, {12 - finished} to go" in rerun.stdout
     assert label_bytes(label_dir) == reference[3]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_device_path_writes_the_files_of_the_worker_path(synthetic_voc, stage1_dir, reference,
+                                                             tmp_path, workers):
+    """--pixel-work device (unaries and retrieval in the main process, only the CRF in the
+    workers, as on a GPU) against the default CPU path (everything per pixel in the workers):
+    the same float32 operations, so the same files, Y_box and the quality report included."""
+    cfg = stage2_cfg(synthetic_voc, stage1_dir, tmp_path / "Generation")
+    args = stage2_args(workers=workers)
+    args.pixel_work = "device"
+    result = run(cfg, args)
+    assert result["labelled_now"] == len(reference[3]) // len(LABELS)
+    assert label_bytes(cfg.pseudo_label_dir) == reference[3]
+    assert result["quality"] == reference[1]["quality"]
+    boxes = {p.name: p.read_bytes() for p in (cfg.pseudo_label_dir / BOX_LABEL).glob("*.png")}
+    assert boxes == {p.name: p.read_bytes()
+                     for p in (reference[0].pseudo_label_dir / BOX_LABEL).glob("*.png")}

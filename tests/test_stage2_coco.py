@@ -229,3 +229,21 @@ def test_stage1_trains_on_coco_with_the_coco80_classes(coco_root, tmp_path):
                       weights_only=False)
     assert ckpt["bana"]["num_classes"] == 81
     assert ckpt["state_dict"]["net.classifier.weight"].shape[0] == 81
+
+
+def test_the_device_path_writes_the_instances_of_the_worker_path(coco_root, stage1_dir, coco_run,
+                                                                 tmp_path):
+    """--pixel-work device on COCO: the same label maps, per-image instance files and merged
+    results as the worker path (the box CAMs that split instances come from the device)."""
+    cfg, first, _ = coco_run
+    device_cfg = coco_cfg(coco_root, stage1_dir, tmp_path / "Generation")
+    result = run(device_cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0,
+                                                pixel_work="device"))
+    assert result["labelled_now"] == first["images"]
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != "labels.json"}
+
+    assert files(device_cfg.pseudo_label_dir) == files(cfg.pseudo_label_dir)
+    assert result["instance_quality"] == first["instance_quality"]
