@@ -27,10 +27,12 @@ from tqdm import tqdm
 from utils.cli import resolve_devices
 from utils.config import Config
 from utils.crf import DenseCRF
+from utils.distributed import all_reduce_sum, announce_shard, shard
 from utils.errors import BanaError
 from utils.io import atomic_write_json, atomic_write_png, atomic_write_text
 from utils.metrics import ConfusionMatrix, format_table
 from utils.palette import colorize, voc_palette
+from utils.precision import inference_autocast
 
 EVAL_DIR = "eval"
 # Where the PASCAL VOC evaluation server expects test-set predictions (tar the `results` folder).
@@ -145,14 +147,29 @@ def _panel(image: np.ndarray, maps: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _device(gpu_id: str) -> torch.device:
-    devices = resolve_devices(gpu_id)
-    print(devices.note)
-    if devices.accelerator == "gpu":
-        if len(devices.devices) > 1:
-            print(f"Evaluation runs on one device: using GPU {devices.devices[0]}.")
-        return torch.device(f"cuda:{devices.devices[0]}")
-    return torch.device("cpu")
+def _device(gpu_id: str, launch=None, precision: str = "32") -> torch.device:
+    """This process's device: under torchrun / srun the one of its local rank, else the first
+    of --gpu-id (evaluation and prediction run one process per device). Refuses a precision the
+    device cannot run."""
+    from utils.distributed import detect_launch
+    from utils.precision import check_precision
+
+    launch = launch or detect_launch()
+    devices = resolve_devices(gpu_id, launch=launch)
+    check_precision(precision, devices.accelerator)
+    if launch.is_main:
+        print(devices.note)
+    if devices.accelerator == "gpu" and devices.count > 1 and not launch.distributed:
+        print(f"Evaluation runs on one device: using GPU {devices.devices[0]} (torchrun "
+              "--nproc_per_node N shards the images over N devices).")
+    return devices.device_of(launch.local_rank if launch.distributed else 0)
+
+
+def prepare_network(net, device: torch.device):
+    """`net` on `device`, in channels-last memory order on a GPU (faster convolutions under
+    autocast)."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
 def _json_safe(value):
@@ -285,9 +302,9 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
             image_id, image = item["id"], item["image"]
             rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
             state.start(image_id, rgb, item["label"][0].numpy() if "label" in item else None)
-            x = image.float().to(device)
+            x = image.float().to(device, non_blocking=device.type == "cuda")
             scores = {}
-            with torch.inference_mode():
+            with torch.inference_mode(), inference_autocast(cfg.TRAINER.PRECISION, device):
                 if {"single", "single+crf"} & modes:
                     scores["single"] = net(x[None], out_size=x.shape[-2:])[0]
                 if {"multiscale", "multiscale+crf"} & modes:
@@ -322,6 +339,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     metrics.json holds too (NaN written as null). On the test split nothing is scored ("modes"
     is empty) and the most refined predictions go to the evaluation server's layout."""
     from data.datasets import open_data
+    from utils.distributed import barrier, detect_launch
     from utils.runlock import RunLock, clean_temporary_files
 
     workers = getattr(args, "workers", None)
@@ -334,19 +352,32 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     score = split != data.test_split
     modes = modes_of(cfg) if score else modes_of(cfg)[-1:]
     crf, ckpt_path, dataset = check_inputs(cfg, args, data, split, score, modes)
+    launch = detect_launch()
+    if launch.distributed:  # the processes of one node share its cores
+        workers = max(1, workers // launch.local_world_size) if workers else 0
     with RunLock(cfg.run_dir / EVAL_DIR, "evaluate.py"):
-        clean_temporary_files(cfg.run_dir / EVAL_DIR)
-        return _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers)
+        if launch.is_main:
+            clean_temporary_files(cfg.run_dir / EVAL_DIR)
+        barrier(launch)
+        return _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers,
+                         launch)
 
 
-def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers) -> dict:
-    device = _device(getattr(args, "gpu_id", "cpu"))
-    net = load_model(ckpt_path, cfg).to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                         num_workers=min(cfg.DATA.NUM_WORKERS, 2))
+def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers,
+              launch) -> dict:
+    device = _device(getattr(args, "gpu_id", "cpu"), launch, cfg.TRAINER.PRECISION)
+    net = prepare_network(load_model(ckpt_path, cfg), device)
+    all_ids = list(dataset.ids)
+    mine = shard(list(range(len(all_ids))), launch)
+    announce_shard(launch, len(mine))
+    images = dataset if not launch.distributed else torch.utils.data.Subset(dataset, mine)
+    loader = torch.utils.data.DataLoader(images, batch_size=None, shuffle=False,
+                                         num_workers=min(cfg.DATA.NUM_WORKERS, 2),
+                                         pin_memory=device.type == "cuda")
     out_dir = cfg.run_dir / EVAL_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.yaml")
+    if launch.is_main:
+        cfg.save(out_dir / "config.yaml")
     if not score:
         save_dir = out_dir / SERVER_LAYOUT
     elif getattr(args, "save_pred", False):
@@ -354,14 +385,24 @@ def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, wor
     else:
         save_dir = None
     state = _Evaluation(modes, cfg.DATA.NUM_CLASSES, out_dir, score=score, save_dir=save_dir,
-                        vis_ids=set(dataset.ids[:getattr(args, "save_vis", 0) or 0]))
-    print(f"Evaluating {ckpt_path} on '{split}' ({len(dataset)} images), modes: "
-          f"{', '.join(modes)}" + (f"; {workers} CRF worker(s)" if crf else "") + ".")
+                        vis_ids=set(all_ids[:getattr(args, "save_vis", 0) or 0]))
+    if launch.is_main:
+        print(f"Evaluating {ckpt_path} on '{split}' ({len(dataset)} images), modes: "
+              f"{', '.join(modes)}" + (f"; {workers} CRF worker(s)" if crf else "")
+              + (f" per process, {launch.world_size} processes" if launch.distributed else "")
+              + ".", flush=True)
 
     start = time.perf_counter()
-    with tqdm(total=len(dataset), desc="evaluate", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=len(images), desc="evaluate", unit="img", dynamic_ncols=True,
+              position=launch.local_rank) as bar:
         _stream(cfg, net, loader, device, state, crf, workers, bar)
     seconds = time.perf_counter() - start
+    # Each process scored its shard: add the confusion matrices up (waits for every shard).
+    for mat in state.matrices.values():
+        mat.matrix = all_reduce_sum(mat.matrix, launch)
+    if not launch.is_main:
+        return {"split": split, "images": len(mine), "shard": f"{launch.rank}/{launch.world_size}",
+                "seconds": round(seconds, 2)}
 
     names = list(data.classes)
     summary = {"split": split, "images": len(dataset), "checkpoint": str(ckpt_path),
@@ -369,7 +410,10 @@ def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, wor
                "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
                "scales": list(cfg.TEST.SCALES), "flip": cfg.TEST.FLIP,
                "dcrf": list(cfg.MODEL.DCRF) if crf else None, "classes": names,
-               "modes": {m: mat.compute() for m, mat in state.matrices.items()}}
+               "modes": {m: mat.compute() for m, mat in state.matrices.items()},
+               "confusion": {m: mat.matrix.tolist() for m, mat in state.matrices.items()}}
+    if launch.distributed:
+        summary["processes"] = launch.world_size
     if score:
         _write_report(out_dir, summary, names)
         print(format_report(summary["modes"], names))

@@ -240,7 +240,13 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
         raise BanaError(f"{split_annotation(cfg, split)} has annotations without a segmentation, "
                         "so mask AP cannot be computed: evaluate on a split whose annotations "
                         "have masks.")
-    device = _device(args.gpu_id)
+    from utils.distributed import detect_launch
+
+    launch = detect_launch()
+    if launch.world_size > 1:
+        raise BanaError("evaluate.py with MODEL.TASK instance runs as one process (COCOeval "
+                        "scores the whole split at once): start it without torchrun / srun.")
+    device = _device(args.gpu_id, launch)
     model, meta = load_instance_model(ckpt_path)
     model.to(device)
     categories = meta["category_ids"]

@@ -115,8 +115,10 @@ def predict_image(cfg: Config, net, image: np.ndarray, mode: str, crf, device) -
     """uint8 (H, W) class ids of one RGB image in `mode` ("single", "multiscale", "+crf")."""
     from engine.evaluate import crf_postprocess, predict_multiscale
 
+    from utils.precision import inference_autocast
+
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(cfg.TRAINER.PRECISION, device):
         if mode.startswith("single"):
             cos = net(x[None], out_size=x.shape[-2:])[0]
         else:
@@ -130,24 +132,32 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Predict every input image (skipping those done); returns counts and images/s."""
     from utils.runlock import RunLock, clean_temporary_files
 
+    from utils.distributed import barrier, detect_launch
+
     images, ckpt_path, mode, crf = check_inputs(cfg, args)
+    launch = detect_launch()
     with RunLock(args.output, "predict.py"):
-        clean_temporary_files(args.output)
-        return _predict(cfg, args, images, ckpt_path, mode, crf)
+        if launch.is_main:
+            clean_temporary_files(args.output)
+        barrier(launch)
+        return _predict(cfg, args, images, ckpt_path, mode, crf, launch)
 
 
-def _predict(cfg: Config, args, images, ckpt_path, mode, crf) -> dict:
+def _predict(cfg: Config, args, images, ckpt_path, mode, crf, launch) -> dict:
     from tqdm import tqdm
 
-    from engine.evaluate import _device, load_model
+    from engine.evaluate import _device, load_model, prepare_network
+    from utils.distributed import announce_shard, barrier, shard
     from utils.io import atomic_write_jpeg, atomic_write_png, read_image
     from utils.palette import voc_palette
 
     out = Path(args.output)
+    device = _device(args.gpu_id, launch, cfg.TRAINER.PRECISION)
+    images = shard(images, launch)
+    announce_shard(launch, len(images))
     todo = [p for p in images if not ((out / f"{p.stem}.png").is_file()
                                       and (out / OVERLAY_DIR / f"{p.stem}.jpg").is_file())]
-    device = _device(args.gpu_id)
-    net = load_model(ckpt_path, cfg).to(device)
+    net = prepare_network(load_model(ckpt_path, cfg), device)
     meta = net.meta
     names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
     print(f"Predicting {len(todo)} image(s) ({len(images) - len(todo)} already done) with "
@@ -159,6 +169,7 @@ def _predict(cfg: Config, args, images, ckpt_path, mode, crf) -> dict:
         atomic_write_png(out / f"{path.stem}.png", label, palette=voc_palette())
         atomic_write_jpeg(out / OVERLAY_DIR / f"{path.stem}.jpg", overlay(image, label, names))
     seconds = time.perf_counter() - start
+    barrier(launch)  # the run ends when every shard is written
     speed = len(todo) / seconds if todo and seconds > 0 else None
     print(f"Done: {len(todo)} image(s) in {seconds:.1f} s"
           + (f" ({speed:.2f} images/s)." if speed else "."))

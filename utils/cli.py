@@ -190,6 +190,17 @@ def os_error_message(error: OSError) -> str | None:
 def guarded(fn: Callable[[], object], debug: bool) -> object:
     """Run `fn`; turn user-fixable errors into a message and exit status 2."""
     try:
+        return _guarded(fn, debug)
+    finally:
+        # A process group left to the interpreter's exit aborts the process ("terminate called
+        # without an active exception") under torchrun / srun.
+        from utils.distributed import destroy_process_group
+
+        destroy_process_group()
+
+
+def _guarded(fn: Callable[[], object], debug: bool) -> object:
+    try:
         return fn()
     except BanaError as e:
         if debug:

@@ -17,6 +17,7 @@ CPU-only machines and between GPU nodes.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -89,7 +90,10 @@ def shard(items: list, launch: Launch) -> list:
 def announce_shard(launch: Launch, count: int) -> None:
     """The one line each process of a sharded run prints: `shard R/W: N images`."""
     if launch.distributed:
-        print(f"shard {launch.rank}/{launch.world_size}: {count} images", flush=True)
+        # One write, newline included: print() writes the text and the newline separately, and
+        # the processes' lines would interleave on a shared terminal or log.
+        sys.stdout.write(f"shard {launch.rank}/{launch.world_size}: {count} images\n")
+        sys.stdout.flush()
 
 
 def init_process_group(launch: Launch) -> None:
