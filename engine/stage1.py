@@ -29,10 +29,9 @@ class Stage1LitModule(pl.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # The boxes stay on the host: the reference BAP lays its samples out from their
         # coordinates there (models/pooling.py), which on the device would wait for the GPU.
-        boxes = batch.pop("boxes")
-        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        batch["boxes"] = boxes
-        return batch
+        rest = {k: v for k, v in batch.items() if k != "boxes"}
+        moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
+        return {**moved, "boxes": batch["boxes"]}
 
     def training_step(self, batch, batch_idx):
         images = batch["image"].float()

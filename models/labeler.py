@@ -97,8 +97,10 @@ class Labeler(nn.Module):
         return self.classifier(prototypes[:, :, None, None]).flatten(1)
 
     def attention(self, features, bg_mask):
-        """A_fg (N,h,w) that `head` pools boxes with: 1 - A_bg (BAP), or 1 (GAP, little background)."""
-        return self._prototypes_and_attention(features, bg_mask)[2]
+        """A_fg (N,h,w) that `head` pools boxes with: 1 - A_bg (BAP), or 1 (GAP, little background).
+        float32 under autocast, as `head`."""
+        with float32_region(features.device.type):
+            return self._prototypes_and_attention(full(features), full(bg_mask))[2]
 
     def _background(self, features, bg_mask):
         """Background prototypes (N,J,D) and valid cells (N,J) of the G×G grid."""
