@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks._report import device_name, record
 from models.backbones import build_backbone
 from models.labeler import Labeler
 from tests.test_labeler import reference_head
@@ -80,6 +81,10 @@ def head_vs_backbone(name, batch, crop, repeats, generator):
                        f" of the backbone" for m in SAMPLINGS)
     print(f"{name:>6} batch {batch}x{crop}px, features {tuple(features.shape[1:])}, fwd+bwd: "
           f"backbone {medians['backbone'] * 1e3:7.1f} ms | {heads}")
+    for m in SAMPLINGS:
+        record("stage1_head", f"{m} BAP head / {name} backbone, fwd+bwd, batch {batch}x{crop}px",
+               100 * medians[m] / medians["backbone"], "%", device_name(torch.device("cpu")),
+               "python -m benchmarks.stage1_head")
 
 
 def vectorised_vs_loops(num_boxes, repeats, generator):

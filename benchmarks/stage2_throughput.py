@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._report import device_name, record
+
 
 def _pss_bytes(pid: int) -> int:
     """Proportional set size: resident memory with pages shared by n processes (torch's
@@ -217,6 +219,14 @@ def main():
           + " | ".join(f"{n} worker(s) {peaks[n] / gb:.2f} GB" for n in contenders)
           + f" | main process alone, peak RSS {own / gb:.2f} GB")
     print(f"label files identical across worker counts: {outputs[one] == outputs[many]}")
+    command = (f"python -m benchmarks.stage2_throughput --images {args.images} --size {args.size} "
+               f"--rounds {args.rounds} --backbone {args.backbone}")
+    where = device_name(torch.device("cpu"))
+    for n in contenders:
+        record("stage2_throughput", f"stage 2 images/s, {n} CRF worker(s) ({args.backbone}, "
+               f"{args.size} px)", median[n], "img/s", where, command)
+    record("stage2_throughput", f"stage 2 speed-up, {many} vs {one} worker(s)",
+           median[many] / median[one], "x", where, command)
 
 
 if __name__ == "__main__":

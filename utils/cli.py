@@ -200,6 +200,11 @@ def guarded(fn: Callable[[], object], debug: bool) -> object:
 
 
 def _guarded(fn: Callable[[], object], debug: bool) -> object:
+    # Whole lines, one write each: the processes of a torchrun / srun launch share one stdout,
+    # and print() writes a text and its newline separately, so their lines would interleave
+    # mid-line. In a log file, a line also appears as soon as it is printed.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True, write_through=False)
     try:
         return fn()
     except BanaError as e:
