@@ -180,7 +180,7 @@ def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename). A
     failed write (a full disk) removes the temporary file and names the checkpoint."""
     path = Path(path)
-    check_watch(trainer, trainer.lightning_module)
+    check_watch(trainer, getattr(trainer, "lightning_module", None))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         trainer.save_checkpoint(str(tmp), weights_only=False)
