@@ -10,7 +10,8 @@ def main(path: str) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         value = r["value"]
-        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        shown = (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}") \
+            if isinstance(value, float) else str(value)
         print(f"| {r['benchmark']} | {r['figure']} | {shown} {r['unit']} | {r['device']} | "
               f"`{r['command']}` |")
 
