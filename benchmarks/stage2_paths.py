@@ -14,7 +14,6 @@ in the last bits of a few pixels).
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._report import device_name, record
-from benchmarks.stage2_throughput import _config
+from benchmarks.stage2_throughput import _config, add_arguments
 
 PATHS = ("workers", "device")
 
@@ -44,11 +43,7 @@ def _label(cfg, net, dataset, device, workers, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--size", type=int, default=320)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backbone", default="tiny", choices=("tiny", "vgg16", "resnet101"))
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    add_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 

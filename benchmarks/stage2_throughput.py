@@ -154,14 +154,19 @@ def _label_all(cfg, net, dataset, workers: int, memory: bool):
     return startup, rate, sampler.peak if memory else 0, files
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic split and the labelling setup of the stage-2 benchmarks."""
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backbone", default="tiny", choices=("tiny", "vgg16", "resnet101"))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="the default contender (default: one per core, as stage2.py)")
+                        help="CRF workers (default: one per core, as stage2.py)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
     args = parser.parse_args()
 
     from data.synthetic import make_synthetic_voc
