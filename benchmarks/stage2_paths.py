@@ -16,29 +16,15 @@ in the last bits of a few pixels).
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks._report import device_name, record
-from benchmarks.stage2_throughput import _config, add_arguments
+from benchmarks.stage2_throughput import (_config, _label_all, add_arguments,
+                                          synthetic_labelling)
 
 PATHS = ("workers", "device")
-
-
-def _label(cfg, net, dataset, device, workers, path):
-    from engine.stage2 import generate, start_workers
-
-    with start_workers(workers) as pool:
-        for f in [pool.submit(int) for _ in range(workers)]:
-            f.result()
-        start = time.perf_counter()
-        done = generate(cfg, net, dataset, dataset.ids, device, pool, workers, progress=False,
-                        pixel_work=path)
-        rate = done / (time.perf_counter() - start)
-    label_dir = cfg.pseudo_label_dir
-    return rate, {p.relative_to(label_dir): p.read_bytes() for p in sorted(label_dir.rglob("*.png"))}
 
 
 def main():
@@ -47,10 +33,6 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from data.synthetic import make_synthetic_voc
-    from engine.stage1 import build_labeler
-    from engine.stage2 import open_dataset
-
     device = torch.device(args.device)
     where = device_name(device)
     torch.manual_seed(0)
@@ -58,14 +40,13 @@ def main():
     files = {}
     with tempfile.TemporaryDirectory(prefix="stage2_paths_") as tmp:
         tmp = Path(tmp)
-        make_synthetic_voc(tmp / "VOC", n_train=args.images, n_val=1, size=args.size, seed=0)
-        cfg = _config(tmp / "VOC", tmp / "unused", args.backbone)
-        net = build_labeler(cfg, init="none").eval()
-        dataset = open_dataset(cfg)
+        _, net, dataset = synthetic_labelling(tmp, args)
         for r in range(args.rounds):
             for path in PATHS if r % 2 == 0 else PATHS[::-1]:
                 run_cfg = _config(tmp / "VOC", tmp / f"labels_{path}_{r}", args.backbone)
-                rate, files[path] = _label(run_cfg, net, dataset, device, args.workers, path)
+                _, rate, _, files[path] = _label_all(run_cfg, net, dataset, args.workers,
+                                                     memory=False, device=device,
+                                                     pixel_work=path)
                 rates[path].append(rate)
     median = {p: statistics.median(v) for p, v in rates.items()}
     ratio = statistics.median(d / w for d, w in zip(rates["device"], rates["workers"]))

@@ -133,7 +133,20 @@ def _per_image_costs(cfg, net, dataset, ids, out: Path) -> tuple[float, float]:
     return statistics.median(main_s), statistics.median(worker_s)
 
 
-def _label_all(cfg, net, dataset, workers: int, memory: bool):
+def synthetic_labelling(tmp: Path, args):
+    """A synthetic VOC tree of args.images images of args.size px under `tmp`, a randomly
+    initialised stage-1 network of args.backbone and the split to label: (cfg, net, dataset)."""
+    from data.synthetic import make_synthetic_voc
+    from engine.stage1 import build_labeler
+    from engine.stage2 import open_dataset
+
+    make_synthetic_voc(tmp / "VOC", n_train=args.images, n_val=1, size=args.size, seed=0)
+    cfg = _config(tmp / "VOC", tmp / "unused", args.backbone)
+    return cfg, build_labeler(cfg, init="none").eval(), open_dataset(cfg)
+
+
+def _label_all(cfg, net, dataset, workers: int, memory: bool, device=torch.device("cpu"),
+               pixel_work: str = "auto"):
     """Start and warm a pool, label every image; returns (start-up s, images/s, peak summed PSS
     bytes or 0 when `memory` is off, the label files)."""
     from engine.stage2 import generate, start_workers
@@ -146,8 +159,8 @@ def _label_all(cfg, net, dataset, workers: int, memory: bool):
                 f.result()
             startup = time.perf_counter() - start
             start = time.perf_counter()
-            done = generate(cfg, net, dataset, dataset.ids, torch.device("cpu"), pool, workers,
-                            progress=False)
+            done = generate(cfg, net, dataset, dataset.ids, device, pool, workers,
+                            progress=False, pixel_work=pixel_work)
             rate = done / (time.perf_counter() - start)
     label_dir = cfg.pseudo_label_dir
     files = {p.relative_to(label_dir): p.read_bytes() for p in sorted(label_dir.rglob("*.png"))}
@@ -169,10 +182,6 @@ def main():
     add_arguments(parser)
     args = parser.parse_args()
 
-    from data.synthetic import make_synthetic_voc
-    from engine.stage1 import build_labeler
-    from engine.stage2 import open_dataset
-
     torch.manual_seed(0)
     cores = os.cpu_count()
     load_before = os.getloadavg()[0]
@@ -181,10 +190,7 @@ def main():
     rates = {n: [] for n in contenders}
     with tempfile.TemporaryDirectory(prefix="stage2_bench_") as tmp:
         tmp = Path(tmp)
-        make_synthetic_voc(tmp / "VOC", n_train=args.images, n_val=1, size=args.size, seed=0)
-        cfg = _config(tmp / "VOC", tmp / "unused", args.backbone)
-        net = build_labeler(cfg, init="none").eval()
-        dataset = open_dataset(cfg)
+        cfg, net, dataset = synthetic_labelling(tmp, args)
         t_main, t_worker = _per_image_costs(cfg, net, dataset, dataset.ids[:6], tmp / "alone")
         # Only one pool is alive at a time, and memory is sampled in a round of its own: reading
         # /proc/<pid>/smaps_rollup every few ms costs enough CPU to slow the timed rounds.
