@@ -572,12 +572,18 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     """Generate (or finish generating) the pseudo labels; returns counts and the quality report."""
+    from utils.cli import resolve_devices
+    from utils.distributed import detect_launch
+    from utils.precision import check_precision
     from utils.runlock import RunLock
 
     data, dataset = check_inputs(cfg)
+    launch = detect_launch()
+    devices = resolve_devices(args.gpu_id, launch=launch)
+    check_precision(cfg.TRAINER.PRECISION, devices.accelerator)  # before the model is read
     net = load_labeler(cfg)  # a bad checkpoint fails here, before anything is written
     with RunLock(cfg.pseudo_label_dir, "stage 2"), RunLock(cfg.run_dir, "stage 2"):
-        return _label(cfg, args, data, dataset, net)
+        return _label(cfg, args, data, dataset, net, launch, devices)
 
 
 def _prepare_folder(cfg: Config, args: argparse.Namespace, launch) -> None:
@@ -601,15 +607,10 @@ def _prepare_folder(cfg: Config, args: argparse.Namespace, launch) -> None:
     barrier(launch)
 
 
-def _label(cfg: Config, args: argparse.Namespace, data, dataset, net) -> dict:
-    from utils.cli import resolve_devices
-    from utils.distributed import all_reduce_sum, announce_shard, detect_launch, shard
+def _label(cfg: Config, args: argparse.Namespace, data, dataset, net, launch, devices) -> dict:
+    from utils.distributed import all_reduce_sum, announce_shard, shard
     from utils.io import atomic_write_json
-    from utils.precision import check_precision
 
-    launch = detect_launch()
-    devices = resolve_devices(args.gpu_id, launch=launch)
-    check_precision(cfg.TRAINER.PRECISION, devices.accelerator)
     pixel_work = getattr(args, "pixel_work", "auto") or "auto"
     workers = getattr(args, "workers", None) or os.cpu_count() or 1
     if launch.distributed:  # the processes of one node share its cores

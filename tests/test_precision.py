@@ -236,3 +236,21 @@ def test_training_stages_run_in_bf16_mixed_and_refuse_16_mixed_on_the_cpu(synthe
         text=True, timeout=300)
     assert printed.returncode == 2 and "16-mixed needs a CUDA GPU" in printed.stderr
     assert not (tmp_path / "half" / "checkpoints").exists()
+
+
+def test_stage2_refuses_16_mixed_on_the_cpu_before_reading_the_model(synthetic_voc, stage1_dir,
+                                                                      tmp_path):
+    """A precision the device cannot run stops stage 2 before the stage-1 model is read and
+    before anything is written into the label folder."""
+    from unittest import mock
+
+    import engine.stage2
+
+    labels = tmp_path / "Generation"
+    cfg = load_config(REPO / "configs/demo/stage2.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(stage1_dir), "NAME", "stage2_half",
+        "DATA.PSEUDO_LABEL_DIR", str(labels), "TRAINER.PRECISION", "16-mixed"])
+    with mock.patch.object(engine.stage2, "load_labeler") as load, \
+            pytest.raises(BanaError, match="16-mixed needs a CUDA GPU"):
+        engine.stage2.run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0))
+    assert not load.called and not labels.exists()
