@@ -82,14 +82,14 @@ def _environment() -> dict:
     return env
 
 
-def _run(argv: list[str], processes: int = 0) -> subprocess.CompletedProcess:
+def _run(argv: list[str], processes: int = 0, check: bool = True) -> subprocess.CompletedProcess:
     """`python SCRIPT ...`, or under `torchrun --nproc_per_node processes` (standalone: a free
-    port on this machine)."""
+    port on this machine); check: the run must succeed."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                  "--nproc_per_node", str(processes)] if processes else [sys.executable])
     result = subprocess.run([*launcher, *argv], cwd=REPO, env=_environment(), capture_output=True,
                             text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -165,6 +165,33 @@ def test_stage2_under_torchrun_writes_the_files_of_one_process(torchrun_runs, sy
     reports = [json.loads((out / f"stage2_{n}/quality.json").read_text())
                for n in ("single", "torchrun")]
     assert reports[0]["miou"] == reports[1]["miou"]
+
+
+def test_a_refused_relabel_under_torchrun_stops_every_process_and_keeps_the_labels(
+        torchrun_runs, synthetic_voc):
+    """Rank 0 checks the label folder's record; its refusal (other settings, no --overwrite)
+    reaches the other process, which would otherwise wait at the barrier, and both stop with
+    the message before anything is written."""
+    out = torchrun_runs["out"]
+    labels = out / "labels_torchrun"
+    before = _files(labels, "Y_crf", "Y_ret", "Y_box")
+    record = (labels / "labels.json").read_bytes()
+    small = ["DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.NUM_WORKERS", "0"]
+    refused = _run(["stage2.py", "--config-file", "configs/demo/stage2.yml", "--gpu-id", "cpu",
+                    "--workers", "2", "--opts", *small, "NAME", "stage2_refused",
+                    "DATA.PSEUDO_LABEL_DIR", str(labels), "MODEL.USE_U0", "false"],
+                   processes=2, check=False)
+    printed = " ".join((refused.stdout + refused.stderr).split())  # messages are line-wrapped
+    assert refused.returncode != 0, printed[-3000:]
+    # Rank 0's message, and the same message from rank 1, which got it from rank 0.
+    assert "holds labels made with other settings" in printed, printed[-3000:]
+    assert "MODEL.USE_U0: True recorded, False now" in printed, printed[-3000:]
+    assert "error: process 0 stopped:" in printed, printed[-3000:]
+    # Messages, not tracebacks, from the processes (torchrun's own report of them is a traceback).
+    assert not any(f'File "{REPO / part}' in printed
+                   for part in ("engine", "utils", "stage2.py")), printed[-3000:]
+    assert _files(labels, "Y_crf", "Y_ret", "Y_box") == before
+    assert (labels / "labels.json").read_bytes() == record
 
 
 def test_evaluate_under_torchrun_sums_the_confusion_matrices_of_one_process(torchrun_runs):
