@@ -110,7 +110,7 @@ def torchrun_runs(synthetic_voc, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
     small = ["DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
              "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.LOG_EVERY", "1"]
-    runs = {"out": out}
+    runs = {"out": out, "opts": small}
     runs["stage1"] = _run(["stage1.py", "--config-file", "configs/demo/stage1.yml", "--gpu-id",
                            "cpu", "--opts", *small, "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES",
                            "[2]", "SOLVER.CKPT_EVERY", "2"], processes=2)
@@ -167,8 +167,7 @@ def test_stage2_under_torchrun_writes_the_files_of_one_process(torchrun_runs, sy
     assert reports[0]["miou"] == reports[1]["miou"]
 
 
-def test_a_refused_relabel_under_torchrun_stops_every_process_and_keeps_the_labels(
-        torchrun_runs, synthetic_voc):
+def test_a_refused_relabel_under_torchrun_stops_every_process_and_keeps_the_labels(torchrun_runs):
     """Rank 0 checks the label folder's record; its refusal (other settings, no --overwrite)
     reaches the other process, which would otherwise wait at the barrier, and both stop with
     the message before anything is written."""
@@ -176,9 +175,9 @@ def test_a_refused_relabel_under_torchrun_stops_every_process_and_keeps_the_labe
     labels = out / "labels_torchrun"
     before = _files(labels, "Y_crf", "Y_ret", "Y_box")
     record = (labels / "labels.json").read_bytes()
-    small = ["DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.NUM_WORKERS", "0"]
+    # The fixture's torchrun labelling, with one labelling key changed.
     refused = _run(["stage2.py", "--config-file", "configs/demo/stage2.yml", "--gpu-id", "cpu",
-                    "--workers", "2", "--opts", *small, "NAME", "stage2_refused",
+                    "--workers", "4", "--opts", *torchrun_runs["opts"], "NAME", "stage2_refused",
                     "DATA.PSEUDO_LABEL_DIR", str(labels), "MODEL.USE_U0", "false"],
                    processes=2, check=False)
     printed = " ".join((refused.stdout + refused.stderr).split())  # messages are line-wrapped
