@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent
 
 # Sizes: "default" is the `make demo` run (a few minutes on 2 cores); "test" is the same
@@ -133,12 +131,11 @@ def untrained_miou(data: Path) -> float:
     import torch
 
     from data.voc import VOCMaskDataset
-    from models.backbones import build_backbone
-    from models.deeplab import DeepLab
+    from models.zoo import ModelSpec, build
     from utils.metrics import ConfusionMatrix
 
     torch.manual_seed(0)
-    net = DeepLab(21, build_backbone("tiny")).eval()
+    net = build(ModelSpec("deeplab", "tiny", 21)).eval()
     confmat = ConfusionMatrix(21)
     for item in VOCMaskDataset(data, "val"):
         with torch.inference_mode():
@@ -168,30 +165,20 @@ def results_markdown(results: dict, preset_name: str, preset: dict) -> str:
 
 def figure(out: Path, data: Path, n: int, path: Path) -> None:
     """Rows of image | GT | Y_crf | Y_ret | stage-3 (nal) prediction for the first n train images."""
-    import torch
-
-    from engine.evaluate import load_model
+    from engine.predict import Segmenter
     from utils.io import atomic_write_png, read_image, read_index_png
-    from utils.palette import colorize
+    from utils.palette import panel, stack_rows
 
-    net = load_model(out / "stage3_nal" / "checkpoints" / "final.ckpt")
+    segment = Segmenter(out / "stage3_nal" / "checkpoints" / "final.ckpt")  # single scale
     ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()[:n]
     rows = []
     for i in ids:
         image = read_image(data / "JPEGImages" / f"{i}.jpg")
-        with torch.inference_mode():
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-            pred = net(x, out_size=image.shape[:2])[0].argmax(0).numpy().astype(np.uint8)
         maps = [read_index_png(data / "SegmentationClassAug" / f"{i}.png"),
                 read_index_png(data / "Generation/bap/Y_crf" / f"{i}.png"),
-                read_index_png(data / "Generation/bap/Y_ret" / f"{i}.png"), pred]
-        gap = np.full((image.shape[0], 3, 3), 255, np.uint8)
-        row = [image]
-        for m in maps:
-            row += [gap, colorize(m)]
-        rows += [np.concatenate(row, 1), np.full((3, sum(r.shape[1] for r in row), 3), 255,
-                                                 np.uint8)]
-    atomic_write_png(path, np.concatenate(rows[:-1], 0))
+                read_index_png(data / "Generation/bap/Y_ret" / f"{i}.png"), segment(image)]
+        rows.append(panel(image, maps, gap=3))
+    atomic_write_png(path, stack_rows(rows, gap=3))
 
 
 def main(argv=None) -> dict:

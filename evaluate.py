@@ -11,9 +11,8 @@
 """
 
 import argparse
-import os
 
-from utils.cli import guarded
+from utils.cli import guarded, positive, workers_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override config keys, e.g. --opts TEST.SCALES [1.0] TEST.CRF false")
     model.add_argument("--checkpoint", metavar="PATH",
                        help="stage-3 checkpoint (default: MODEL.WEIGHTS under OUTPUT_DIR)")
-    model.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                       help="CRF worker processes (default: number of cores; 0 = in the main "
-                            "process)")
+    workers_argument(model, "CRF worker processes")
     model.add_argument("--save-pred", action="store_true",
                        help="write the predictions as index PNGs to OUTPUT_DIR/NAME/eval/pred")
-    model.add_argument("--save-vis", type=int, default=0, metavar="N",
+    model.add_argument("--save-vis", type=positive(0), default=0, metavar="N",
                        help="write image | GT | prediction panels for the first N images")
     folder = p.add_argument_group("folder mode")
     folder.add_argument("--pred-dir", metavar="DIR", help="folder of <id>.png index PNGs")
@@ -40,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset root (VOC: SegmentationClassAug/ and ImageSets/; COCO "
                              "layout: annotations/instances_<split>.json)")
     folder.add_argument("--split", default="val", help="split list to score (default val)")
-    folder.add_argument("--num-classes", type=int, default=None,
+    folder.add_argument("--num-classes", type=positive(2), default=None,
                         help="classes incl. background (default: what the dataset says: 21 for "
                              "VOC, K + 1 for a COCO-format file with K categories)")
     folder.add_argument("--classes", metavar="FILE",
@@ -64,22 +61,27 @@ def main(argv=None):
                          "SegmentationClassAug/.")
         from engine.evaluate import run_folder
 
-        return guarded(lambda: run_folder(args), args.debug)
+        return guarded(lambda: run_folder(
+            args.pred_dir, args.data_root, split=args.split, num_classes=args.num_classes,
+            classes=[args.classes] if args.classes else (), class_map=args.class_map,
+            out=args.out), args.debug)
     if args.config_file is None:
         parser.error("give --config-file CONFIG (evaluate a stage-3 model) or --pred-dir DIR "
                      "--data-root ROOT (score a folder of label PNGs).")
 
     def go():
-        from utils.config import load_config
+        from engine.config import load_config
 
         cfg = load_config(args.config_file, args.opts)
         if cfg.MODEL.TASK == "instance":  # Mask R-CNN: COCO mask and box AP
             from engine.instance import evaluate
 
-            return evaluate(cfg, args)
+            return evaluate(cfg, checkpoint=args.checkpoint, devices=args.gpu_id,
+                            save_vis=args.save_vis)
         from engine.evaluate import run
 
-        return run(cfg, args)
+        return run(cfg, checkpoint=args.checkpoint, devices=args.gpu_id, workers=args.workers,
+                   save_pred=args.save_pred, save_vis=args.save_vis)
 
     return guarded(go, args.debug)
 

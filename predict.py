@@ -9,7 +9,7 @@ TEST.SCALES / TEST.FLIP / TEST.CRF (e.g. --opts TEST.SCALES [1.0] TEST.FLIP fals
 for single scale). Already written images are skipped.
 """
 
-from utils.cli import main
+from utils.cli import main, workers_argument
 
 
 def add_arguments(parser):
@@ -18,12 +18,15 @@ def add_arguments(parser):
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="stage-3 checkpoint (default: MODEL.WEIGHTS under OUTPUT_DIR)")
+    workers_argument(parser, "CRF worker processes")
 
 
-def run(cfg, args):
-    from engine.predict import run as run_predict
+def run(args):
+    from engine.config import load_config
+    from engine.predict import run
 
-    return run_predict(cfg, args)
+    return run(load_config(args.config_file, args.opts), inputs=args.input, output=args.output,
+               checkpoint=args.checkpoint, devices=args.gpu_id, workers=args.workers)
 
 
 if __name__ == "__main__":

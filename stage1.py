@@ -3,22 +3,17 @@
     python stage1.py --config-file configs/stage1.yml --gpu-id 0 [--resume] [--opts KEY VALUE ...]
 """
 
-from utils.cli import main
+from utils.cli import main, resume_arguments
 
 
-def add_arguments(parser):
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR/NAME/checkpoints/last.ckpt")
-    parser.add_argument("--reconfigure", action="store_true",
-                        help="with --resume: continue with settings that differ from the run's "
-                             "record (config.yaml; the old one is kept as config.<n>.yaml)")
+def run(args):
+    from engine.config import load_config
+    from engine.stage1 import run
 
-
-def run(cfg, args):
-    from engine.stage1 import run as run_stage1
-
-    return run_stage1(cfg, args)
+    return run(load_config(args.config_file, args.opts), devices=args.gpu_id,
+               resume=args.resume, reconfigure=args.reconfigure)
 
 
 if __name__ == "__main__":
-    main(run, "Stage 1: box classifier with background-aware pooling (SPEC §2).", add_arguments)
+    main(run, "Stage 1: box classifier with background-aware pooling (SPEC §2).",
+         resume_arguments)

@@ -5,14 +5,11 @@
     torchrun --nproc_per_node 4 stage2.py --config-file configs/stage2.yml  # one shard per process
 """
 
-import os
-
-from utils.cli import main
+from utils.cli import main, positive, workers_argument
 
 
 def add_arguments(parser):
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="CRF worker processes (default: number of cores)")
+    workers_argument(parser, "CRF worker processes", minimum=1)
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the labels DATA.PSEUDO_LABEL_DIR already holds and label "
                              "again (needed when they were made with other settings)")
@@ -20,18 +17,17 @@ def add_arguments(parser):
                         help="where the per-pixel work (upsampling, cosines, unaries, retrieval) "
                              "runs: on the backbone's device, or in the CRF workers; auto = the "
                              "device on a GPU, the workers on the CPU")
-    parser.add_argument("--save-vis", type=int, default=0, metavar="N",
+    parser.add_argument("--save-vis", type=positive(0), default=0, metavar="N",
                         help="write image | GT | Y_crf | Y_ret panels for the first N images")
 
 
-def run(cfg, args):
-    from engine.stage2 import run as run_stage2
+def run(args):
+    from engine.config import load_config
+    from engine.stage2 import run
 
-    if args.workers < 1:
-        from utils.errors import BanaError
-
-        raise BanaError(f"--workers {args.workers}: need at least 1 CRF worker process.")
-    return run_stage2(cfg, args)
+    return run(load_config(args.config_file, args.opts), devices=args.gpu_id,
+               workers=args.workers, overwrite=args.overwrite, pixel_work=args.pixel_work,
+               save_vis=args.save_vis)
 
 
 if __name__ == "__main__":

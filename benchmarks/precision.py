@@ -22,7 +22,7 @@ import time
 import torch
 
 from benchmarks._report import device_name, record
-from models.deeplab import build_deeplab
+from models.zoo import ModelSpec, build
 from models.losses import compute_loss
 from utils.precision import autocast_dtype
 
@@ -70,7 +70,8 @@ def main():
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     torch.manual_seed(0)
     for name in args.backbones:
-        net = build_deeplab(name, 21, init="none").to(device).train()
+        spec = ModelSpec("deeplab", name, 21, fc6_dilation=12 if name == "vgg16" else 1)
+        net = build(spec).to(device).train()
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         images = torch.rand(args.batch, 3, args.size, args.size, device=device) * 255

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._report import device_name, record
-from models.backbones import build_backbone
-from models.labeler import Labeler
+from models.zoo import ModelSpec, build
 from tests.test_labeler import reference_head
 from tests.test_reference_bap import slow_reference_logits
 
@@ -56,7 +55,7 @@ def _interleaved_medians(contenders, repeats):
 
 
 def head_vs_backbone(name, batch, crop, repeats, generator):
-    labelers = {m: Labeler(21, build_backbone(name), roi_sampling=m).train() for m in SAMPLINGS}
+    labelers = {m: build(ModelSpec("labeler", name, 21, roi_sampling=m)).train() for m in SAMPLINGS}
     backbone = labelers["reference"].backbone
     images, boxes, bg_mask = _voc_like_batch(batch, crop, 3, generator)
     with torch.no_grad():
@@ -91,7 +90,7 @@ def vectorised_vs_loops(num_boxes, repeats, generator):
     features = torch.rand(2, 128, 21, 21, generator=generator)
     _, boxes, bg_mask = _voc_like_batch(2, 161, num_boxes // 2, generator)
     for mode in SAMPLINGS:
-        labeler = Labeler(21, build_backbone("tiny"), roi_sampling=mode).eval()
+        labeler = build(ModelSpec("labeler", "tiny", 21, roi_sampling=mode)).eval()
 
         def vectorised():
             with torch.no_grad():

@@ -93,7 +93,7 @@ class PeakMemory:
 
 
 def _config(root: Path, label_dir: Path, backbone: str):
-    from utils.config import load_config
+    from engine.config import load_config
 
     return load_config("configs/demo/stage2.yml", [
         "DATA.ROOT", str(root), "DATA.SPLIT", "train", "DATA.PSEUDO_LABEL_DIR", str(label_dir),
@@ -104,7 +104,7 @@ def _per_image_costs(cfg, net, dataset, ids, out: Path) -> tuple[float, float]:
     """Median seconds per image of the main process's part and of a worker's part, alone."""
     import numpy as np
 
-    from engine.stage2 import label_one, output_paths
+    from engine.stage2_jobs import label_one, output_paths
     from utils.crf import DenseCRF
 
     threads = torch.get_num_threads()
@@ -137,30 +137,35 @@ def synthetic_labelling(tmp: Path, args):
     """A synthetic VOC tree of args.images images of args.size px under `tmp`, a randomly
     initialised stage-1 network of args.backbone and the split to label: (cfg, net, dataset)."""
     from data.synthetic import make_synthetic_voc
-    from engine.stage1 import build_labeler
+    from engine.runs import model_spec
     from engine.stage2 import open_dataset
+    from models.zoo import build
 
     make_synthetic_voc(tmp / "VOC", n_train=args.images, n_val=1, size=args.size, seed=0)
     cfg = _config(tmp / "VOC", tmp / "unused", args.backbone)
-    return cfg, build_labeler(cfg, init="none").eval(), open_dataset(cfg)
+    return cfg, build(model_spec(cfg, "labeler")).eval(), open_dataset(cfg)
 
 
 def _label_all(cfg, net, dataset, workers: int, memory: bool, device=torch.device("cpu"),
                pixel_work: str = "auto"):
     """Start and warm a pool, label every image; returns (start-up s, images/s, peak summed PSS
     bytes or 0 when `memory` is off, the label files)."""
-    from engine.stage2 import generate, start_workers
+    from engine.stage2 import generate, pixel_work_on_device
+    from engine.stage2_jobs import preload_pixel_work
+    from utils.pool import WorkerPool
 
+    initializer = None if pixel_work_on_device(pixel_work, device) else preload_pixel_work
     sampler = PeakMemory() if memory else contextlib.nullcontext()
     with sampler:
         start = time.perf_counter()
-        with start_workers(workers) as pool:
-            for f in [pool.submit(int) for _ in range(workers)]:
-                f.result()
+        with WorkerPool(workers, initializer) as pool:
+            for _ in range(workers):
+                pool.submit(int, 0)
+            list(pool.finish())
             startup = time.perf_counter() - start
             start = time.perf_counter()
-            done = generate(cfg, net, dataset, dataset.ids, device, pool, workers,
-                            progress=False, pixel_work=pixel_work)
+            done = generate(cfg, net, dataset, dataset.ids, device, workers, progress=False,
+                            pixel_work=pixel_work, pool=pool)
             rate = done / (time.perf_counter() - start)
     label_dir = cfg.pseudo_label_dir
     files = {p.relative_to(label_dir): p.read_bytes() for p in sorted(label_dir.rglob("*.png"))}

@@ -27,7 +27,7 @@ from utils.errors import BanaError
 from utils.boxes import bg_mask_from_boxes
 from utils.cli import guarded
 from utils.io import atomic_write_png
-from utils.parallel import count_done
+from utils.pool import run_all
 
 
 def _write_one(job: tuple[Path, int, int, np.ndarray]) -> bool:
@@ -70,7 +70,7 @@ def write_bg_masks(root, splits=None, workers: int = 1, progress: bool = True) -
         jobs += [(folder / f"{image_id}.png", int(inst.heights[n]), int(inst.widths[n]),
                   inst.boxes[inst.rows(n)]) for n, image_id in enumerate(inst.image_ids.tolist())]
     del all_instances
-    written = count_done(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64)
+    written = sum(run_all(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64))
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

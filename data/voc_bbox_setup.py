@@ -22,7 +22,7 @@ from utils.boxes import bg_mask_from_boxes
 from utils.cli import guarded
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image_size
-from utils.parallel import count_done
+from utils.pool import run_all
 
 
 def write_bg_mask(root: Path, image_id: str) -> bool:
@@ -60,7 +60,7 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> d
         if not ids:
             raise BanaError(f"{ann_dir} holds no .xml annotation.")
     jobs = [(root, i) for i in ids]
-    written = count_done(_write_one, jobs, workers, "BgMaskfromBoxes", progress)
+    written = sum(run_all(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32))
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

@@ -11,12 +11,9 @@ The modes are "single" (scale 1, no flip), "multiscale" (TEST.SCALES, TEST.FLIP)
 
 from __future__ import annotations
 
-import argparse
 import math
-import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.cli import resolve_devices
-from utils.config import Config
+from engine.config import Config
 from utils.crf import DenseCRF
 from utils.distributed import all_reduce_sum, announce_shard, shard
 from utils.errors import BanaError
 from utils.io import atomic_write_json, atomic_write_png, atomic_write_text
 from utils.metrics import ConfusionMatrix, format_table
-from utils.palette import colorize, voc_palette
+from utils.palette import panel, voc_palette
 from utils.precision import inference_autocast
 
 EVAL_DIR = "eval"
@@ -67,33 +63,6 @@ def predict_multiscale(net, image: torch.Tensor, scales, flip: bool) -> torch.Te
     return total / count
 
 
-def softmax_np(logits: np.ndarray, axis: int = 0) -> np.ndarray:
-    z = logits - logits.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def crf_postprocess(crf, image: np.ndarray, cos: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(T·cos) refined by the DenseCRF, then argmax.
-
-    crf(image uint8 (H, W, 3), probs (C, H, W)) -> probs (C, H, W); image is the real RGB image
-    (not the network input: SPEC §7); cos float (C, H, W) in [-1, 1]. Returns uint8 (H, W).
-    """
-    probs = softmax_np(temperature * cos.astype(np.float32), axis=0)
-    return np.asarray(crf(image, probs)).argmax(0).astype(np.uint8)
-
-
-def _worker_init() -> None:
-    # Each worker runs one CRF at a time; more threads would only fight over the cores.
-    torch.set_num_threads(1)
-
-
-def crf_job(job: dict) -> tuple[str, str, np.ndarray]:
-    """Worker: one image's CRF. Returns (image id, mode, label uint8 (H, W))."""
-    label = crf_postprocess(job["crf"], job["image"], job["cos"], job["temperature"])
-    return job["id"], job["mode"], label
-
-
 def modes_of(cfg: Config) -> list[str]:
     """The configured evaluation modes, the most refined last."""
     test = cfg.TEST
@@ -105,52 +74,28 @@ def modes_of(cfg: Config) -> list[str]:
     return modes
 
 
+STAGE3_HINT = ("Train stage 3 first (python stage3.py --config-file CONFIG) with the same "
+               "OUTPUT_DIR, or pass --checkpoint PATH.")
+
+
 def load_model(path: Path, cfg: Config | None = None):
     """The stage-3 DeepLab of a checkpoint, in eval mode, rebuilt from the checkpoint's own
-    description (backbone, classes, fc6 dilation, input normalisation). With `cfg`, a backbone or
-    class count that contradicts MODEL.BACKBONE / DATA.NUM_CLASSES is an error."""
-    # Lightning comes with engine.common: imported here, it stays out of the CRF workers.
-    from engine.common import load_stage_checkpoint, model_state
-    from models.backbones import build_backbone
-    from models.deeplab import DeepLab
+    description (`net.spec`: backbone, classes, fc6 dilation, input normalisation). With `cfg`,
+    a backbone or class count that contradicts MODEL.BACKBONE / DATA.NUM_CLASSES is an error."""
+    from engine.runs import expectations
+    from models.zoo import read_checkpoint
 
-    hint = ("Train stage 3 first (python stage3.py --config-file CONFIG) with the same "
-            "OUTPUT_DIR, or pass --checkpoint PATH.")
-    ckpt = load_stage_checkpoint(path, stage=3, hint=hint)
-    meta = ckpt["bana"]
-    if cfg is not None and meta["backbone"] != cfg.MODEL.BACKBONE:
-        raise BanaError(f"{path} holds a '{meta['backbone']}' stage-3 model but MODEL.BACKBONE "
-                        f"is '{cfg.MODEL.BACKBONE}': use the config the model was trained with, "
-                        "or another checkpoint.")
-    if cfg is not None and meta["num_classes"] != cfg.DATA.NUM_CLASSES:
-        raise BanaError(f"{path} was trained with {meta['num_classes']} classes but "
-                        f"DATA.NUM_CLASSES is {cfg.DATA.NUM_CLASSES}.")
-    backbone = build_backbone(meta["backbone"], fc6_dilation=meta["fc6_dilation"], init="none",
-                              input_norm=meta["input_norm"])
-    net = DeepLab(meta["num_classes"], backbone)
-    net.meta = meta  # the checkpoint's description (classes, backbone, ...), for predict.py
-    try:
-        net.load_state_dict(model_state(ckpt))
-    except RuntimeError as e:
-        raise BanaError(f"{path}: the weights do not fit a '{meta['backbone']}' DeepLab with "
-                        f"{meta['num_classes']} classes ({str(e).splitlines()[0]}). {hint}") \
-            from None
-    return net.eval()
+    hint = ("Use the config the model was trained with, or another checkpoint. " + STAGE3_HINT)
+    ckpt = read_checkpoint(path, stage=3, kind="deeplab",
+                           expect=expectations(cfg) if cfg is not None else None, hint=hint)
+    return ckpt.network(hint)
 
 
-def _panel(image: np.ndarray, maps: list[np.ndarray]) -> np.ndarray:
-    """image uint8 (H, W, 3) | colourised maps, separated by white gaps -> uint8 (H, W', 3)."""
-    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    parts = [image]
-    for m in maps:
-        parts += [gap, colorize(m)]
-    return np.concatenate(parts, axis=1)
-
-
-def _device(gpu_id: str, launch=None, precision: str = "32") -> torch.device:
+def inference_device(gpu_id: str, launch=None, precision: str = "32") -> torch.device:
     """This process's device: under torchrun / srun the one of its local rank, else the first
     of --gpu-id (evaluation and prediction run one process per device). Refuses a precision the
     device cannot run."""
+    from utils.devices import resolve_devices
     from utils.distributed import detect_launch
     from utils.precision import check_precision
 
@@ -226,7 +171,7 @@ class _Evaluation:
                 atomic_write_png(self.save_dir / f"{image_id}.png", pred, palette=voc_palette())
             if entry["image"] is not None:
                 maps = [pred] if entry["gt"] is None else [entry["gt"], pred]
-                atomic_write_png(self.vis_dir / f"{image_id}.png", _panel(entry["image"], maps))
+                atomic_write_png(self.vis_dir / f"{image_id}.png", panel(entry["image"], maps))
         entry["left"] -= 1
         if entry["left"] == 0:
             del self.waiting[image_id]
@@ -239,7 +184,7 @@ def _dataset(data, split: str, score: bool):
     return data.mask_dataset(split) if score else data.image_dataset(split)
 
 
-def check_inputs(cfg: Config, args: argparse.Namespace, data, split: str, score: bool, modes):
+def check_inputs(cfg: Config, checkpoint: str | None, data, split: str, score: bool, modes):
     """Every input of the evaluation, checked before the model is loaded; returns (the CRF or
     None, the checkpoint path, the dataset). Images differ in size: the loader takes one at a
     time, at full resolution."""
@@ -249,21 +194,21 @@ def check_inputs(cfg: Config, args: argparse.Namespace, data, split: str, score:
     dataset = None
     if problems.passes(lambda: require_data_root(cfg.data_root)):
         dataset = problems.check(lambda: _dataset(data, split, score))
-    crf = problems.check(lambda: _make_crf(cfg, modes))
-    ckpt_path = problems.check(lambda: _checkpoint_path(cfg, args))
+    crf = problems.check(lambda: make_crf(cfg, modes))
+    ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
     if ckpt_path is not None:
         problems.check(lambda: require_checkpoint(
             ckpt_path, "the stage-3 checkpoint (MODEL.WEIGHTS, relative to OUTPUT_DIR, or "
-            "--checkpoint)", "Train stage 3 first (python stage3.py --config-file CONFIG) with "
-            "the same OUTPUT_DIR, or pass --checkpoint PATH."))
+            "--checkpoint)", STAGE3_HINT))
     problems.check(lambda: require_writable(cfg.run_dir / EVAL_DIR, "OUTPUT_DIR"))
     problems.raise_if_any()
     return crf, ckpt_path, dataset
 
 
-def _checkpoint_path(cfg: Config, args: argparse.Namespace) -> Path:
-    if getattr(args, "checkpoint", None):
-        return Path(args.checkpoint)
+def checkpoint_path(cfg: Config, checkpoint: str | None = None) -> Path:
+    """The model to evaluate: `checkpoint` (--checkpoint) if given, else MODEL.WEIGHTS."""
+    if checkpoint:
+        return Path(checkpoint)
     if cfg.MODEL.WEIGHTS:
         return cfg.output_path(cfg.MODEL.WEIGHTS)
     raise BanaError("no model to evaluate: set MODEL.WEIGHTS (relative to OUTPUT_DIR, e.g. "
@@ -271,7 +216,7 @@ def _checkpoint_path(cfg: Config, args: argparse.Namespace) -> Path:
                     "--checkpoint PATH.")
 
 
-def _make_crf(cfg: Config, modes: list[str]):
+def make_crf(cfg: Config, modes: list[str]):
     """The DenseCRF of MODEL.DCRF when a "+crf" mode is configured, else None."""
     if not any(m.endswith("+crf") for m in modes):
         return None
@@ -285,19 +230,17 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
             workers: int, bar) -> None:
     """Run the network on every image and hand each configured mode's prediction to `state`;
     CRF jobs go to `workers` processes (0: run here), at most 2 × workers in flight."""
+    from utils.crf import labels_job
+    from utils.pool import WorkerPool
+
     modes = set(state.modes)
-    pool = None
-    if crf is not None and workers > 0:
-        # spawn, not fork: forked children of a process that already ran torch's OpenMP can hang.
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
-                                   mp_context=multiprocessing.get_context("spawn"))
-    in_flight: set = set()
 
-    def collect(futures) -> None:
-        for f in futures:
-            state.record(*f.result())
+    def record(finished) -> None:
+        for (image_id, mode), label in finished:
+            state.record(image_id, mode, label)
 
-    try:
+    # The workers run the CRF alone: they import neither torch nor Lightning.
+    with WorkerPool(workers if crf is not None else 0) as pool:
         for item in loader:
             image_id, image = item["id"], item["image"]
             rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
@@ -313,36 +256,30 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
             for base, cos in scores.items():
                 if base in modes:
                     state.record(image_id, base, cos.argmax(0).byte().cpu().numpy())
-                if f"{base}+crf" not in modes:
-                    continue
-                job = {"crf": crf, "image": rgb, "cos": cos.float().cpu().numpy(),
-                       "temperature": cfg.MODEL.TEMPERATURE, "id": image_id,
-                       "mode": f"{base}+crf"}
-                if pool is None:
-                    state.record(*crf_job(job))
-                    continue
-                in_flight.add(pool.submit(crf_job, job))
-                if len(in_flight) >= 2 * workers:
-                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                    collect(finished)
+                if f"{base}+crf" in modes:
+                    job = {"crf": crf, "image": rgb, "cos": cos.float().cpu().numpy(),
+                           "temperature": cfg.MODEL.TEMPERATURE}
+                    record(pool.submit(labels_job, job, tag=(image_id, f"{base}+crf")))
             bar.update(state.done - bar.n)
-        collect(in_flight)
+        record(pool.finish())
         bar.update(state.done - bar.n)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
 
-def run(cfg: Config, args: argparse.Namespace) -> dict:
+def run(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
+        workers: int | None = None, save_pred: bool = False, save_vis: int = 0) -> dict:
     """Evaluate the stage-3 model on TEST.SPLIT; returns {"split", "images", "checkpoint",
     "classes", "modes": {mode: ConfusionMatrix.compute() output}, "seconds", ...}, which
     metrics.json holds too (NaN written as null). On the test split nothing is scored ("modes"
-    is empty) and the most refined predictions go to the evaluation server's layout."""
+    is empty) and the most refined predictions go to the evaluation server's layout.
+
+    checkpoint: the model (default MODEL.WEIGHTS under OUTPUT_DIR); devices: as --gpu-id;
+    workers: CRF processes (None = the number of cores, 0 = in this process); save_pred: write
+    the predictions as PNGs to eval/pred; save_vis: image | GT | prediction panels of the first
+    N images."""
     from data.datasets import open_data
     from utils.distributed import barrier, detect_launch
     from utils.runlock import RunLock, clean_temporary_files
 
-    workers = getattr(args, "workers", None)
     if workers is None:
         workers = os.cpu_count() or 1
     if workers < 0:
@@ -351,7 +288,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     split = cfg.TEST.SPLIT
     score = split != data.test_split
     modes = modes_of(cfg) if score else modes_of(cfg)[-1:]
-    crf, ckpt_path, dataset = check_inputs(cfg, args, data, split, score, modes)
+    crf, ckpt_path, dataset = check_inputs(cfg, checkpoint, data, split, score, modes)
     launch = detect_launch()
     if launch.distributed:  # the processes of one node share its cores
         workers = max(1, workers // launch.local_world_size) if workers else 0
@@ -359,13 +296,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if launch.is_main:
             clean_temporary_files(cfg.run_dir / EVAL_DIR)
         barrier(launch)
-        return _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers,
-                         launch)
+        return _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers,
+                         launch, devices, save_pred, save_vis)
 
 
-def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, workers,
-              launch) -> dict:
-    device = _device(getattr(args, "gpu_id", "cpu"), launch, cfg.TRAINER.PRECISION)
+def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, launch, devices,
+              save_pred, save_vis) -> dict:
+    device = inference_device(devices, launch, cfg.TRAINER.PRECISION)
     net = prepare_network(load_model(ckpt_path, cfg), device)
     all_ids = list(dataset.ids)
     mine = shard(list(range(len(all_ids))), launch)
@@ -380,12 +317,12 @@ def _evaluate(cfg, args, data, split, score, modes, crf, ckpt_path, dataset, wor
         cfg.save(out_dir / "config.yaml")
     if not score:
         save_dir = out_dir / SERVER_LAYOUT
-    elif getattr(args, "save_pred", False):
+    elif save_pred:
         save_dir = out_dir / "pred"
     else:
         save_dir = None
     state = _Evaluation(modes, cfg.DATA.NUM_CLASSES, out_dir, score=score, save_dir=save_dir,
-                        vis_ids=set(all_ids[:getattr(args, "save_vis", 0) or 0]))
+                        vis_ids=set(all_ids[:save_vis]))
     if launch.is_main:
         print(f"Evaluating {ckpt_path} on '{split}' ({len(dataset)} images), modes: "
               f"{', '.join(modes)}" + (f"; {workers} CRF worker(s)" if crf else "")
@@ -477,24 +414,25 @@ def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int |
     return matrix.compute()
 
 
-def run_folder(args: argparse.Namespace) -> dict:
-    """Folder mode of evaluate.py: print the report (last line `mIoU: XX.XX`), and write
-    metrics.json and metrics.md to --out when given. Returns the metrics dict."""
-    if args.num_classes is not None and args.num_classes < 2:
-        raise BanaError(f"--num-classes {args.num_classes}: need at least 2 classes.")
+def run_folder(pred_dir, data_root, *, split: str = "val", num_classes: int | None = None,
+               classes=(), class_map: str = "all", out=None) -> dict:
+    """Folder mode of evaluate.py: score the index PNGs of `pred_dir` against the ground truth
+    of `split` at `data_root` (see `score_folder`), print the report (last line `mIoU: XX.XX`),
+    and write metrics.json and metrics.md to `out` when given. Returns the metrics dict."""
+    if num_classes is not None and num_classes < 2:
+        raise BanaError(f"--num-classes {num_classes}: need at least 2 classes.")
     from data.datasets import detect_data
 
-    if not Path(args.data_root).is_dir():
-        raise BanaError(f"--data-root {args.data_root} does not exist or is not a folder.")
-    data = detect_data(args.data_root, args.split, args.num_classes,
-                       [args.classes] if args.classes else (), args.class_map)
-    metrics = score_folder(args.pred_dir, args.data_root, args.split, data=data)
+    if not Path(data_root).is_dir():
+        raise BanaError(f"--data-root {data_root} does not exist or is not a folder.")
+    data = detect_data(data_root, split, num_classes, classes, class_map)
+    metrics = score_folder(pred_dir, data_root, split, data=data)
     names = list(data.classes)
-    if args.out:
-        summary = {"split": args.split, "pred_dir": str(args.pred_dir), "classes": names,
+    if out:
+        summary = {"split": split, "pred_dir": str(pred_dir), "classes": names,
                    "modes": {"folder": metrics}}
-        _write_report(Path(args.out), summary, names)
-        print(f"Wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}.")
+        _write_report(Path(out), summary, names)
+        print(f"Wrote {Path(out) / 'metrics.json'} and {Path(out) / 'metrics.md'}.")
     print(format_report({"folder": metrics}, names))
     print(f"mIoU: {metrics['miou']:.2f}")
     return metrics

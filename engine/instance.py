@@ -13,22 +13,20 @@ server takes) and, where the split has masks, prints COCOeval's segm and bbox AP
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, FiniteWatch, fit, make_optimizer,
-                           make_trainer, parameter_groups, start_training)
-from utils.config import Config
+from engine.config import Config
+from engine.optim import make_optimizer, parameter_groups
+from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec
+from engine.training import BanaLitModule, fit, make_trainer, start_training
 from utils.errors import BanaError
 
 STAGE = 3
-TASK = "instance"
 
 
 def split_annotation(cfg: Config, split: str) -> Path:
@@ -61,16 +59,15 @@ def collate_list(batch):
     return list(batch)
 
 
-class InstanceLitModule(pl.LightningModule):
-    """Wraps a torchvision MaskRCNN; one step = the sum of its losses (RPN, box, mask)."""
+class InstanceLitModule(BanaLitModule):
+    """Wraps a torchvision MaskRCNN; one step = the sum of its losses (RPN, box, mask). Its
+    checkpoints also record the COCO category id of each class and the masks trained on."""
 
-    def __init__(self, model, cfg: Config, meta: dict):
-        super().__init__()
+    STAGE = STAGE
+
+    def __init__(self, model, cfg: Config, **extra):
+        super().__init__(cfg, model.spec, **extra)
         self.model = model
-        self.cfg = cfg
-        self.meta = meta
-        self.save_hyperparameters({"config": cfg.to_dict()})
-        self.finite_watch = FiniteWatch()
 
     def training_step(self, batch, batch_idx):
         # torchvision's transform expects RGB in 0..1 and normalises with ImageNet statistics.
@@ -89,21 +86,12 @@ class InstanceLitModule(pl.LightningModule):
                                   self.cfg.SOLVER.WEIGHT_DECAY)
         return make_optimizer(groups, self.cfg.SOLVER)
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["bana"] = dict(self.meta)
-
-
-def require_init(init: str) -> None:
-    if init not in ("none", "imagenet", "coco") and not Path(init).is_file():
-        raise BanaError(f"MODEL.INIT is {init!r}, which is not a file: expected none, imagenet, "
-                        "coco or the path of a Mask R-CNN state dict.")
-
 
 def check_train_inputs(cfg: Config):
     """Every input of an instance training run, before a network is built; returns (dataset,
     class map)."""
     from data.coco import COCOInstanceDataset
-    from engine.preflight import Problems, require_data_root, require_writable
+    from engine.preflight import Problems, require_data_root, require_init, require_writable
 
     problems = Problems("stage 3 (instance)")
     dataset = class_map = None
@@ -114,32 +102,31 @@ def check_train_inputs(cfg: Config):
             dataset = problems.check(lambda: COCOInstanceDataset(
                 cfg.data_root, cfg.DATA.SPLIT, mask_annotation(cfg), class_map, masks=masks,
                 flip=cfg.DATA.FLIP))
-    problems.check(lambda: require_init(cfg.MODEL.INIT))
+    problems.check(lambda: require_init(cfg.MODEL.INIT, named=("none", "imagenet", "coco"),
+                                        what="a Mask R-CNN state dict"))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
     problems.raise_if_any()
     return dataset, class_map
 
 
-def train(cfg: Config, args: argparse.Namespace) -> dict:
-    """Train Mask R-CNN; returns the iteration count and the final checkpoint."""
+def train(cfg: Config, *, devices: str = "0", resume: bool = False,
+          reconfigure: bool = False) -> dict:
+    """Train Mask R-CNN; returns the iteration count and the final checkpoint. Options as
+    `engine.stage1.run`'s."""
     from utils.runlock import RunLock
 
     dataset, class_map = check_train_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 3 (instance)"):
-        return _train(cfg, args, dataset, class_map)
+        return _train(cfg, dataset, class_map, devices, resume, reconfigure)
 
 
-def _train(cfg: Config, args: argparse.Namespace, dataset, class_map) -> dict:
-    from models.instance import build_instance_model
+def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure) -> dict:
+    from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, args, STAGE)
-    model = build_instance_model(cfg.MODEL.BACKBONE, cfg.DATA.NUM_CLASSES, cfg.MODEL.INIT,
-                                 *cfg.MODEL.INSTANCE_SIZE)
-    meta = {"stage": STAGE, "task": TASK, "backbone": cfg.MODEL.BACKBONE,
-            "num_classes": cfg.DATA.NUM_CLASSES, "classes": list(class_map.names),
-            "category_ids": [0] + class_map.category_ids_by_index(),
-            "instance_size": list(cfg.MODEL.INSTANCE_SIZE),
-            "masks": cfg.MODEL.INSTANCE_MASKS, "config": cfg.to_dict()}
+    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
+    model = build(model_spec(cfg, "maskrcnn", class_map.names), init=cfg.MODEL.INIT)
+    extra = {"category_ids": [0] + class_map.category_ids_by_index(),
+             "masks": cfg.MODEL.INSTANCE_MASKS}
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=per_device, shuffle=True, drop_last=len(dataset) >= per_device,
@@ -151,7 +138,7 @@ def _train(cfg: Config, args: argparse.Namespace, dataset, class_map) -> dict:
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
-    fit(trainer, InstanceLitModule(model, cfg, meta), train_dataloaders=loader,
+    fit(trainer, InstanceLitModule(model, cfg, **extra), train_dataloaders=loader,
         ckpt_path=ckpt_path)
     final = ckpt_dir / "final.ckpt"
     if trainer.is_global_zero:
@@ -161,23 +148,15 @@ def _train(cfg: Config, args: argparse.Namespace, dataset, class_map) -> dict:
 
 
 def load_instance_model(path: Path):
-    """The Mask R-CNN of an instance checkpoint, in eval mode, and its description."""
-    from engine.common import load_stage_checkpoint
-    from models.instance import build_instance_model
+    """The Mask R-CNN of an instance checkpoint, in eval mode, and the checkpoint (its spec names
+    the classes, `extra["category_ids"]` their COCO category ids)."""
+    from models.zoo import read_checkpoint
 
-    hint = ("Train it first: python stage3.py --config-file CONFIG (with MODEL.TASK instance) "
-            "and the same OUTPUT_DIR, or pass --checkpoint PATH.")
-    ckpt = load_stage_checkpoint(path, STAGE, hint)
-    meta = ckpt["bana"]
-    if meta.get("task") != TASK:
-        raise BanaError(f"{path} holds a semantic-segmentation model, but MODEL.TASK is instance: "
-                        "evaluate it with its own (semantic) config.")
-    model = build_instance_model(meta["backbone"], meta["num_classes"], "none",
-                                 *meta["instance_size"])
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
-                           if k.startswith(prefix)})
-    return model.eval(), meta
+    hint = ("MODEL.TASK is instance: train a Mask R-CNN first (python stage3.py --config-file "
+            "CONFIG with MODEL.TASK instance) and the same OUTPUT_DIR, or pass --checkpoint PATH; "
+            "a semantic model is evaluated with its own (semantic) config.")
+    ckpt = read_checkpoint(path, stage=STAGE, kind="maskrcnn", hint=hint)
+    return ckpt.network(hint), ckpt
 
 
 def predict_instances(model, image: np.ndarray, device, threshold: float = 0.5):
@@ -209,11 +188,14 @@ def draw_instances(image: np.ndarray, boxes, labels, scores, masks, names,
     return out
 
 
-def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
-    """Run the instance model on TEST.SPLIT, write COCO results, score them where there is GT."""
+def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
+             save_vis: int = 0) -> dict:
+    """Run the instance model on TEST.SPLIT, write COCO results, score them where there is GT.
+    checkpoint: default MODEL.WEIGHTS under OUTPUT_DIR; save_vis: pictures of the first N
+    images' detections."""
     from tqdm import tqdm
 
-    from engine.evaluate import EVAL_DIR, _checkpoint_path, _device
+    from engine.evaluate import EVAL_DIR, checkpoint_path, inference_device
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
     from utils.coco_eval import evaluate_instances, format_ap, load_ground_truth
     from utils.instances import encode_masks
@@ -225,7 +207,7 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
         problems.check(lambda: require_checkpoint(
             split_annotation(cfg, split), f"TEST.SPLIT {split}",
             f"the split's annotation file should be {split_annotation(cfg, split)}."))
-    ckpt_path = problems.check(lambda: _checkpoint_path(cfg, args))
+    ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
     if ckpt_path is not None:
         problems.check(lambda: require_checkpoint(ckpt_path, "the instance checkpoint "
                                                   "(MODEL.WEIGHTS or --checkpoint)",
@@ -246,12 +228,13 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     if launch.world_size > 1:
         raise BanaError("evaluate.py with MODEL.TASK instance runs as one process (COCOeval "
                         "scores the whole split at once): start it without torchrun / srun.")
-    device = _device(args.gpu_id, launch)
-    model, meta = load_instance_model(ckpt_path)
+    device = inference_device(devices, launch)
+    model, ckpt = load_instance_model(ckpt_path)
     model.to(device)
-    categories = meta["category_ids"]
+    categories = ckpt.extra["category_ids"]
+    names = ckpt.spec.classes
     out_dir = cfg.run_dir / EVAL_DIR
-    vis_n = getattr(args, "save_vis", 0) or 0
+    vis_n = save_vis
     segm, bbox = [], []
     image_ids = sorted(gt.getImgIds())
     start = time.perf_counter()
@@ -267,12 +250,12 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
             bbox.append({**common, "bbox": [x1, y1, x2 - x1, y2 - y1]})
         if n < vis_n:
             atomic_write_png(out_dir / "vis" / f"{image_id}.png",
-                             draw_instances(image, boxes, labels, scores, masks, meta["classes"]))
+                             draw_instances(image, boxes, labels, scores, masks, names))
     seconds = time.perf_counter() - start
     atomic_write_json(out_dir / "results_segm.json", segm)
     atomic_write_json(out_dir / "results_bbox.json", bbox)
     summary = {"split": split, "images": len(image_ids), "checkpoint": str(ckpt_path),
-               "masks": meta.get("masks"), "seconds": round(seconds, 2), "ap": {}}
+               "masks": ckpt.extra.get("masks"), "seconds": round(seconds, 2), "ap": {}}
     if score:
         evaluated = categories[1:]
         for iou_type, results in (("segm", segm), ("bbox", bbox)):

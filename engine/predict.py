@@ -1,25 +1,38 @@
-"""Label maps for new images with a trained stage-3 model (predict.py).
+"""Label maps for new images with a trained stage-3 model: `Segmenter` in Python, predict.py
+from the shell.
 
-Inputs are image files, folders of images (not recursive) and list files (`.txt`, one path per
-line, relative to the list's folder). For each image `<stem>.<ext>` it writes
+    from engine.predict import Segmenter
+    seg = Segmenter("runs/stage3_vgg/checkpoints/final.ckpt", device="cpu",
+                    scales=(1.0,), flip=False, crf=False)   # these are the defaults
+    label = seg(image)  # (H, W, 3) uint8 RGB numpy array -> (H, W) uint8 class ids
+    seg.classes         # class names, index = id
+
+Everything a `Segmenter` needs comes from the checkpoint (the network, its class names, the
+cosine temperature and the DenseCRF parameters of its run), so no config file is needed.
+
+predict.py takes image files, folders of images (not recursive) and list files (`.txt`, one path
+per line, relative to the list's folder). For each image `<stem>.<ext>` it writes
     <output>/<stem>.png            palette PNG, class ids 0..K, the size of the image as shown
     <output>/overlay/<stem>.jpg    the image with the classes painted over it and a legend
-with the most refined configured mode (TEST.SCALES / TEST.FLIP / TEST.CRF, as evaluate.py).
-Images whose two outputs exist are skipped, so a killed run resumes. The inference functions
-are evaluate.py's, so a single-scale prediction here is the label evaluate.py scores.
+with the config's TEST.SCALES / TEST.FLIP / TEST.CRF (its most refined mode, as evaluate.py),
+through a `Segmenter` whose CRF runs in worker processes. Images whose two outputs exist are
+skipped, so a killed run resumes. The inference functions are evaluate.py's, so a single-scale
+prediction here is the label evaluate.py scores.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from utils.config import Config
 from utils.errors import BanaError
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 OVERLAY_DIR = "overlay"
@@ -92,87 +105,177 @@ def overlay(image: np.ndarray, label: np.ndarray, names) -> np.ndarray:
     return np.concatenate([blended, legend], 0)
 
 
-def check_inputs(cfg: Config, args: argparse.Namespace):
-    """Images, checkpoint and output folder, checked before the model is loaded."""
-    from engine.evaluate import _checkpoint_path, _make_crf, modes_of
+class Segmenter:
+    """A trained stage-3 model as a function of an image (see the module doc).
+
+    checkpoint: the path of a stage-3 checkpoint of this project (e.g. `final.ckpt`), or one
+    already read (`models.zoo.read_checkpoint`); device: a torch device ("cpu", "cuda"); scales, flip: multi-scale and mirrored inference
+    (SPEC §5; scales (1.0,) and no flip = single scale); crf: DenseCRF post-processing with the
+    run's MODEL.DCRF; precision: TRAINER.PRECISION's autocast for the network ("32",
+    "bf16-mixed", "16-mixed"). dcrf and temperature override the checkpoint's values.
+    """
+
+    def __init__(self, checkpoint, device="cpu", scales=(1.0,), flip: bool = False,
+                 crf: bool = False, precision: str = "32", dcrf=None,
+                 temperature: float | None = None):
+        from engine.evaluate import STAGE3_HINT, prepare_network
+        from models.zoo import Checkpoint, read_checkpoint
+        from utils.crf import DenseCRF
+
+        self.device = torch.device(device)
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise BanaError(f"scales {scales}: give at least one scale, each > 0.")
+        self.flip, self.precision = bool(flip), precision
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = read_checkpoint(checkpoint, stage=3, kind="deeplab", hint=STAGE3_HINT)
+        self.net = prepare_network(checkpoint.network(STAGE3_HINT), self.device)
+        spec = checkpoint.spec
+        self.classes = tuple(spec.classes or (f"class_{c}" for c in range(spec.num_classes)))
+        model = checkpoint.config.get("MODEL", {})
+        self.temperature = float(temperature if temperature is not None
+                                 else model.get("TEMPERATURE", 20.0))
+        self.dcrf = list(dcrf if dcrf is not None else model.get("DCRF", [4, 55, 3, 3, 3]))
+        try:
+            self.crf = DenseCRF.from_list(self.dcrf) if crf else None
+        except ValueError as e:
+            raise BanaError(f"DenseCRF parameters {self.dcrf}: {e}") from None
+
+    @property
+    def mode(self) -> str:
+        """The evaluate.py mode this segmenter computes: single / multiscale, "+crf"."""
+        base = "single" if self.scales == (1.0,) and not self.flip else "multiscale"
+        return base + ("+crf" if self.crf is not None else "")
+
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """Cosine scores float32 (C, H, W) of an (H, W, 3) uint8 RGB image, before the CRF."""
+        from engine.evaluate import predict_multiscale
+        from utils.precision import inference_autocast
+
+        image = _checked_image(image)
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+        x = x.to(self.device)
+        with torch.inference_mode(), inference_autocast(self.precision, self.device):
+            if self.mode.startswith("single"):
+                return self.net(x[None], out_size=x.shape[-2:])[0].float()
+            return predict_multiscale(self.net, x, self.scales, self.flip).float()
+
+    def crf_job(self, image: np.ndarray, scores: torch.Tensor) -> dict:
+        """The CRF of one image as a job for `utils.crf.labels_job` (in a worker process)."""
+        return {"crf": self.crf, "image": _checked_image(image),
+                "cos": scores.cpu().numpy(), "temperature": self.temperature}
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 class ids of an (H, W, 3) uint8 RGB image."""
+        from utils.crf import labels_job
+
+        scores = self.scores(image)
+        if self.crf is None:
+            return scores.argmax(0).byte().cpu().numpy()
+        return labels_job(self.crf_job(image, scores))
+
+
+def _checked_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise BanaError(f"expected an (H, W, 3) uint8 RGB image, got a {image.dtype} array of "
+                        f"shape {image.shape} (utils.io.read_image reads any file that way).")
+    return image
+
+
+def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None):
+    """Images, checkpoint and output folder, checked before the model is loaded; returns (the
+    images, the checkpoint path)."""
+    from engine.evaluate import checkpoint_path, make_crf, modes_of
     from engine.preflight import Problems, require_checkpoint, require_writable
 
     problems = Problems("predict.py")
-    images = problems.check(lambda: list_images(args.input))
-    ckpt_path = problems.check(lambda: _checkpoint_path(cfg, args))
+    images = problems.check(lambda: list_images(inputs))
+    ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
     if ckpt_path is not None:
         problems.check(lambda: require_checkpoint(
             ckpt_path, "the stage-3 checkpoint (MODEL.WEIGHTS, relative to OUTPUT_DIR, or "
             "--checkpoint)", "Train stage 3 first, or pass --checkpoint PATH."))
-    mode = modes_of(cfg)[-1]
-    crf = problems.check(lambda: _make_crf(cfg, [mode]))
-    problems.check(lambda: require_writable(Path(args.output), "--output"))
+    problems.check(lambda: make_crf(cfg, modes_of(cfg)[-1:]))
+    problems.check(lambda: require_writable(Path(output), "--output"))
     problems.raise_if_any()
-    return images, ckpt_path, mode, crf
+    return images, ckpt_path
 
 
-def predict_image(cfg: Config, net, image: np.ndarray, mode: str, crf, device) -> np.ndarray:
-    """uint8 (H, W) class ids of one RGB image in `mode` ("single", "multiscale", "+crf")."""
-    from engine.evaluate import crf_postprocess, predict_multiscale
+def run(cfg: Config, *, inputs: list[str], output, checkpoint: str | None = None,
+        devices: str = "0", workers: int | None = None) -> dict:
+    """Predict every input image (skipping those done); returns counts and images/s.
 
-    from utils.precision import inference_autocast
-
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().to(device)
-    with torch.inference_mode(), inference_autocast(cfg.TRAINER.PRECISION, device):
-        if mode.startswith("single"):
-            cos = net(x[None], out_size=x.shape[-2:])[0]
-        else:
-            cos = predict_multiscale(net, x, cfg.TEST.SCALES, cfg.TEST.FLIP)
-    if mode.endswith("+crf"):
-        return crf_postprocess(crf, image, cos.float().cpu().numpy(), cfg.MODEL.TEMPERATURE)
-    return cos.argmax(0).byte().cpu().numpy()
-
-
-def run(cfg: Config, args: argparse.Namespace) -> dict:
-    """Predict every input image (skipping those done); returns counts and images/s."""
+    inputs: image files, folders of images and .txt lists; output: the folder for <stem>.png
+    and overlay/<stem>.jpg; checkpoint: the model (default MODEL.WEIGHTS under OUTPUT_DIR);
+    devices: as --gpu-id; workers: CRF processes (None = the number of cores, 0 = here)."""
+    from utils.distributed import barrier, detect_launch
     from utils.runlock import RunLock, clean_temporary_files
 
-    from utils.distributed import barrier, detect_launch
-
-    images, ckpt_path, mode, crf = check_inputs(cfg, args)
+    images, ckpt_path = check_inputs(cfg, inputs, output, checkpoint)
     launch = detect_launch()
-    with RunLock(args.output, "predict.py"):
+    with RunLock(output, "predict.py"):
         if launch.is_main:
-            clean_temporary_files(args.output)
+            clean_temporary_files(output)
         barrier(launch)
-        return _predict(cfg, args, images, ckpt_path, mode, crf, launch)
+        return _predict(cfg, Path(output), devices, workers, images, ckpt_path, launch)
 
 
-def _predict(cfg: Config, args, images, ckpt_path, mode, crf, launch) -> dict:
+def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch) -> dict:
+    import os
+
     from tqdm import tqdm
 
-    from engine.evaluate import _device, load_model, prepare_network
+    from engine.evaluate import STAGE3_HINT, inference_device
+    from engine.runs import expectations
+    from models.zoo import read_checkpoint
+    from utils.crf import labels_job
     from utils.distributed import announce_shard, barrier, shard
     from utils.io import atomic_write_jpeg, atomic_write_png, read_image
     from utils.palette import voc_palette
+    from utils.pool import WorkerPool
 
-    out = Path(args.output)
-    device = _device(args.gpu_id, launch, cfg.TRAINER.PRECISION)
+    device = inference_device(devices, launch, cfg.TRAINER.PRECISION)
     images = shard(images, launch)
     announce_shard(launch, len(images))
     todo = [p for p in images if not ((out / f"{p.stem}.png").is_file()
                                       and (out / OVERLAY_DIR / f"{p.stem}.jpg").is_file())]
-    net = prepare_network(load_model(ckpt_path, cfg), device)
-    meta = net.meta
-    names = meta.get("classes") or [f"class_{c}" for c in range(meta["num_classes"])]
+    # Read once, and it must fit the config's backbone and classes.
+    ckpt = read_checkpoint(ckpt_path, stage=3, kind="deeplab", expect=expectations(cfg),
+                           hint="Use the config the model was trained with, or another "
+                                "checkpoint. " + STAGE3_HINT)
+    seg = Segmenter(ckpt, device, scales=cfg.TEST.SCALES, flip=cfg.TEST.FLIP,
+                    crf=cfg.TEST.CRF, precision=cfg.TRAINER.PRECISION, dcrf=cfg.MODEL.DCRF,
+                    temperature=cfg.MODEL.TEMPERATURE)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    workers = min(workers, len(todo)) if seg.crf is not None else 0
     print(f"Predicting {len(todo)} image(s) ({len(images) - len(todo)} already done) with "
-          f"{ckpt_path}, mode {mode}; writing {out}/<stem>.png and {out}/{OVERLAY_DIR}/.")
+          f"{ckpt_path}, mode {seg.mode}; writing {out}/<stem>.png and {out}/{OVERLAY_DIR}/.")
+
+    def write(finished) -> None:
+        for (path, image), label in finished:
+            atomic_write_png(out / f"{path.stem}.png", label, palette=voc_palette())
+            atomic_write_jpeg(out / OVERLAY_DIR / f"{path.stem}.jpg",
+                              overlay(image, label, seg.classes))
+            bar.update()
+
     start = time.perf_counter()
-    for path in tqdm(todo, desc="predict", unit="img", dynamic_ncols=True):
-        image = read_image(path, exif=True)
-        label = predict_image(cfg, net, image, mode, crf, device)
-        atomic_write_png(out / f"{path.stem}.png", label, palette=voc_palette())
-        atomic_write_jpeg(out / OVERLAY_DIR / f"{path.stem}.jpg", overlay(image, label, names))
+    with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar, \
+            WorkerPool(workers) as pool:
+        for path in todo:
+            image = read_image(path, exif=True)
+            scores = seg.scores(image)
+            if seg.crf is None:
+                write([((path, image), scores.argmax(0).byte().cpu().numpy())])
+            else:
+                write(pool.submit(labels_job, seg.crf_job(image, scores), tag=(path, image)))
+        write(pool.finish())
     seconds = time.perf_counter() - start
     barrier(launch)  # the run ends when every shard is written
     speed = len(todo) / seconds if todo and seconds > 0 else None
     print(f"Done: {len(todo)} image(s) in {seconds:.1f} s"
           + (f" ({speed:.2f} images/s)." if speed else "."))
     return {"images": len(images), "predicted_now": len(todo), "seconds": round(seconds, 2),
-            "images_per_second": round(speed, 3) if speed else None, "mode": mode,
+            "images_per_second": round(speed, 3) if speed else None, "mode": seg.mode,
             "output": str(out)}

@@ -64,13 +64,15 @@ def require_data_root(root: Path) -> None:
                         "data/synthetic.py --out PATH`).")
 
 
-def require_init(init: str, key: str = "MODEL.INIT") -> None:
-    """A MODEL.INIT that names a file must exist ('imagenet' downloads later, 'none' is random)."""
-    if init in ("none", "imagenet"):
+def require_init(init: str, named=("none", "imagenet"),
+                 what: str = "a state dict (.pth), or a stage-1 checkpoint (.ckpt)") -> None:
+    """A MODEL.INIT that is not one of the `named` initialisations ('imagenet' downloads later,
+    'none' is random) must be a file: the path of `what`."""
+    if init in named:
         return
     if not Path(os.path.expanduser(init)).is_file():
-        raise BanaError(f"{key} is {init!r}, which is not a file: expected 'none', 'imagenet', "
-                        "the path of a state dict (.pth), or a stage-1 checkpoint (.ckpt).")
+        raise BanaError(f"MODEL.INIT is {init!r}, which is not a file: expected "
+                        f"{', '.join(repr(n) for n in named)}, or the path of {what}.")
 
 
 def require_checkpoint(path: Path, key: str, fix: str) -> None:
@@ -107,13 +109,12 @@ def require_unused_weights(cfg, stage: str, scored: str) -> None:
         # This run's own checkpoint (the usual config), or one not written yet: nothing to read.
         if not path.is_file() or (cfg.run_dir / "checkpoints").resolve() in path.resolve().parents:
             return
-        try:
-            import torch
+        from models.zoo import read_checkpoint
 
-            meta = torch.load(path, map_location="cpu", weights_only=False).get("bana", {})
-        except Exception:  # unreadable: evaluate.py will say so; not this check's business
-            return
-        if meta.get("stage") == 3:
+        try:
+            if read_checkpoint(path).stage == 3:
+                return
+        except BanaError:  # unreadable: evaluate.py will say so; not this check's business
             return
     raise BanaError(f"MODEL.WEIGHTS is {cfg.MODEL.WEIGHTS!r}, but {stage} does not read it (it "
                     "names an earlier stage's output for stage 2 and evaluate.py"

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
-
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, FiniteWatch, fit, make_optimizer,
-                           make_trainer, network_groups, start_training)
-from utils.config import Config
+from engine.config import Config
+from engine.optim import make_optimizer, network_groups
+from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec
+from engine.training import BanaLitModule, fit, make_trainer, start_training
 
 STAGE = 1
 
 
-class Stage1LitModule(pl.LightningModule):
+class Stage1LitModule(BanaLitModule):
     """Wraps a built `Labeler`; one step = mean cross-entropy over all fg and bg prototypes."""
 
+    STAGE = STAGE
+
     def __init__(self, net, cfg: Config):
-        super().__init__()
+        super().__init__(cfg, net.spec)
         self.net = net
-        self.cfg = cfg
-        self.save_hyperparameters({"config": cfg.to_dict()})
-        self.finite_watch = FiniteWatch()
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # The boxes stay on the host: the reference BAP lays its samples out from their
@@ -57,52 +54,31 @@ class Stage1LitModule(pl.LightningModule):
         groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
         return make_optimizer(groups, self.cfg.SOLVER)
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["bana"] = checkpoint_meta(self.net, self.cfg)
-
-
-def checkpoint_meta(net, cfg: Config) -> dict:
-    return {"stage": STAGE, "backbone": cfg.MODEL.BACKBONE, "num_classes": cfg.DATA.NUM_CLASSES,
-            "pooling": cfg.MODEL.POOLING, "fc6_dilation": cfg.MODEL.FC6_DILATION,
-            "input_norm": net.backbone.input_norm, "config": cfg.to_dict()}
-
-
-def build_labeler(cfg: Config, init: str | None = None, input_norm: str | None = None):
-    from models.backbones import build_backbone
-    from models.labeler import Labeler
-
-    backbone = build_backbone(cfg.MODEL.BACKBONE, fc6_dilation=cfg.MODEL.FC6_DILATION,
-                              init=cfg.MODEL.INIT if init is None else init,
-                              input_norm=cfg.MODEL.INPUT_NORM if input_norm is None
-                              else input_norm)
-    return Labeler(cfg.DATA.NUM_CLASSES, backbone, pooling=cfg.MODEL.POOLING,
-                   roi_size=tuple(cfg.MODEL.ROI_SIZE), grid_size=cfg.MODEL.GRID_SIZE,
-                   bg_fraction_min=cfg.MODEL.BG_FRACTION_MIN,
-                   roi_sampling=cfg.MODEL.ROI_SAMPLING)
-
 
 def open_train_dataset(cfg: Config):
-    """The box dataset stage 1 trains on (no transform yet)."""
+    """(The box dataset stage 1 trains on, without transform yet; its class names.)"""
     from data.datasets import open_data
 
-    return open_data(cfg).box_dataset(cfg.DATA.SPLIT)
+    data = open_data(cfg)
+    dataset = data.box_dataset(cfg.DATA.SPLIT)
+    return dataset, data.classes
 
 
 def check_inputs(cfg: Config):
     """Every input of stage 1, checked before a network is built or weights are downloaded;
-    returns the dataset."""
+    returns (the dataset, its class names)."""
     from engine.preflight import (Problems, require_data_root, require_init, require_unused_weights,
                                   require_writable)
 
     problems = Problems("stage 1")
-    dataset = None
+    opened = None
     if problems.passes(lambda: require_data_root(cfg.data_root)):
-        dataset = problems.check(lambda: open_train_dataset(cfg))
+        opened = problems.check(lambda: open_train_dataset(cfg))
     problems.check(lambda: require_init(cfg.MODEL.INIT))
     problems.check(lambda: require_unused_weights(cfg, "stage 1", ""))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
     problems.raise_if_any()
-    return dataset
+    return opened
 
 
 def train_loader(cfg: Config, dataset, per_device_batch: int, fill,
@@ -118,21 +94,26 @@ def train_loader(cfg: Config, dataset, per_device_batch: int, fill,
                       persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=pin_memory)
 
 
-def run(cfg: Config, args: argparse.Namespace) -> dict:
-    """Train stage 1; returns the final training metrics and the checkpoint path."""
+def run(cfg: Config, *, devices: str = "0", resume: bool = False,
+        reconfigure: bool = False) -> dict:
+    """Train stage 1; returns the final training metrics and the checkpoint path.
+
+    devices: as --gpu-id ("0", "0,1", "cpu", "cpu:2"); resume: continue the run's last.ckpt;
+    reconfigure: with resume, continue with settings other than the run's record."""
     from utils.runlock import RunLock
 
-    dataset = check_inputs(cfg)
+    dataset, classes = check_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 1"):
-        return _train(cfg, args, dataset)
+        return _train(cfg, dataset, classes, devices, resume, reconfigure)
 
 
-def _train(cfg: Config, args: argparse.Namespace, dataset) -> dict:
+def _train(cfg: Config, dataset, classes, devices, resume, reconfigure) -> dict:
     from models.backbones import MEAN_RGB
+    from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, args, STAGE)
+    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
 
-    net = build_labeler(cfg)
+    net = build(model_spec(cfg, "labeler", classes), init=cfg.MODEL.INIT)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm],
                           pin_memory=devices.accelerator == "gpu")

@@ -23,56 +23,39 @@ COCO results files and scores them with COCOeval (segm). Files under DATA.PSEUDO
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import contextlib
 import json
-import multiprocessing
 import os
-import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from utils.config import Config
 from utils.errors import BanaError
 
-LABELS = ("Y_crf", "Y_ret")
-# Each box filled with its class (smaller boxes on top): the box baseline, as a label set stage 3
-# can train on (DATA.PSEUDO_LABELS [Y_box, Y_box]).
-BOX_LABEL = "Y_box"
-INSTANCES = "instances"
-# What the per-image instance files hold: the two pseudo labels and the box-filling baseline.
-INSTANCE_SOURCES = ("box_baseline", *LABELS)
+if TYPE_CHECKING:
+    from engine.config import Config
+
+from engine.stage2_jobs import (BOX_LABEL, INSTANCE_SOURCES, INSTANCES, LABELS, label_one,
+                                output_paths, pending_ids, preload_pixel_work, write_job)
+
+STAGE1_HINT = ("Train stage 1 first (python stage1.py --config-file configs/stage1.yml) with the "
+               "same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt.")
 
 
 def load_labeler(cfg: Config):
-    """The stage-1 network named by MODEL.WEIGHTS (relative to OUTPUT_DIR), in eval mode."""
-    from engine.common import load_stage_checkpoint, model_state
-    from engine.stage1 import build_labeler
+    """The stage-1 network named by MODEL.WEIGHTS (relative to OUTPUT_DIR), in eval mode, built
+    from the checkpoint's own description (fc6 dilation and input normalisation included)."""
+    from engine.runs import expectations
+    from models.zoo import read_checkpoint
 
-    path = cfg.output_path(cfg.MODEL.WEIGHTS)
-    hint = ("Train stage 1 first (python stage1.py --config-file configs/stage1.yml) with the "
-            "same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt.")
-    ckpt = load_stage_checkpoint(path, stage=1, hint=hint)
-    meta = ckpt["bana"]
-    if meta["backbone"] != cfg.MODEL.BACKBONE:
-        raise BanaError(f"{path} holds a '{meta['backbone']}' stage-1 model but MODEL.BACKBONE is "
-                        f"'{cfg.MODEL.BACKBONE}'. Set MODEL.BACKBONE {meta['backbone']} or use a "
-                        "checkpoint of that backbone.")
-    if meta["num_classes"] != cfg.DATA.NUM_CLASSES:
-        raise BanaError(
-            f"{path} was trained with {meta['num_classes']} classes but this dataset has "
-            f"DATA.NUM_CLASSES {cfg.DATA.NUM_CLASSES}: a stage-1 model labels the classes it was "
-            "trained on. Use one trained on these classes (on COCO 2017: a VOC-trained model "
-            "under DATA.CLASS_MAP voc20, a COCO-trained one under coco80).")
-    model = dataclasses.replace(cfg.MODEL, FC6_DILATION=meta["fc6_dilation"])
-    net = build_labeler(dataclasses.replace(cfg, MODEL=model), init="none",
-                        input_norm=meta["input_norm"])
-    net.load_state_dict(model_state(ckpt))
-    return net.eval()
+    hint = ("A stage-1 model labels the classes it was trained on (on COCO 2017: a VOC-trained "
+            "model under DATA.CLASS_MAP voc20, a COCO-trained one under coco80). " + STAGE1_HINT)
+    ckpt = read_checkpoint(cfg.output_path(cfg.MODEL.WEIGHTS), stage=1, kind="labeler",
+                           expect=expectations(cfg), hint=hint)
+    return ckpt.network(hint)
 
 
 def open_dataset(cfg: Config, data=None):
@@ -81,114 +64,6 @@ def open_dataset(cfg: Config, data=None):
     from data.datasets import open_data
 
     return (data or open_data(cfg)).box_dataset(cfg.DATA.SPLIT)
-
-
-def output_paths(out_root: Path, image_id: str, instances: bool) -> dict[str, Path]:
-    """The files one image is done with: its label maps, and its instances on COCO."""
-    paths = {d: out_root / d / f"{image_id}.png" for d in (*LABELS, BOX_LABEL)}
-    if instances:
-        paths[INSTANCES] = out_root / INSTANCES / f"{image_id}.json"
-    return paths
-
-
-def pending_ids(ids: list[str], out_root: Path, instances: bool = False) -> list[str]:
-    """Ids whose output files are not all there yet."""
-    return [i for i in ids
-            if not all(p.is_file() for p in output_paths(out_root, i, instances).values())]
-
-
-def _worker_init() -> None:
-    # Each worker runs one CRF at a time; torch threads would only fight over the cores.
-    torch.set_num_threads(1)
-    # Imported here, while the main process is still loading data, not on the first image.
-    import utils.instances  # noqa: F401
-    import models.pseudo_labels  # noqa: F401
-
-
-def _ready() -> None:
-    """A no-op task: submitting one per worker starts them all before the first image."""
-
-
-def start_workers(workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` CRF processes, started now so that their start-up (about a second
-    each: importing torch) overlaps the main process's own work. Call it from the main thread.
-
-    The workers import only what `label_one` needs (this module and utils/): nothing here may
-    import Lightning at module level, which would double their start-up.
-    """
-    # spawn, not fork: forked children of a process that already ran torch's OpenMP can hang.
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
-                               mp_context=multiprocessing.get_context("spawn"))
-    # Ctrl-C reaches the whole process group. The workers, spawned by these submits, inherit an
-    # ignored SIGINT (from their first instruction, imports included): only the main process
-    # stops, and it lets the images in flight finish as complete files.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for _ in range(workers):
-            pool.submit(_ready)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    return pool
-
-
-def label_one(job: dict) -> str:
-    """Worker, per-pixel work on the CPU: features of one image -> Y_crf and Y_ret PNGs (and on
-    COCO its instance JSON). Returns the image id."""
-    from models.pseudo_labels import make_pseudo_labels
-
-    labels = make_pseudo_labels(
-        job["features"], job["weight"], job["image"], job["boxes"], job["bg_mask"],
-        grid_size=job["grid_size"], bg_threshold=job["bg_threshold"], crf=job["crf"],
-        use_u0=job["use_u0"], return_box_scores="category_ids" in job)
-    return write_labels(job, *labels)
-
-
-def crf_one(job: dict) -> tuple[str, np.ndarray]:
-    """Worker, device path: the CRF of one image's unaries -> (image id, arg-max channels (H,W)
-    uint8)."""
-    from models.pseudo_labels import crf_channels
-
-    channels = crf_channels(job["crf"], job["image"], job["probs"], job["class_regions"])
-    return job["id"], channels.astype(np.uint8)
-
-
-def write_labels(job: dict, y_crf: np.ndarray, y_ret: np.ndarray,
-                 box_scores: np.ndarray | None = None) -> str:
-    """Write one image's Y_crf, Y_ret and Y_box PNGs (and on COCO its instance JSON, the
-    instances split by `box_scores`); returns the image id. Runs in a worker."""
-    from utils.boxes import fill_boxes
-    from utils.io import atomic_write_json, atomic_write_png
-    from utils.palette import voc_palette
-
-    if "category_ids" in job:
-        atomic_write_json(job["out"][INSTANCES], image_instances(job, y_crf, y_ret, box_scores))
-    palette = voc_palette()
-    for d, label in zip(LABELS, (y_crf, y_ret)):
-        atomic_write_png(job["out"][d], label, palette=palette)
-    atomic_write_png(job["out"][BOX_LABEL], fill_boxes(job["boxes"], *y_crf.shape),
-                     palette=palette)
-    return job["id"]
-
-
-def write_job(job: dict) -> str:
-    """Worker, device path: `write_labels` of a job that carries its labels."""
-    return write_labels(job, job["y_crf"], job["y_ret"], job.get("box_scores"))
-
-
-def image_instances(job: dict, y_crf: np.ndarray, y_ret: np.ndarray,
-                    box_scores: np.ndarray) -> dict:
-    """COCO results entries of one image for each of INSTANCE_SOURCES: one mask per box from Y_crf
-    and from Y_ret, scored by the mean box CAM over the mask, and the filled box with score 1."""
-    from utils.instances import box_pixel_masks, instance_masks, instance_results, mask_scores
-
-    boxes, image_id, categories = job["boxes"], int(job["id"]), job["category_ids"]
-    record = {"box_baseline": instance_results(box_pixel_masks(boxes, *y_crf.shape), image_id,
-                                               categories, np.ones(len(boxes)))}
-    for name, label in zip(LABELS, (y_crf, y_ret)):
-        masks = instance_masks(label, boxes, box_scores)
-        record[name] = instance_results(masks, image_id, categories,
-                                        mask_scores(masks, box_scores))
-    return record
 
 
 PIXEL_WORK = ("auto", "device", "workers")
@@ -214,20 +89,22 @@ def pixel_work_on_device(choice: str, device: torch.device) -> bool:
     return choice == "device"
 
 
-def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
-             pool: ProcessPoolExecutor, workers: int, position: int = 0,
-             progress: bool = True, instances: bool = False, pixel_work: str = "auto") -> int:
-    """Label `ids` of `dataset` (skipping finished ones) with the CRF processes of `pool`
-    (`workers` of them); returns how many images were labelled. instances: also write each
-    image's instance masks (the dataset's items carry category_ids). pixel_work: see
-    `pixel_work_on_device`.
+def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, workers: int,
+             position: int = 0, progress: bool = True, instances: bool = False,
+             pixel_work: str = "auto", pool=None) -> int:
+    """Label `ids` of `dataset` (skipping finished ones) with `workers` CRF processes; returns
+    how many images were labelled. instances: also write each image's instance masks (the
+    dataset's items carry category_ids). pixel_work: see `pixel_work_on_device`. pool: a
+    `utils.pool.WorkerPool` of `workers` processes to use (default: one of its own).
 
     Streaming: the main process decodes images and runs the backbone (under TRAINER.PRECISION's
     autocast) and, on the device path, the unaries and the retrieval; the workers run the CRF
     and write the files. At most 2 × workers jobs are in flight, so memory stays flat."""
     from tqdm import tqdm
 
-    from utils.crf import DenseCRF
+    from models.pseudo_labels import retrieval
+    from utils.crf import DenseCRF, regions_job
+    from utils.pool import WorkerPool
     from utils.precision import full, inference_autocast
 
     out_root = cfg.pseudo_label_dir
@@ -254,64 +131,65 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device,
               "use_u0": cfg.MODEL.USE_U0}
     if not on_device:
         common["weight"] = weight.cpu().numpy()
-    bar = tqdm(total=len(todo), desc="stage 2", unit="img", position=position,
-               disable=not progress, dynamic_ncols=True)
-    in_flight: dict = {}  # future -> None (a finished image) or (job, ImageState) awaiting its CRF
     done = 0
 
-    def collect(futures) -> None:
+    def handle(finished, pool) -> None:
+        """Results handed back: a written image, or (device path) an image's CRF, whose
+        retrieval runs here before its files are written by a worker."""
         nonlocal done
-        from models.pseudo_labels import retrieval
-
-        for f in futures:
-            waiting = in_flight.pop(f)
-            result = f.result()
-            if waiting is None:
+        queue = list(finished)
+        while queue:
+            tag, result = queue.pop(0)
+            if tag is None:
                 done += 1
                 bar.update(1)
                 continue
-            job, state = waiting
-            labels = retrieval(state, result[1], return_box_scores=instances)
+            job, state = tag
+            labels = retrieval(state, result, return_box_scores=instances)
             for key in ("probs", "class_regions", "image", "crf"):
                 del job[key]  # the writer needs none of them: do not pickle them again
             job.update(zip(("y_crf", "y_ret", "box_scores"), labels))
-            in_flight[pool.submit(write_job, job)] = None
+            queue += pool.submit(write_job, job)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(_backbone_threads(device, workers))
+    bar = tqdm(total=len(todo), desc="stage 2", unit="img", position=position,
+               disable=not progress, dynamic_ncols=True)
     try:
-        for item in loader:
-            x = item["image"][None].float().to(device, non_blocking=cuda)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                with inference_autocast(cfg.TRAINER.PRECISION, device):
-                    feats = net.backbone(x)[0]
-                feats = full(feats).float()
-            boxes = item["boxes"].numpy()
-            image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
-            job = dict(common, id=item["id"], image=image,
-                       # Truncation matches the bg mask's box regions (SPEC §0).
-                       boxes=boxes.astype(np.int64),
-                       out=output_paths(out_root, item["id"], instances))
-            bg_mask = (item["bg_mask"][0] == 1).to(torch.uint8)
-            if instances:
-                job["category_ids"] = item["category_ids"].numpy()
-            if not on_device:
-                job.update(features=feats.cpu().numpy(), bg_mask=bg_mask.numpy())
-                in_flight[pool.submit(label_one, job)] = None
-            else:
+        # The CPU path's workers do the per-pixel work (torch); the device path's run only the
+        # CRF and the writes, and import neither torch nor Lightning.
+        own = pool is None
+        if own:
+            pool = WorkerPool(workers, None if on_device else preload_pixel_work)
+        with pool if own else contextlib.nullcontext():
+            for item in loader:
+                x = item["image"][None].float().to(device, non_blocking=cuda)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    with inference_autocast(cfg.TRAINER.PRECISION, device):
+                        feats = net.backbone(x)[0]
+                    feats = full(feats).float()
+                boxes = item["boxes"].numpy()
+                image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
+                job = dict(common, id=item["id"], image=image,
+                           # Truncation matches the bg mask's box regions (SPEC §0).
+                           boxes=boxes.astype(np.int64),
+                           out=output_paths(out_root, item["id"], instances))
+                bg_mask = (item["bg_mask"][0] == 1).to(torch.uint8)
+                if instances:
+                    job["category_ids"] = item["category_ids"].numpy()
+                if not on_device:
+                    job.update(features=feats.cpu().numpy(), bg_mask=bg_mask.numpy())
+                    handle(pool.submit(label_one, job), pool)
+                    continue
                 job, state = _device_unaries(cfg, job, feats, weight, bg_mask.to(device))
                 if state is None:
-                    in_flight[pool.submit(write_job, job)] = None
+                    handle(pool.submit(write_job, job), pool)
                 else:
-                    in_flight[pool.submit(crf_one, job)] = (job, state)
-            while len(in_flight) >= 2 * workers:
-                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-                collect(finished)
-        while in_flight:
-            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-            collect(finished)
+                    handle(pool.submit(regions_job, job, tag=(job, state)), pool)
+            while pool.pending:  # handing back a CRF submits its image's writes
+                handle(pool.finish(), pool)
     finally:
         torch.set_num_threads(threads)
         bar.close()
@@ -347,9 +225,8 @@ def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: i
     dataset = open_dataset(cfg, data)
     ids = dataset.ids[rank::len(device_ids)]
     device = torch.device(f"cuda:{device_ids[rank]}" if accelerator == "gpu" else "cpu")
-    with start_workers(workers) as pool:
-        generate(cfg, load_labeler(cfg), dataset, ids, device, pool, workers, position=rank,
-                 instances=data.writes_instances, pixel_work=pixel_work)
+    generate(cfg, load_labeler(cfg), dataset, ids, device, workers, position=rank,
+             instances=data.writes_instances, pixel_work=pixel_work)
 
 
 def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
@@ -464,7 +341,7 @@ def save_panels(cfg: Config, data, dataset, ids: list[str], out_dir: Path) -> No
     """image | GT | Y_crf | Y_ret panels, for looking at pseudo labels before trusting them. The
     GT panel is void (the palette's 255 colour) where the split has no semantic GT."""
     from utils.io import atomic_write_png, read_image, read_index_png
-    from utils.palette import colorize
+    from utils.palette import panel
 
     out_root = cfg.pseudo_label_dir
     has_gt = data.has_gt(cfg.DATA.SPLIT)
@@ -473,11 +350,7 @@ def save_panels(cfg: Config, data, dataset, ids: list[str], out_dir: Path) -> No
         maps = [data.gt_label(cfg.DATA.SPLIT, i) if has_gt
                 else np.full(image.shape[:2], 255, np.uint8)]
         maps += [read_index_png(out_root / d / data.label_name(i)) for d in LABELS]
-        gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-        panel = [image]
-        for m in maps:
-            panel += [gap, colorize(m)]
-        atomic_write_png(out_dir / f"{i}.png", np.concatenate(panel, axis=1))
+        atomic_write_png(out_dir / f"{i}.png", panel(image, maps))
 
 
 def check_inputs(cfg: Config):
@@ -496,8 +369,7 @@ def check_inputs(cfg: Config):
         problems.check(lambda: require_writable(cfg.pseudo_label_dir, "DATA.PSEUDO_LABEL_DIR"))
     problems.check(lambda: require_checkpoint(
         cfg.output_path(cfg.MODEL.WEIGHTS), "MODEL.WEIGHTS (the stage-1 model, relative to "
-        "OUTPUT_DIR)", "Train stage 1 first (python stage1.py --config-file configs/stage1.yml) "
-        "with the same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt."))
+        "OUTPUT_DIR)", STAGE1_HINT))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))
     problems.raise_if_any()
     return data, dataset
@@ -570,23 +442,34 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
         atomic_write_json(path, new)
 
 
-def run(cfg: Config, args: argparse.Namespace) -> dict:
-    """Generate (or finish generating) the pseudo labels; returns counts and the quality report."""
-    from utils.cli import resolve_devices
+def run(cfg: Config, *, devices: str = "0", workers: int | None = None,
+        overwrite: bool = False, pixel_work: str = "auto", save_vis: int = 0) -> dict:
+    """Generate (or finish generating) the pseudo labels; returns counts and the quality report.
+
+    devices: as --gpu-id; workers: CRF worker processes (None = the number of cores, shared by
+    the processes of a node under torchrun / srun); overwrite: delete the labels the folder
+    holds first; pixel_work: see `pixel_work_on_device`; save_vis: image | GT | Y_crf | Y_ret
+    panels of the first N images."""
+    from utils.devices import resolve_devices
     from utils.distributed import detect_launch
     from utils.precision import check_precision
     from utils.runlock import RunLock
 
+    if workers is not None and workers < 1:
+        raise BanaError(f"--workers {workers}: need at least 1 CRF worker process.")
+    if pixel_work not in PIXEL_WORK:
+        raise BanaError(f"--pixel-work {pixel_work}: choose one of {', '.join(PIXEL_WORK)}.")
     data, dataset = check_inputs(cfg)
     launch = detect_launch()
-    devices = resolve_devices(args.gpu_id, launch=launch)
-    check_precision(cfg.TRAINER.PRECISION, devices.accelerator)  # before the model is read
+    resolved = resolve_devices(devices, launch=launch)
+    check_precision(cfg.TRAINER.PRECISION, resolved.accelerator)  # before the model is read
     net = load_labeler(cfg)  # a bad checkpoint fails here, before anything is written
     with RunLock(cfg.pseudo_label_dir, "stage 2"), RunLock(cfg.run_dir, "stage 2"):
-        return _label(cfg, args, data, dataset, net, launch, devices)
+        return _label(cfg, data, dataset, net, launch, resolved, workers or os.cpu_count() or 1,
+                      overwrite, pixel_work, save_vis)
 
 
-def _prepare_folder(cfg: Config, args: argparse.Namespace, launch) -> None:
+def _prepare_folder(cfg: Config, overwrite: bool, launch) -> None:
     """Rank 0 readies the label folder (leftovers, the labelling record, --overwrite) while the
     other processes of a torchrun / srun launch wait; an error there stops all of them."""
     from utils.distributed import barrier, broadcast_error
@@ -596,7 +479,7 @@ def _prepare_folder(cfg: Config, args: argparse.Namespace, launch) -> None:
     if launch.is_main:
         try:
             clean_temporary_files(cfg.pseudo_label_dir)
-            check_label_record(cfg, getattr(args, "overwrite", False))
+            check_label_record(cfg, overwrite)
             cfg.save()
         except (BanaError, OSError) as e:
             broadcast_error(str(e), launch)
@@ -607,18 +490,17 @@ def _prepare_folder(cfg: Config, args: argparse.Namespace, launch) -> None:
     barrier(launch)
 
 
-def _label(cfg: Config, args: argparse.Namespace, data, dataset, net, launch, devices) -> dict:
+def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overwrite: bool,
+           pixel_work: str, save_vis: int) -> dict:
     from utils.distributed import all_reduce_sum, announce_shard, shard
     from utils.io import atomic_write_json
 
-    pixel_work = getattr(args, "pixel_work", "auto") or "auto"
-    workers = getattr(args, "workers", None) or os.cpu_count() or 1
     if launch.distributed:  # the processes of one node share its cores
         workers = max(1, workers // launch.local_world_size)
     coco = data.writes_instances
     if launch.is_main:
         print(devices.note)
-    _prepare_folder(cfg, args, launch)
+    _prepare_folder(cfg, overwrite, launch)
     ids = list(dataset.ids)
     mine = shard(ids, launch)
     announce_shard(launch, len(mine))
@@ -633,9 +515,8 @@ def _label(cfg: Config, args: argparse.Namespace, data, dataset, net, launch, de
     if launch.distributed:
         if todo:
             device = devices.device_of(launch.local_rank)
-            with start_workers(workers) as pool:
-                generate(cfg, net, dataset, mine, device, pool, workers, instances=coco,
-                         position=launch.local_rank, pixel_work=pixel_work)
+            generate(cfg, net, dataset, mine, device, workers, instances=coco,
+                     position=launch.local_rank, pixel_work=pixel_work)
         seconds = time.perf_counter() - start
         # Waits for every shard to be written before rank 0 checks and scores the split.
         labelled = int(all_reduce_sum(torch.tensor(todo), launch))
@@ -653,9 +534,8 @@ def _label(cfg: Config, args: argparse.Namespace, data, dataset, net, launch, de
                  nprocs=len(ids_per), join=True)
     elif todo:
         device = devices.device_of(0)
-        with start_workers(workers) as pool:
-            generate(cfg, net, dataset, ids, device, pool, workers, instances=coco,
-                     pixel_work=pixel_work)
+        generate(cfg, net, dataset, ids, device, workers, instances=coco,
+                 pixel_work=pixel_work)
     seconds = time.perf_counter() - start
     missing = pending_ids(ids, out_root, coco)
     if missing:
@@ -664,8 +544,8 @@ def _label(cfg: Config, args: argparse.Namespace, data, dataset, net, launch, de
     result = {"images": len(ids), "labelled_now": todo, "seconds": round(seconds, 2),
               "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
               "label_dir": str(out_root)}
-    if getattr(args, "save_vis", 0):
-        save_panels(cfg, data, dataset, ids[:args.save_vis], cfg.run_dir / "vis")
+    if save_vis:
+        save_panels(cfg, data, dataset, ids[:save_vis], cfg.run_dir / "vis")
         print(f"Panels image | GT | Y_crf | Y_ret: {cfg.run_dir / 'vis'}")
     # quality.json: the semantic report where the split has GT, the instance AP (COCO layout)
     # where its annotations have masks.

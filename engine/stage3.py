@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from engine.common import (CHECKPOINT_DIR, AtomicCheckpoint, FiniteWatch, fit, make_optimizer,
-                           make_trainer, needs_sync_batchnorm, network_groups, start_training)
-from utils.config import Config
+from engine.config import Config
+from engine.optim import make_optimizer, network_groups
+from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec
+from engine.training import (BanaLitModule, fit, make_trainer, needs_sync_batchnorm,
+                             start_training)
 from utils.errors import BanaError
 
 STAGE = 3
 
 
-class Stage3LitModule(pl.LightningModule):
-    """Wraps a built `DeepLab`; trains with `models.losses.compute_loss`, validates mIoU."""
+class Stage3LitModule(BanaLitModule):
+    """Wraps a built `DeepLab`; trains with `models.losses.compute_loss`, validates mIoU. Its
+    checkpoints record the class names, so that predict.py names the classes without the data."""
 
-    def __init__(self, net, cfg: Config, classes=None):
-        super().__init__()
+    STAGE = STAGE
+
+    def __init__(self, net, cfg: Config):
+        super().__init__(cfg, net.spec)
         from utils.metrics import ConfusionMatrix
 
         self.net = net
-        self.cfg = cfg
-        # Saved with the model so that predict.py names the classes without the dataset.
-        self.classes = list(classes) if classes is not None else None
-        self.save_hyperparameters({"config": cfg.to_dict()})
         self.confmat = ConfusionMatrix(cfg.DATA.NUM_CLASSES)
-        self.finite_watch = FiniteWatch()
 
     def training_step(self, batch, batch_idx):
         from models.losses import compute_loss
@@ -66,25 +64,6 @@ class Stage3LitModule(pl.LightningModule):
     def configure_optimizers(self):
         groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
         return make_optimizer(groups, self.cfg.SOLVER)
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["bana"] = {"stage": STAGE, "backbone": self.cfg.MODEL.BACKBONE,
-                              "num_classes": self.cfg.DATA.NUM_CLASSES,
-                              "fc6_dilation": self.cfg.MODEL.FC6_DILATION,
-                              "input_norm": self.net.backbone.input_norm,
-                              "classes": self.classes, "config": self.cfg.to_dict()}
-
-
-def build_deeplab_from_config(cfg: Config, init: str | None = None,
-                              input_norm: str | None = None):
-    from models.backbones import build_backbone
-    from models.deeplab import DeepLab
-
-    backbone = build_backbone(cfg.MODEL.BACKBONE, fc6_dilation=cfg.MODEL.FC6_DILATION,
-                              init=cfg.MODEL.INIT if init is None else init,
-                              input_norm=cfg.MODEL.INPUT_NORM if input_norm is None
-                              else input_norm)
-    return DeepLab(cfg.DATA.NUM_CLASSES, backbone, frozen_bn=cfg.MODEL.FREEZE_BN)
 
 
 def read_gt_ids(path: str) -> set[str] | None:
@@ -167,28 +146,31 @@ def loaders(cfg: Config, train, val, per_device_batch: int, fill,
     return train_loader, val_loader
 
 
-def run(cfg: Config, args: argparse.Namespace) -> dict:
-    """Train stage 3; returns the last validation metrics and the checkpoint paths."""
+def run(cfg: Config, *, devices: str = "0", resume: bool = False,
+        reconfigure: bool = False) -> dict:
+    """Train stage 3; returns the last validation metrics and the checkpoint paths. Options as
+    `engine.stage1.run`'s."""
     from utils.runlock import RunLock
 
     train, val, classes = check_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 3"):
-        return _train(cfg, args, train, val, classes)
+        return _train(cfg, train, val, classes, devices, resume, reconfigure)
 
 
-def _train(cfg: Config, args: argparse.Namespace, train, val, classes) -> dict:
+def _train(cfg: Config, train, val, classes, devices, resume, reconfigure) -> dict:
     from models.backbones import MEAN_RGB
+    from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, args, STAGE)
+    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
 
-    net = build_deeplab_from_config(cfg)
+    net = build(model_spec(cfg, "deeplab", classes), init=cfg.MODEL.INIT)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     train_loader, val_loader = loaders(cfg, train, val, per_device,
                                        MEAN_RGB[net.backbone.input_norm],
                                        pin_memory=devices.accelerator == "gpu")
     if devices.accelerator == "gpu":
         net = net.to(memory_format=torch.channels_last)
-    module = Stage3LitModule(net, cfg, classes)
+    module = Stage3LitModule(net, cfg)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     val_every = min(cfg.SOLVER.VAL_EVERY, cfg.SOLVER.MAX_ITER)

@@ -9,8 +9,6 @@ carries the normalisation it was trained with.
 """
 
 import math
-import os
-import pickle
 from collections import OrderedDict
 
 import torch
@@ -35,7 +33,7 @@ _CAFFE_VGG16_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "co
 _FC_SHAPES = {"fc6": (1024, 512, 3, 3), "fc7": (1024, 1024, 1, 1)}
 
 
-def _norm_buffers(kind):
+def norm_buffers(kind):
     """The `InputNorm` buffers for `kind`: channel order, mean and std in that order, 0..255 units."""
     if kind == "caffe":
         order, mean, std = (2, 1, 0), MEAN_RGB["caffe"][::-1], (1.0, 1.0, 1.0)
@@ -49,7 +47,7 @@ class InputNorm(nn.Module):
 
     def __init__(self, kind="imagenet"):
         super().__init__()
-        for name, value in _norm_buffers(kind).items():
+        for name, value in norm_buffers(kind).items():
             self.register_buffer(name, value)
 
     @property
@@ -61,9 +59,12 @@ class InputNorm(nn.Module):
 
 
 class _Backbone(nn.Module):
-    """Shared interface: `normalize` first, `input_norm` names it, `new_modules()` for lr groups."""
+    """Shared interface: `normalize` first, `input_norm` names it, `new_modules()` for lr groups,
+    `convert_state_dict` for weight files of other layouts, `IMAGENET_WEIGHTS` (a torchvision
+    weights enum, or None) for MODEL.INIT imagenet."""
 
     out_channels: int
+    IMAGENET_WEIGHTS = None
 
     def __init__(self, input_norm):
         super().__init__()
@@ -85,6 +86,7 @@ class VGG16LargeFOV(_Backbone):
     """VGG-16 as in DeepLab-LargeFOV (SPEC §1); `features` keeps torchvision's layer indices."""
 
     out_channels = 1024
+    IMAGENET_WEIGHTS = VGG16_Weights.IMAGENET1K_V1
 
     def __init__(self, fc6_dilation=1, input_norm="imagenet"):
         super().__init__(input_norm)
@@ -129,6 +131,7 @@ class ResNet101DeepLabV2(_Backbone):
     """torchvision ResNet-101 at stride 8 plus DeepLab-V2's four summed dilated 3×3 convs (SPEC §1)."""
 
     out_channels = 256
+    IMAGENET_WEIGHTS = ResNet101_Weights.IMAGENET1K_V1
 
     def __init__(self, input_norm="imagenet"):
         super().__init__(input_norm)
@@ -239,120 +242,11 @@ def _features_layout():
     return kinds
 
 
-_BUILDERS = {
-    "vgg16": lambda fc6_dilation, norm: VGG16LargeFOV(fc6_dilation, norm),
-    "resnet101": lambda fc6_dilation, norm: ResNet101DeepLabV2(norm),
-    "tiny": lambda fc6_dilation, norm: TinyBackbone(norm),
+# MODEL.BACKBONE of the semantic networks (stages 1-3): name -> class. A new backbone is a
+# `_Backbone` subclass in its own module and one line here; the zoo (models/zoo.py) builds it,
+# passing the options its constructor names (VGG-16: fc6_dilation).
+BACKBONES = {
+    "vgg16": VGG16LargeFOV,
+    "resnet101": ResNet101DeepLabV2,
+    "tiny": TinyBackbone,
 }
-_IMAGENET_WEIGHTS = {"vgg16": VGG16_Weights.IMAGENET1K_V1, "resnet101": ResNet101_Weights.IMAGENET1K_V1}
-
-
-def build_backbone(name, *, fc6_dilation=1, init="none", input_norm="auto"):
-    """A backbone by name ("vgg16" | "resnet101" | "tiny"), initialised from `init`.
-
-    init: "none" (random), "imagenet" (torchvision weights, from `$TORCH_HOME/hub/checkpoints/`
-    or downloaded), or a path to a state dict in torchvision layout, the authors' Caffe VGG-16
-    layout, this module's own layout, or one of this project's stage checkpoints (its backbone;
-    e.g. stage 3 initialised from the stage-1 model of the same backbone). input_norm: "auto" follows the weights (Caffe layout ->
-    "caffe", otherwise "imagenet"); naming one that contradicts the weights is an error.
-    fc6_dilation only affects vgg16.
-    """
-    if name not in _BUILDERS:
-        raise BanaError(f"unknown backbone {name!r}: MODEL.BACKBONE must be one of {sorted(_BUILDERS)}")
-    if input_norm not in ("auto", *INPUT_NORMS):
-        raise BanaError(f"unknown input normalisation {input_norm!r}: MODEL.INPUT_NORM must be "
-                        f"'auto', 'caffe' or 'imagenet'")
-    net = _BUILDERS[name](fc6_dilation, "imagenet")
-    if init == "none":
-        source, state_dict = None, None
-    elif init == "imagenet":
-        source, state_dict = f"torchvision's ImageNet {name}", _imagenet_state_dict(name)
-    else:
-        source, state_dict = str(init), _read_state_dict(init)
-
-    weights_norm = None
-    if state_dict is not None:
-        state_dict, weights_norm = net.convert_state_dict(state_dict)
-        if weights_norm is None:  # own layout: the normalisation is stored with the weights
-            weights_norm = _stored_norm(state_dict, source)
-    if input_norm == "auto":
-        input_norm = weights_norm or "imagenet"
-    elif weights_norm is not None and input_norm != weights_norm:
-        raise BanaError(f"MODEL.INPUT_NORM={input_norm!r} contradicts the weights from {source}, "
-                        f"which expect {weights_norm!r} inputs: set MODEL.INPUT_NORM to 'auto'")
-
-    if state_dict is None:
-        net.normalize.load_state_dict(_norm_buffers(input_norm))
-    else:
-        norm = {f"normalize.{k}": v for k, v in _norm_buffers(input_norm).items()}
-        state_dict = {**state_dict, **norm}
-        _load_strict(net, state_dict, source)
-    return net
-
-
-def _stored_norm(state_dict, source):
-    order = state_dict.get("normalize.order")
-    if order is None:
-        return None
-    if order.tolist() not in ([0, 1, 2], [2, 1, 0]):
-        raise BanaError(f"normalize.order in {source} is {order.tolist()}, expected [0, 1, 2] "
-                        f"(RGB, ImageNet) or [2, 1, 0] (BGR, Caffe)")
-    return "caffe" if order[0].item() == 2 else "imagenet"
-
-
-def _load_strict(net, state_dict, source):
-    expected = net.state_dict().keys()
-    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
-    if missing or unexpected:
-        raise BanaError(
-            f"the weights from {source} do not fit {type(net).__name__}: "
-            f"{len(missing)} missing keys (e.g. {sorted(missing)[:4]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {sorted(unexpected)[:4]}). Expected a "
-            f"torchvision, Caffe-converted VGG-16 (vgg_caffe.pth) or this project's own state dict.")
-    try:
-        net.load_state_dict(state_dict)
-    except RuntimeError as err:
-        raise BanaError(f"the weights from {source} have the wrong shapes for "
-                        f"{type(net).__name__}: {err}") from err
-
-
-def _read_state_dict(path):
-    if not os.path.isfile(path):
-        raise BanaError(f"MODEL.INIT is {path!r}, which is not a file: expected 'none', 'imagenet' "
-                        f"or the path of a state dict (.pth)")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise BanaError(f"could not read the state dict {path}: {err}") from err
-    if not isinstance(state_dict, dict):
-        raise BanaError(f"{path} holds a {type(state_dict).__name__}, expected a state dict "
-                        f"(a dict of tensor names to tensors)")
-    if isinstance(state_dict.get("bana"), dict) and "state_dict" in state_dict:
-        return _stage_checkpoint_backbone(state_dict, path)
-    return state_dict
-
-
-def _stage_checkpoint_backbone(ckpt, path):
-    """The backbone weights of one of this project's stage checkpoints (own layout, with the
-    input normalisation it was trained with), e.g. stage 3 starting from stage 1's backbone."""
-    prefix = "net.backbone."
-    own = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not own:
-        raise BanaError(f"{path} is a stage-{ckpt['bana'].get('stage')} checkpoint without "
-                        "backbone weights (no 'net.backbone.*' entries)")
-    return own
-
-
-def _imagenet_state_dict(name):
-    if name not in _IMAGENET_WEIGHTS:
-        raise BanaError(f"there are no ImageNet weights for the {name!r} backbone: set MODEL.INIT "
-                        f"to 'none' or to the path of a state dict")
-    weights = _IMAGENET_WEIGHTS[name]
-    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise BanaError(
-            f"could not get the ImageNet weights for {name} ({type(err).__name__}: {err}). "
-            f"Without internet, download {weights.url} elsewhere and put it at {target} "
-            f"(the folder follows $TORCH_HOME), or set MODEL.INIT to the path of a state dict.") from err

@@ -6,7 +6,6 @@ Shape shorthand: N images, H×W image, D feature channels, h×w feature map, C c
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbones import build_backbone
 from utils.precision import float32_region, full
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -65,13 +64,3 @@ class DeepLab(nn.Module):
                 cos = F.interpolate(cos, size=tuple(out_size), mode="bilinear",
                                     align_corners=True)
         return cos
-
-
-def build_deeplab(backbone_name, num_classes, init, input_norm="auto", frozen_bn=False):
-    """DeepLab-LargeFOV (vgg16, fc6 dilation 12), DeepLab-V2 (resnet101) or tiny.
-
-    init and input_norm as in `build_backbone`.
-    """
-    fc6_dilation = 12 if backbone_name == "vgg16" else 1
-    backbone = build_backbone(backbone_name, fc6_dilation=fc6_dilation, init=init, input_norm=input_norm)
-    return DeepLab(num_classes, backbone, frozen_bn=frozen_bn)

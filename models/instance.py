@@ -25,7 +25,6 @@ from torch import nn
 
 from utils.errors import BanaError
 
-INSTANCE_BACKBONES = ("tiny", "resnet50_fpn", "resnet50_fpn_v2")
 
 
 class _TinyBody(nn.Module):
@@ -75,32 +74,22 @@ def _fetch(what: str, weights, build):
             "$TORCH_HOME), or set MODEL.INIT to none or to the path of a state dict.") from None
 
 
-def build_instance_model(backbone: str, num_classes: int, init: str = "none",
-                         min_size: int = 800, max_size: int = 1333) -> nn.Module:
-    """torchvision's MaskRCNN with `num_classes` outputs (background included)."""
-    from torchvision.models import ResNet50_Weights
-    from torchvision.models.detection import (FasterRCNN_ResNet50_FPN_V2_Weights,
-                                              FasterRCNN_ResNet50_FPN_Weights,
-                                              maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)
+def _resnet50_fpn(v2: bool):
+    """A builder of torchvision's maskrcnn_resnet50_fpn[_v2] with our init names."""
 
-    if backbone not in INSTANCE_BACKBONES:
-        raise BanaError(f"MODEL.BACKBONE {backbone!r} is no Mask R-CNN backbone: choose one of "
-                        f"{', '.join(INSTANCE_BACKBONES)}.")
-    sizes = {"min_size": min_size, "max_size": max_size}
-    if backbone == "tiny":
-        if init in ("imagenet", "coco"):
-            raise BanaError(f"MODEL.INIT {init}: there are no pretrained weights for the tiny "
-                            "Mask R-CNN; use none (or resnet50_fpn).")
-        model = _tiny(num_classes, min_size, max_size)
-    else:
-        v2 = backbone.endswith("_v2")
+    def make(num_classes: int, init: str, min_size: int, max_size: int) -> nn.Module:
+        from torchvision.models import ResNet50_Weights
+        from torchvision.models.detection import (FasterRCNN_ResNet50_FPN_V2_Weights,
+                                                  FasterRCNN_ResNet50_FPN_Weights,
+                                                  maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)
+
         builder = maskrcnn_resnet50_fpn_v2 if v2 else maskrcnn_resnet50_fpn
+        sizes = {"min_size": min_size, "max_size": max_size}
         if init == "imagenet":
             weights = ResNet50_Weights.IMAGENET1K_V1
-            model = _fetch("ImageNet ResNet-50", weights, lambda: builder(
+            return _fetch("ImageNet ResNet-50", weights, lambda: builder(
                 weights=None, weights_backbone=weights, num_classes=num_classes, **sizes))
-        else:
-            model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
         if init == "coco":
             weights = (FasterRCNN_ResNet50_FPN_V2_Weights if v2
                        else FasterRCNN_ResNet50_FPN_Weights).COCO_V1
@@ -111,9 +100,41 @@ def build_instance_model(backbone: str, num_classes: int, init: str = "none",
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith(("roi_heads.box_predictor",
                                                    "roi_heads.mask_")) for k in missing):
-                raise BanaError(f"the COCO detection weights do not fit {backbone}: "
-                                f"unexpected {unexpected[:3]}, missing {missing[:3]}.")
-    if init not in ("none", "imagenet", "coco"):
+                raise BanaError(f"the COCO detection weights do not fit resnet50_fpn"
+                                f"{'_v2' if v2 else ''}: unexpected {unexpected[:3]}, missing "
+                                f"{missing[:3]}.")
+        return model
+
+    return make
+
+
+def _tiny_model(num_classes: int, init: str, min_size: int, max_size: int) -> nn.Module:
+    if init in ("imagenet", "coco"):
+        raise BanaError(f"MODEL.INIT {init}: there are no pretrained weights for the tiny "
+                        "Mask R-CNN; use none (or resnet50_fpn).")
+    return _tiny(num_classes, min_size, max_size)
+
+
+# MODEL.BACKBONE of the instance task: name -> builder(num_classes, init, min_size, max_size)
+# for "none" / "imagenet" / "coco" (a path is loaded afterwards, whatever the backbone).
+MASK_RCNN_BACKBONES = {
+    "tiny": _tiny_model,
+    "resnet50_fpn": _resnet50_fpn(v2=False),
+    "resnet50_fpn_v2": _resnet50_fpn(v2=True),
+}
+
+
+def mask_rcnn(backbone: str, num_classes: int, init: str = "none", min_size: int = 800,
+              max_size: int = 1333) -> nn.Module:
+    """torchvision's MaskRCNN with `num_classes` outputs (background included); models/zoo.py's
+    `build` is the way in."""
+    if backbone not in MASK_RCNN_BACKBONES:
+        raise BanaError(f"MODEL.BACKBONE {backbone!r} is no Mask R-CNN backbone: choose one of "
+                        f"{', '.join(MASK_RCNN_BACKBONES)}.")
+    named = init in ("none", "imagenet", "coco")
+    model = MASK_RCNN_BACKBONES[backbone](num_classes, init if named else "none", min_size,
+                                          max_size)
+    if not named:
         _load_path(model, init)
     return model
 

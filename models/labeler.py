@@ -8,20 +8,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbones import build_backbone
 from models.pooling import (background_attention, background_prototypes, box_prototypes,
                             sampled_box_prototypes, to_device)
 from utils.errors import BanaError
 from utils.precision import float32_region, full
 
-POOLINGS = ("bap", "gap")
-ROI_SAMPLINGS = ("reference", "roi_align")
+# MODEL.POOLING: how a box's features are weighted before pooling (SPEC §2).
+POOLINGS = {
+    "bap": "background-aware: each position weighted by A_fg = 1 - its background attention",
+    "gap": "global average: every position of the box weighted alike (A_fg = 1)",
+}
+# MODEL.ROI_SAMPLING: how a box becomes its ROI cells.
+ROI_SAMPLINGS = {
+    "reference": "the authors' sampling: grid_sample over the box, attention on the samples, "
+                 "overlapping windows (`sampled_box_prototypes`)",
+    "roi_align": "faster opt-in: attention at feature pixels, one roi_align, disjoint cells "
+                 "(`box_prototypes`)",
+}
 
 
 class Labeler(nn.Module):
     """Backbone + bias-free 1×1 classifier over pooled prototypes (SPEC §2).
 
-    backbone: a name for `build_backbone` (random init) or any module with `out_channels`.
+    backbone: any module with `out_channels` mapping images (N,3,H,W) to features (N,D,h,w).
     pooling: "bap" (background-aware) or "gap" (A_fg ≡ 1). Images whose background fraction is
     at most `bg_fraction_min` pool their boxes with GAP.
     roi_sampling: how a box becomes its ROI cells. "reference" (default) samples and pools exactly
@@ -34,12 +43,13 @@ class Labeler(nn.Module):
                  bg_fraction_min=1 / 8, roi_sampling="reference"):
         super().__init__()
         if pooling not in POOLINGS:
-            raise BanaError(f"unknown pooling {pooling!r}: MODEL.POOLING must be one of {POOLINGS}")
+            raise BanaError(f"unknown pooling {pooling!r}: MODEL.POOLING must be one of "
+                            f"{tuple(POOLINGS)}")
         if roi_sampling not in ROI_SAMPLINGS:
             raise BanaError(f"unknown ROI sampling {roi_sampling!r}: MODEL.ROI_SAMPLING must be "
-                            f"one of {ROI_SAMPLINGS}")
+                            f"one of {tuple(ROI_SAMPLINGS)}")
         self.roi_sampling = roi_sampling
-        self.backbone = build_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.backbone = backbone
         self.classifier = nn.Conv2d(self.backbone.out_channels, num_classes, 1, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)
         self.pooling = pooling

@@ -24,9 +24,6 @@ import torch.nn.functional as F
 
 from utils.precision import float32_region, full
 
-LOSSES = ("nal", "ce_crf", "ce_ret", "baseline", "er", "bs")
-
-
 def _check_shapes(cos_logits: torch.Tensor, *labels: torch.Tensor) -> None:
     if cos_logits.dim() != 4:
         raise ValueError(f"cos_logits must be (N, C, H, W), got shape {tuple(cos_logits.shape)}")
@@ -179,24 +176,50 @@ def compute_loss(name: str, cos_logits: torch.Tensor, y_crf: torch.Tensor, y_ret
                              gamma=gamma, lam=lam, beta=beta, ignore_index=ignore_index)
 
 
-def _compute_loss(name, cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta,
-                  ignore_index):
-    if name == "nal":
-        total, ce, wce = noise_aware_loss(cos_logits, y_crf, y_ret, temperature, gamma, lam,
-                                          ignore_index)
-        return {"loss": total, "ce": ce, "wce": wce}
-    if name in ("ce_crf", "ce_ret"):
-        ce = ce_loss(cos_logits, y_crf if name == "ce_crf" else y_ret, temperature, ignore_index)
+def _nal(cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta, ignore_index):
+    total, ce, wce = noise_aware_loss(cos_logits, y_crf, y_ret, temperature, gamma, lam,
+                                      ignore_index)
+    return {"loss": total, "ce": ce, "wce": wce}
+
+
+def _ce_on(which: int):
+    def loss(cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta, ignore_index):
+        ce = ce_loss(cos_logits, (y_crf, y_ret)[which], temperature, ignore_index)
         return {"loss": ce, "ce": ce}
-    if name == "baseline":
-        ce = baseline_loss(cos_logits, y_crf, y_ret, temperature, ignore_index)
-        return {"loss": ce, "ce": ce}
-    if name == "er":
-        total, ce, entropy = entropy_regularised_loss(cos_logits, y_crf, y_ret, temperature, lam,
-                                                      ignore_index)
-        return {"loss": total, "ce": ce, "entropy": entropy}
-    if name == "bs":
-        total, ce, bootstrap = bootstrapping_loss(cos_logits, y_crf, y_ret, temperature, lam,
-                                                  beta, ignore_index)
-        return {"loss": total, "ce": ce, "bootstrap": bootstrap}
-    raise ValueError(f"unknown stage-3 loss {name!r}; expected one of {', '.join(LOSSES)}")
+
+    return loss
+
+
+def _baseline(cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta, ignore_index):
+    ce = baseline_loss(cos_logits, y_crf, y_ret, temperature, ignore_index)
+    return {"loss": ce, "ce": ce}
+
+
+def _er(cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta, ignore_index):
+    total, ce, entropy = entropy_regularised_loss(cos_logits, y_crf, y_ret, temperature, lam,
+                                                  ignore_index)
+    return {"loss": total, "ce": ce, "entropy": entropy}
+
+
+def _bs(cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta, ignore_index):
+    total, ce, bootstrap = bootstrapping_loss(cos_logits, y_crf, y_ret, temperature, lam, beta,
+                                              ignore_index)
+    return {"loss": total, "ce": ce, "bootstrap": bootstrap}
+
+
+# MODEL.LOSS: name -> loss(cos_logits, y_crf, y_ret, *, temperature, gamma, lam, beta,
+# ignore_index) returning {"loss": total, plus its terms}.
+LOSSES = {
+    "nal": _nal,  # the noise-aware loss: L_ce + λ·L_wce
+    "ce_crf": _ce_on(0),  # CE on Y_crf alone
+    "ce_ret": _ce_on(1),  # CE on Y_ret alone
+    "baseline": _baseline,  # L_ce alone: the pixels where Y_crf and Y_ret agree
+    "er": _er,  # L_ce + λ·entropy on U
+    "bs": _bs,  # L_ce + λ·bootstrapping on U
+}
+
+
+def _compute_loss(name, cos_logits, y_crf, y_ret, **options):
+    if name not in LOSSES:
+        raise ValueError(f"unknown stage-3 loss {name!r}; expected one of {', '.join(LOSSES)}")
+    return LOSSES[name](cos_logits, y_crf, y_ret, **options)

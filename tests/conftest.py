@@ -42,14 +42,12 @@ def run_script():
 def stage1_dir(synthetic_voc, tmp_path_factory) -> Path:
     """OUTPUT_DIR holding a 4-iteration tiny stage-1 model (21 classes, as VOC and COCO's voc20
     map need) in stage1/checkpoints/final.ckpt. Tests add their own runs beside it by NAME."""
-    import argparse
-
     from engine.stage1 import run as run_stage1
-    from utils.config import load_config
+    from engine.config import load_config
 
     out = tmp_path_factory.mktemp("stage1_runs")
     run_stage1(load_config(REPO / "configs/demo/stage1.yml", [
         "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), "DATA.CROP_SIZE", "48",
         "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "4",
-        "SOLVER.MILESTONES", "[2]"]), argparse.Namespace(gpu_id="cpu", resume=False))
+        "SOLVER.MILESTONES", "[2]"]), devices="cpu")
     return out

@@ -3,8 +3,15 @@ import urllib.error
 import pytest
 import torch
 
-from models.backbones import MEAN_RGB, InputNorm, build_backbone, convert_torchvision_vgg16
+from models.backbones import MEAN_RGB, InputNorm, convert_torchvision_vgg16
+from models.zoo import ModelSpec, build
 from utils.errors import BanaError
+
+
+def build_backbone(name, fc6_dilation=1, init="none", input_norm="auto"):
+    """A backbone through the model front door (`models.zoo.build` of kind "backbone")."""
+    return build(ModelSpec("backbone", name, fc6_dilation=fc6_dilation, input_norm=input_norm),
+                 init)
 
 # torchvision's vgg16 state dict shapes (features.<index>, classifier.<index>).
 _VGG16_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),

@@ -2,7 +2,8 @@
 
 import pytest
 
-from utils.cli import guarded, resolve_devices
+from utils.cli import guarded
+from utils.devices import resolve_devices
 from utils.errors import BanaError
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import Config, load_config, parse_opts, schema_markdown
+from engine.config import Config, load_config, parse_opts, schema_markdown
 from utils.errors import BanaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_saved_config_reloads_identically(tmp_path):
 
 def test_configs_readme_is_current():
     """configs/README.md is generated from the schema; regenerate with
-    `python -m utils.config > configs/README.md`."""
+    `python -m engine.config > configs/README.md`."""
     assert (ROOT / "configs/README.md").read_text() == schema_markdown()
 
 

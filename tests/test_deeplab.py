@@ -3,14 +3,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbones import build_backbone
-from models.deeplab import DeepLab, build_deeplab, freeze_bn
+from models.deeplab import DeepLab, freeze_bn
+from models.zoo import ModelSpec, build
+
+
+def build_deeplab(name, num_classes, frozen_bn=False):
+    """DeepLab-LargeFOV (vgg16, fc6 dilation 12), DeepLab-V2 (resnet101) or tiny, random init."""
+    return build(ModelSpec("deeplab", name, num_classes, frozen_bn=frozen_bn,
+                           fc6_dilation=12 if name == "vgg16" else 1))
 
 
 @pytest.mark.parametrize("name,channels", [("vgg16", 1024), ("resnet101", 256)])
 def test_forward_backward_gives_cosines(name, channels):
     torch.manual_seed(0)
-    model = build_deeplab(name, 21, init="none")
+    model = build_deeplab(name, 21)
     assert model.classifier.weight.shape == (21, channels, 1, 1) and model.classifier.bias is None
     if name == "vgg16":
         assert model.backbone.fc6.dilation == (12, 12)
@@ -27,7 +33,7 @@ def test_forward_backward_gives_cosines(name, channels):
 
 def test_cosine_and_upsampling_match_a_manual_computation():
     torch.manual_seed(1)
-    model = build_deeplab("tiny", 4, init="none").eval()
+    model = build_deeplab("tiny", 4).eval()
     images = torch.rand(2, 3, 40, 48) * 255
     features = model.backbone(images)  # (2,128,5,6)
     w = model.classifier.weight[:, :, 0, 0]
@@ -89,7 +95,7 @@ def test_frozen_bn_keeps_statistics_across_train(frozen):
 
 def test_frozen_bn_on_resnet101():
     torch.manual_seed(3)
-    model = build_deeplab("resnet101", 2, init="none", frozen_bn=True)
+    model = build_deeplab("resnet101", 2, frozen_bn=True)
     bn = model.backbone.body.layer2[0].bn1
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     _train_step(model)
@@ -99,7 +105,7 @@ def test_frozen_bn_on_resnet101():
 
 
 def test_freeze_bn_function():
-    net = build_backbone("resnet101")
+    net = build(ModelSpec("backbone", "resnet101"))
     freeze_bn(net.train())
     assert all(not m.training and not m.weight.requires_grad
                for m in net.modules() if isinstance(m, nn.BatchNorm2d))

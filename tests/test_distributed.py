@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.cli import resolve_devices
+from utils.devices import resolve_devices
 from utils.distributed import Launch, detect_launch, shard
 from utils.errors import BanaError
 

@@ -1,7 +1,6 @@
 """evaluate.py: multi-scale/flip averaging, CRF post-processing, folder scoring, the model path
 end to end on a tiny checkpoint, the test-split server layout, and the entry point's errors."""
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -11,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine.evaluate import (SERVER_LAYOUT, crf_postprocess, load_model, modes_of,
-                             predict_multiscale, run, score_folder)
-from models.backbones import build_backbone
-from models.deeplab import DeepLab
-from utils.config import load_config
+from engine.config import load_config
+from engine.evaluate import (SERVER_LAYOUT, load_model, modes_of, predict_multiscale, run,
+                             score_folder)
+from models.zoo import ModelSpec, build
+from utils.crf import crf_labels
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image, read_index_png
 from utils.metrics import ConfusionMatrix
@@ -88,7 +87,7 @@ def test_multiscale_flip_prediction_mirrors_with_the_image():
     """Averaging f(x) with flip(f(flip x)) at every scale makes any network's result mirror
     exactly with its input: the two terms swap."""
     torch.manual_seed(0)
-    net = DeepLab(21, build_backbone("tiny", init="none")).eval()
+    net = build(ModelSpec("deeplab", "tiny", 21)).eval()
     image = torch.rand(3, 40, 56) * 255
     with torch.inference_mode():
         cos = predict_multiscale(net, image, [1.0, 0.5, 1.25], flip=True)
@@ -107,7 +106,7 @@ def test_crf_postprocess_feeds_softmax_of_scaled_scores_and_takes_argmax():
         seen["image"], seen["probs"] = img, probs
         return probs[::-1]  # reversing the classes shows the argmax is taken after the CRF
 
-    label = crf_postprocess(crf, image, cos, temperature=20.0)
+    label = crf_labels(crf, image, cos, temperature=20.0)
     e = np.exp(20.0 * cos)
     np.testing.assert_allclose(seen["probs"], e / e.sum(0), rtol=1e-5)
     assert seen["image"] is image
@@ -122,7 +121,7 @@ def test_real_crf_keeps_a_confident_prediction():
     image[:, 8:] = 200
     cos = np.full((2, 16, 16), -1.0, np.float32)
     cos[0, :, :8] = cos[1, :, 8:] = 1.0
-    label = crf_postprocess(DenseCRF.from_list([4, 5, 3, 3, 1]), image, cos, 20.0)
+    label = crf_labels(DenseCRF.from_list([4, 5, 3, 3, 1]), image, cos, 20.0)
     np.testing.assert_array_equal(label, cos.argmax(0))
 
 
@@ -186,7 +185,7 @@ def test_unscorable_prediction_is_named(synthetic_voc, tmp_path, bad, message):
 def tiny_checkpoint(tmp_path_factory):
     """A stage-3 checkpoint as Stage3LitModule writes it, holding a random tiny DeepLab."""
     torch.manual_seed(0)
-    net = DeepLab(21, build_backbone("tiny", init="none"))
+    net = build(ModelSpec("deeplab", "tiny", 21))
     cfg = load_config(ROOT / "configs/demo/stage3.yml")
     ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
             "bana": {"stage": 3, "backbone": "tiny", "num_classes": 21, "fc6_dilation": 1,
@@ -204,13 +203,12 @@ def eval_cfg(data_root, out, checkpoint, *opts):
 
 
 def eval_args(**kw):
-    return argparse.Namespace(**{"gpu_id": "cpu", "workers": 0, "save_pred": False,
-                                 "save_vis": 0, "checkpoint": None, **kw})
+    return {"devices": "cpu", "workers": 0, **kw}
 
 
 def test_model_end_to_end_with_crf_in_the_main_process(synthetic_voc, tmp_path, tiny_checkpoint):
     cfg = eval_cfg(synthetic_voc, tmp_path, tiny_checkpoint)
-    result = run(cfg, eval_args(save_pred=True, save_vis=2))
+    result = run(cfg, **eval_args(save_pred=True, save_vis=2))
     assert list(result["modes"]) == ["single", "multiscale", "single+crf", "multiscale+crf"]
     ids = ids_of(synthetic_voc)
     assert result["images"] == len(ids)
@@ -237,12 +235,12 @@ def test_model_end_to_end_with_crf_in_the_main_process(synthetic_voc, tmp_path, 
 
 def test_crf_off_and_crf_in_a_worker_pool_agree(synthetic_voc, tmp_path, tiny_checkpoint):
     no_crf = run(eval_cfg(synthetic_voc, tmp_path / "a", tiny_checkpoint, "TEST.CRF", "false"),
-                 eval_args())
+                 **eval_args())
     assert list(no_crf["modes"]) == ["single", "multiscale"]
     opts = ("TEST.SCALES", "[1.0]", "TEST.FLIP", "false")
-    inline = run(eval_cfg(synthetic_voc, tmp_path / "b", tiny_checkpoint, *opts), eval_args())
+    inline = run(eval_cfg(synthetic_voc, tmp_path / "b", tiny_checkpoint, *opts), **eval_args())
     pooled = run(eval_cfg(synthetic_voc, tmp_path / "c", tiny_checkpoint, *opts),
-                 eval_args(workers=1))
+                 **eval_args(workers=1))
     assert list(pooled["modes"]) == ["single", "single+crf"]
     np.testing.assert_equal(pooled["modes"], inline["modes"])
     np.testing.assert_equal(no_crf["modes"]["single"], pooled["modes"]["single"])
@@ -256,7 +254,7 @@ def test_test_split_writes_the_server_layout_without_scoring(synthetic_voc_copy,
         (synthetic_voc_copy / GT / f"{i}.png").unlink()
     cfg = eval_cfg(synthetic_voc_copy, tmp_path, tiny_checkpoint, "TEST.SPLIT", "test",
                    "TEST.CRF", "false")
-    result = run(cfg, eval_args())
+    result = run(cfg, **eval_args())
     assert result["modes"] == {}
     out = cfg.run_dir / "eval" / SERVER_LAYOUT
     assert str(SERVER_LAYOUT) == "results/VOC2012/Segmentation/comp6_test_cls"
@@ -270,15 +268,15 @@ def test_test_split_writes_the_server_layout_without_scoring(synthetic_voc_copy,
 def test_missing_weights_and_wrong_stage_are_messages(synthetic_voc, tmp_path, tiny_checkpoint):
     cfg = eval_cfg(synthetic_voc, tmp_path, "nowhere.ckpt")
     with pytest.raises(BanaError, match="nowhere.ckpt, which does not exist. Train stage 3 first"):
-        run(cfg, eval_args())
+        run(cfg, **eval_args())
     ckpt = torch.load(tiny_checkpoint, weights_only=False)
     ckpt["bana"]["stage"] = 1
     torch.save(ckpt, tmp_path / "stage1.ckpt")
     with pytest.raises(BanaError, match="written by stage 1"):
-        run(cfg, eval_args(checkpoint=str(tmp_path / "stage1.ckpt")))
+        run(cfg, **eval_args(checkpoint=str(tmp_path / "stage1.ckpt")))
     with pytest.raises(BanaError, match="MODEL.BACKBONE is 'vgg16'"):
         run(eval_cfg(synthetic_voc, tmp_path, tiny_checkpoint, "MODEL.BACKBONE", "vgg16"),
-            eval_args())
+            **eval_args())
 
 
 def test_folder_mode_entry_point_prints_miou_last(synthetic_voc, tmp_path, run_script):

@@ -1,6 +1,5 @@
 """Stage 3's instance task: Mask R-CNN on Y_crf / Y_ret / box / gt masks, scored with COCOeval."""
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from data.coco import COCOInstanceDataset, make_class_map
-from models.instance import build_instance_model
+from models.zoo import ModelSpec, build
 from utils.coco_eval import evaluate_instances
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BanaError
 from utils.instances import encode_masks, results_as_dataset
 from utils.io import atomic_write_json
@@ -51,6 +50,11 @@ def test_a_perfect_prediction_scores_100_and_a_wrong_class_0(tmp_path):
     swapped = [dict(r, category_id=14 - r["category_id"]) for r in perfect]
     assert evaluate_instances(path, swapped, image_ids=[1, 2])["AP"] == pytest.approx(0)
     assert evaluate_instances(path, [], image_ids=[1, 2])["AP"] == pytest.approx(0)
+
+
+def build_instance_model(backbone, num_classes, init, min_size, max_size):
+    return build(ModelSpec("maskrcnn", backbone, num_classes, instance_size=(min_size, max_size)),
+                 init)
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "resnet50_fpn"])
@@ -204,9 +208,9 @@ def test_each_mask_source_trains_and_is_scored_with_cocoeval(instance_tree, tmp_
             "0", "MODEL.INSTANCE_MASKS", source, "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES",
             "[2]", "SOLVER.WARMUP_ITERS", "2", "SOLVER.LOG_EVERY", "1", "DATA.BATCH_SIZE", "2"]
     cfg = load_config(REPO / "configs/demo/stage3_instance.yml", opts)
-    result = train(cfg, argparse.Namespace(gpu_id="cpu", resume=False))
+    result = train(cfg, devices="cpu")
     assert result["iterations"] == 3
-    summary = evaluate(cfg, argparse.Namespace(gpu_id="cpu", checkpoint=None, save_vis=2))
+    summary = evaluate(cfg, devices="cpu", save_vis=2)
     assert set(summary["ap"]) == {"segm", "bbox"}
     assert 0 <= summary["ap"]["segm"]["AP"] <= 100
     printed = capsys.readouterr().out

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from models.labeler import Labeler
+from models.zoo import ModelSpec, build
 from tests.test_pooling import (reference_background_attention, reference_background_prototypes,
                                 reference_box_prototypes)
 from utils.errors import BanaError
@@ -183,7 +184,7 @@ def test_foreground_attention_lies_in_unit_interval():
 
 def test_gradients_reach_the_backbone():
     torch.manual_seed(7)
-    labeler = Labeler(5, "tiny")
+    labeler = build(ModelSpec("labeler", "tiny", 5))
     images = torch.rand(2, 3, 64, 64) * 255
     boxes = [torch.tensor([[5.0, 9.0, 40.0, 50.0, 2]]), torch.tensor([[20.0, 20.0, 60.0, 44.0, 4]])]
     bg_mask = torch.stack([_bg_mask_from_boxes(b, (64, 64)).float() for b in boxes])
@@ -209,9 +210,9 @@ def test_gradient_flows_through_the_attention(pooling):
 
 
 def test_labeler_construction():
-    labeler = Labeler(21, "tiny")
+    labeler = build(ModelSpec("labeler", "tiny", 21))
     assert labeler.classifier.weight.shape == (21, 128, 1, 1) and labeler.classifier.bias is None
     assert 0.005 < labeler.classifier.weight.std() < 0.015
     assert labeler.new_modules() == [labeler.classifier]
     with pytest.raises(BanaError, match="MODEL.POOLING"):
-        Labeler(21, "tiny", pooling="max")
+        Labeler(21, labeler.backbone, pooling="max")

@@ -1,7 +1,6 @@
 """TRAINER.PRECISION: BAP, the cosine classifier and NAL stay float32 under autocast, and a few
 training steps in bf16-mixed land where float32 lands (stages 1 and 3, on the CPU)."""
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from models.deeplab import DeepLab
 from models.labeler import Labeler
 from models.losses import compute_loss
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BanaError
 from utils.precision import check_precision, inference_autocast
 
@@ -164,7 +163,9 @@ def _assert_bf16_trains_like_float32(make_module, batch, loss_of, steps=4):
 def test_stage1_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
     from data.datasets import open_data
     from data.voc import collate_boxes
-    from engine.stage1 import Stage1LitModule, build_labeler
+    from engine.runs import model_spec
+    from engine.stage1 import Stage1LitModule
+    from models.zoo import build
 
     # The authors' learning rate (the shipped configs'), not the demo's 10x: at 10x the first
     # steps are chaotic enough that any rounding (a thread count) moves the loss by percents.
@@ -179,14 +180,17 @@ def test_stage1_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
                                          (batch["bg_mask"] == 1).float())
         return float(F.cross_entropy(logits, targets))
 
-    _assert_bf16_trains_like_float32(lambda: Stage1LitModule(build_labeler(cfg), cfg), batch,
-                                     loss_of)
+    _assert_bf16_trains_like_float32(
+        lambda: Stage1LitModule(build(model_spec(cfg, "labeler"), cfg.MODEL.INIT), cfg), batch,
+        loss_of)
 
 
 def test_stage3_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
     from data.datasets import open_data
     from data.voc import collate_masks
-    from engine.stage3 import Stage3LitModule, build_deeplab_from_config
+    from engine.runs import model_spec
+    from engine.stage3 import Stage3LitModule
+    from models.zoo import build
 
     cfg = load_config(REPO / "configs/demo/stage3.yml", [
         "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(tmp_path), "SOLVER.LR", "0.001"])
@@ -206,7 +210,8 @@ def test_stage3_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
                                       temperature=20.0, gamma=7.0, lam=0.1, beta=0.8)["loss"])
 
     _assert_bf16_trains_like_float32(
-        lambda: Stage3LitModule(build_deeplab_from_config(cfg), cfg), batch, loss_of)
+        lambda: Stage3LitModule(build(model_spec(cfg, "deeplab"), cfg.MODEL.INIT), cfg), batch,
+        loss_of)
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
@@ -227,7 +232,7 @@ def test_training_stages_run_in_bf16_mixed_and_refuse_16_mixed_on_the_cpu(synthe
             str(labels), "TRAINER.PRECISION", "bf16-mixed"]
     run = {"stage1": stage1.run, "stage3": stage3.run}[stage]
     cfg = load_config(REPO / f"configs/demo/{stage}.yml", opts)
-    result = run(cfg, argparse.Namespace(gpu_id="cpu", resume=False))
+    result = run(cfg, devices="cpu")
     assert result["iterations"] == 2
     assert "PRECISION: bf16-mixed" in (cfg.run_dir / "config.yaml").read_text()
     printed = subprocess.run(
@@ -252,5 +257,5 @@ def test_stage2_refuses_16_mixed_on_the_cpu_before_reading_the_model(synthetic_v
         "DATA.PSEUDO_LABEL_DIR", str(labels), "TRAINER.PRECISION", "16-mixed"])
     with mock.patch.object(engine.stage2, "load_labeler") as load, \
             pytest.raises(BanaError, match="16-mixed needs a CUDA GPU"):
-        engine.stage2.run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0))
+        engine.stage2.run(cfg, devices="cpu", workers=1)
     assert not load.called and not labels.exists()

@@ -9,7 +9,6 @@ a few processes at a time, and each case is then checked as its own test.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -26,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.common import lr_factor
-from utils.config import load_config
+from engine.optim import lr_factor
+from engine.config import load_config
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_index_png
 
@@ -64,13 +63,12 @@ def artifacts(synthetic_voc, labelled_voc, tmp_path_factory):
     from engine.stage3 import run as run_stage3
 
     out = tmp_path_factory.mktemp("checkpoints")
-    args = argparse.Namespace(gpu_id="cpu", resume=False)
     run_stage1(load_config(REPO / "configs/demo/stage1.yml", [
         "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(out), *FAST,
-        "SOLVER.MAX_ITER", "2", "SOLVER.MILESTONES", "[1]"]), args)
+        "SOLVER.MAX_ITER", "2", "SOLVER.MILESTONES", "[1]"]), devices="cpu")
     run_stage3(load_config(REPO / "configs/demo/stage3.yml", [
         "DATA.ROOT", str(labelled_voc), "OUTPUT_DIR", str(out), *FAST,
-        "SOLVER.MAX_ITER", "2", "SOLVER.VAL_EVERY", "2"]), args)
+        "SOLVER.MAX_ITER", "2", "SOLVER.VAL_EVERY", "2"]), devices="cpu")
     return {"voc": synthetic_voc, "labelled": labelled_voc,
             "stage1": out / "stage1/checkpoints/final.ckpt",
             "stage3": out / "stage3/checkpoints/final.ckpt"}
@@ -802,8 +800,8 @@ def test_a_nan_in_stage1_stops_at_that_iteration_and_keeps_the_last_checkpoint(
     """CKPT_EVERY 2: last.ckpt holds step 4 when iteration 5 (0-based) computes a NaN loss.
     With LOG_EVERY 100 finiteness is read only before the checkpoint of step 6: the error still
     names iteration 5, and no checkpoint of NaN weights is written."""
-    import engine.stage1
-    from engine.stage1 import build_labeler, run
+    import models.zoo
+    from engine.stage1 import run
 
     cfg = load_config(REPO / "configs/demo/stage1.yml", [
         "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(tmp_path), *FAST,
@@ -812,8 +810,10 @@ def test_a_nan_in_stage1_stops_at_that_iteration_and_keeps_the_last_checkpoint(
     last = cfg.run_dir / "checkpoints/last.ckpt"
     seen = {}
 
-    def poisoned_labeler(cfg_, **kwargs):
-        net = build_labeler(cfg_, **kwargs)
+    build = models.zoo.build
+
+    def poisoned_build(spec, init="none"):
+        net = build(spec, init)
         forward, calls = net.forward, iter(range(10 ** 6))
 
         def forward_with_nan(*a, **kw):
@@ -826,15 +826,15 @@ def test_a_nan_in_stage1_stops_at_that_iteration_and_keeps_the_last_checkpoint(
         net.forward = forward_with_nan
         return net
 
-    monkeypatch.setattr(engine.stage1, "build_labeler", poisoned_labeler)
-    args = argparse.Namespace(gpu_id="cpu", resume=False)
+    # engine.stage1 imports the zoo's build when it trains, so patching the module is enough.
+    monkeypatch.setattr(models.zoo, "build", poisoned_build)
     with pytest.raises(BanaError, match=r"non-finite loss at iteration 5: term 'ce' = nan"):
-        run(cfg, args)
+        run(cfg, devices="cpu")
     assert seen["step"] == 4 and sha256(last) == seen["hash"]
     assert not (cfg.run_dir / "checkpoints/final.ckpt").exists()
 
-    monkeypatch.setattr(engine.stage1, "build_labeler", build_labeler)
-    assert run(cfg, argparse.Namespace(gpu_id="cpu", resume=True))["iterations"] == 8
+    monkeypatch.setattr(models.zoo, "build", build)
+    assert run(cfg, devices="cpu", resume=True)["iterations"] == 8
 
 
 def test_a_nan_term_in_stage3_is_named_before_the_total(labelled_voc, tmp_path, monkeypatch):
@@ -858,7 +858,7 @@ def test_a_nan_term_in_stage3_is_named_before_the_total(labelled_voc, tmp_path, 
     # engine.stage3 imports compute_loss at each step, so patching the module is enough.
     monkeypatch.setattr(models.losses, "compute_loss", loss_with_nan)
     with pytest.raises(BanaError, match=r"iteration 3: term 'wce' = nan, term 'loss' = nan"):
-        run(cfg, argparse.Namespace(gpu_id="cpu", resume=False))
+        run(cfg, devices="cpu")
     assert sha256(last) == seen["hash"] and load_ckpt(last)["global_step"] == 2
 
 
@@ -1203,7 +1203,7 @@ def test_a_full_disk_names_the_file_being_written_and_leaves_no_tmp(tmp_path, mo
 def test_a_full_disk_while_checkpointing_names_the_checkpoint(tmp_path):
     import errno
 
-    from engine.common import atomic_save_checkpoint
+    from engine.runs import atomic_save_checkpoint
 
     class FullDisk:
         is_global_zero = True

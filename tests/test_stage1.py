@@ -1,6 +1,5 @@
 """Stage 1 end to end on a tiny synthetic VOC tree: training, checkpoints, resume, DDP."""
 
-import argparse
 import csv
 import subprocess
 import sys
@@ -10,10 +9,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import engine.common
-from engine.common import lr_factor, parameter_groups
+import engine.training
+from engine.optim import lr_factor, parameter_groups
 from engine.stage1 import run
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BanaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +26,7 @@ def small_cfg(data_root, out, *opts):
 
 
 def args(resume=False):
-    return argparse.Namespace(gpu_id="cpu", resume=resume)
+    return {"devices": "cpu", "resume": resume}
 
 
 def read_log(run_dir):
@@ -61,11 +60,11 @@ def test_lr_schedules():
 
 def test_stage1_trains_writes_checkpoints_logs_and_config(synthetic_voc, tmp_path):
     cfg = small_cfg(synthetic_voc, tmp_path)
-    result = run(cfg, args())
+    result = run(cfg, **args())
     assert result["iterations"] == 8
     ckpt_dir = cfg.run_dir / "checkpoints"
     final = torch.load(ckpt_dir / "final.ckpt", map_location="cpu", weights_only=False)
-    assert final["bana"]["stage"] == 1 and final["bana"]["backbone"] == "tiny"
+    assert final["bana"]["stage"] == 1 and final["bana"]["model"]["backbone"] == "tiny"
     assert final["global_step"] == 8
     assert (ckpt_dir / "last.ckpt").is_file() and (cfg.run_dir / "config.yaml").is_file()
     assert load_config(cfg.run_dir / "config.yaml") == cfg
@@ -77,9 +76,9 @@ def test_stage1_trains_writes_checkpoints_logs_and_config(synthetic_voc, tmp_pat
 
 def test_a_fresh_run_refuses_to_overwrite_an_existing_one(synthetic_voc, tmp_path):
     cfg = small_cfg(synthetic_voc, tmp_path, "SOLVER.MAX_ITER", "2", "SOLVER.MILESTONES", "[1]")
-    run(cfg, args())
+    run(cfg, **args())
     with pytest.raises(BanaError, match="--resume"):
-        run(cfg, args())
+        run(cfg, **args())
 
 
 class Crash(pl.Callback):
@@ -96,20 +95,20 @@ class Crash(pl.Callback):
 def test_resume_continues_at_the_right_iteration_and_learning_rate(synthetic_voc, tmp_path,
                                                                   monkeypatch):
     cfg = small_cfg(synthetic_voc, tmp_path)
-    make_trainer = engine.common.make_trainer
+    make_trainer = engine.training.make_trainer
 
     def crashing(cfg_, devices, callbacks, **kw):
         return make_trainer(cfg_, devices, [*callbacks, Crash(at=5)], **kw)
 
     monkeypatch.setattr("engine.stage1.make_trainer", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg, args())
+        run(cfg, **args())
     ckpt_dir = cfg.run_dir / "checkpoints"
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 4 and not (ckpt_dir / "final.ckpt").exists()
 
     monkeypatch.setattr("engine.stage1.make_trainer", make_trainer)
-    result = run(cfg, args(resume=True))
+    result = run(cfg, **args(resume=True))
     assert result["iterations"] == 8
     final = torch.load(ckpt_dir / "final.ckpt", map_location="cpu", weights_only=False)
     assert final["lr_schedulers"][0]["last_epoch"] == 8

@@ -1,7 +1,6 @@
 """Stage 2 end to end on the tiny synthetic VOC tree: labels, quality report, panels, resume,
 device shards, and the checkpoints it must refuse."""
 
-import argparse
 import contextlib
 import io
 import json
@@ -18,10 +17,11 @@ import torch
 
 from data.voc import VOCBoxDataset, parse_annotation
 from engine.stage2 import (BOX_LABEL, LABELS, generate, load_labeler, open_dataset, pending_ids,
-                           quality_report, run, start_workers)
+                           quality_report, run)
+from utils.pool import WorkerPool
 from data.datasets import open_data
 from utils.boxes import fill_boxes
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image, read_index_png
 from utils.palette import colorize
@@ -35,8 +35,8 @@ def stage2_cfg(root, out, label_dir, *opts):
         "DATA.PSEUDO_LABEL_DIR", str(label_dir), *opts])
 
 
-def stage2_args(gpu_id="cpu", workers=1, save_vis=0):
-    return argparse.Namespace(gpu_id=gpu_id, workers=workers, save_vis=save_vis)
+def stage2_args(gpu_id="cpu", workers=1, save_vis=0, **options):
+    return {"devices": gpu_id, "workers": workers, "save_vis": save_vis, **options}
 
 
 def label_bytes(label_dir: Path) -> dict[str, bytes]:
@@ -51,7 +51,7 @@ def reference(synthetic_voc, stage1_dir, tmp_path_factory):
     cfg = stage2_cfg(synthetic_voc, stage1_dir, label_dir)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = run(cfg, stage2_args(workers=2, save_vis=3))
+        result = run(cfg, **stage2_args(workers=2, save_vis=3))
     return cfg, result, printed.getvalue(), label_bytes(label_dir)
 
 
@@ -171,27 +171,27 @@ def test_a_stopped_run_resumes_to_identical_files(synthetic_voc, stage1_dir, ref
         served.append(index)
         return original(self, index)
 
-    with start_workers(1) as pool:
+    with WorkerPool(1) as pool:
         monkeypatch.setattr(VOCBoxDataset, "__getitem__", stopping)
         with pytest.raises(RuntimeError, match="simulated stop"):
-            generate(cfg, net, dataset, ids, torch.device("cpu"), pool, 1, progress=False)
-        pool.submit(int).result()  # one worker, FIFO: the images in flight are written now
+            generate(cfg, net, dataset, ids, torch.device("cpu"), 1, progress=False, pool=pool)
+        list(pool.finish())  # the images in flight are written now
         monkeypatch.setattr(VOCBoxDataset, "__getitem__", original)
         out = cfg.pseudo_label_dir
         assert pending_ids(ids, out) == ids[5:]
         (out / "Y_ret" / f"{ids[2]}.png").unlink()
         (out / "Y_crf" / f".{ids[7]}.png.x1y2z3.tmp").write_bytes(b"\x89PNG trunc")
         assert pending_ids(ids, out) == [ids[2], *ids[5:]]
-        assert generate(cfg, net, dataset, ids, torch.device("cpu"), pool, 1,
-                        progress=False) == len(ids) - 4
-        assert generate(cfg, net, dataset, ids, torch.device("cpu"), pool, 1,
-                        progress=False) == 0
+        assert generate(cfg, net, dataset, ids, torch.device("cpu"), 1, progress=False,
+                        pool=pool) == len(ids) - 4
+        assert generate(cfg, net, dataset, ids, torch.device("cpu"), 1, progress=False,
+                        pool=pool) == 0
     assert label_bytes(out) == reference[3]
 
 
 def test_a_finished_run_is_skipped_and_reports_again(synthetic_voc, stage1_dir, reference):
     cfg, first, *_ = reference
-    result = run(cfg, stage2_args(workers=1))
+    result = run(cfg, **stage2_args(workers=1))
     assert result["labelled_now"] == 0 and result["quality"] == first["quality"]
 
 
@@ -208,16 +208,18 @@ def test_stage3_and_other_backbone_checkpoints_are_refused(synthetic_voc, stage1
     for opts, message in cases:
         cfg = stage2_cfg(synthetic_voc, stage1_dir, label_dir, *opts)
         with pytest.raises(BanaError, match=message):
-            run(cfg, stage2_args())
+            run(cfg, **stage2_args())
     assert not label_dir.exists()  # refused before anything was written
 
 
-def test_crf_workers_start_without_importing_lightning():
-    """A spawned worker imports engine.stage2 to unpickle its task; Lightning there would double
-    every worker's start-up."""
-    code = ("import sys, engine.stage2, models.pseudo_labels, utils.instances; "
-            "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric', 'torchvision') "
-            "if m in sys.modules))")
+def test_crf_workers_import_neither_torch_nor_lightning():
+    """What a CRF-only worker imports (the spawned copy of the entry script, the pool, the job
+    modules of stage 2's device path, evaluate.py and predict.py): no torch, no Lightning; the
+    CPU path's job module loads torch only when its job runs."""
+    code = ("import sys, stage2, evaluate, predict, utils.pool, utils.crf, engine.stage2_jobs, "
+            "utils.io, utils.boxes, utils.palette, utils.instances; "
+            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'lightning_fabric', "
+            "'torchvision') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -228,7 +230,7 @@ def test_crf_workers_start_without_importing_lightning():
 def test_two_cpu_shards_write_the_files_of_one_process(synthetic_voc, stage1_dir, reference,
                                                        tmp_path):
     cfg = stage2_cfg(synthetic_voc, stage1_dir, tmp_path / "Generation")
-    result = run(cfg, stage2_args(gpu_id="cpu:2", workers=2))
+    result = run(cfg, **stage2_args(gpu_id="cpu:2", workers=2))
     assert result["labelled_now"] == 12 and result["quality"] == reference[1]["quality"]
     assert label_bytes(cfg.pseudo_label_dir) == reference[3]
 
@@ -264,9 +266,7 @@ def test_the_device_path_writes_the_files_of_the_worker_path(synthetic_voc, stag
     workers, as on a GPU) against the default CPU path (everything per pixel in the workers):
     the same float32 operations, so the same files, Y_box and the quality report included."""
     cfg = stage2_cfg(synthetic_voc, stage1_dir, tmp_path / "Generation")
-    args = stage2_args(workers=workers)
-    args.pixel_work = "device"
-    result = run(cfg, args)
+    result = run(cfg, **stage2_args(workers=workers, pixel_work="device"))
     assert result["labelled_now"] == len(reference[3]) // len(LABELS)
     assert label_bytes(cfg.pseudo_label_dir) == reference[3]
     assert result["quality"] == reference[1]["quality"]

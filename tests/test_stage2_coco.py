@@ -1,7 +1,6 @@
 """Stage 2 on the COCO layout (voc20): label maps, one instance mask per box as COCO results and
 annotation files, their COCO segm AP, resume, and the class-map checks."""
 
-import argparse
 import contextlib
 import io
 import json
@@ -13,10 +12,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from data.coco import VOC20_FROM_COCO, evaluated_category_ids
-from engine.stage2 import (INSTANCE_SOURCES, LABELS, image_instances, load_labeler, pending_ids,
-                           run)
+from engine.stage2 import load_labeler, run
+from engine.stage2_jobs import INSTANCE_SOURCES, LABELS, image_instances, pending_ids
 from utils.coco_eval import AP_KEYS, evaluate_instances
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BanaError
 from utils.instances import box_pixel_masks
 from utils.io import read_index_png
@@ -47,7 +46,7 @@ def coco_run(coco_root, stage1_dir, tmp_path_factory):
     cfg = coco_cfg(coco_root, stage1_dir, tmp_path_factory.mktemp("coco_labels") / "Generation")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=2))
+        result = run(cfg, devices="cpu", workers=1, save_vis=2)
     return cfg, result, printed.getvalue()
 
 
@@ -120,7 +119,7 @@ def test_coco_run_resumes_from_its_per_image_files(coco_root, stage1_dir, coco_r
     ids = sorted(p.stem for p in (out / "instances").glob("*.json"))
     (out / "instances" / f"{ids[1]}.json").unlink()
     (out / "Y_ret" / f"{ids[4]}.png").unlink()
-    result = run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0))
+    result = run(cfg, devices="cpu", workers=1)
     assert result["labelled_now"] == 2
     assert {p.name: p.read_bytes() for p in out.glob("*.json")} == merged
 
@@ -167,15 +166,16 @@ def test_coco80_labels_carry_the_80_class_numbering(coco_root, tmp_path):
     import torch
 
     from data.coco import COCO80_INDEX
-    from engine.stage1 import build_labeler, checkpoint_meta
+    from engine.runs import model_spec
+    from models.zoo import build, checkpoint_entry
 
     cfg = coco_cfg(coco_root, tmp_path, tmp_path / "Generation", "DATA.CLASS_MAP", "coco80",
                    "DATA.NUM_CLASSES", "81", "MODEL.WEIGHTS", str(tmp_path / "stage1.ckpt"))
     torch.manual_seed(0)
-    net = build_labeler(cfg, init="none")
+    net = build(model_spec(cfg, "labeler"))
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-                "bana": checkpoint_meta(net, cfg)}, tmp_path / "stage1.ckpt")
-    run(cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0))
+                "bana": checkpoint_entry(1, net.spec, cfg.to_dict())}, tmp_path / "stage1.ckpt")
+    run(cfg, devices="cpu", workers=1)
     gt = json.loads((coco_root / "annotations/instances_train2017.json").read_text())
     categories = {im["id"]: set() for im in gt["images"]}
     for a in gt["annotations"]:
@@ -223,11 +223,11 @@ def test_stage1_trains_on_coco_with_the_coco80_classes(coco_root, tmp_path):
         "DATA.CLASS_MAP", "coco80", "DATA.NUM_CLASSES", "81", "DATA.SPLIT", "train2017",
         "DATA.CROP_SIZE", "48", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0",
         "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES", "[2]"])
-    result = run_stage1(cfg, argparse.Namespace(gpu_id="cpu", resume=False))
+    result = run_stage1(cfg, devices="cpu")
     assert result["iterations"] == 3
     ckpt = torch.load(tmp_path / "stage1/checkpoints/final.ckpt", map_location="cpu",
                       weights_only=False)
-    assert ckpt["bana"]["num_classes"] == 81
+    assert ckpt["bana"]["model"]["num_classes"] == 81
     assert ckpt["state_dict"]["net.classifier.weight"].shape[0] == 81
 
 
@@ -237,8 +237,7 @@ def test_the_device_path_writes_the_instances_of_the_worker_path(coco_root, stag
     results as the worker path (the box CAMs that split instances come from the device)."""
     cfg, first, _ = coco_run
     device_cfg = coco_cfg(coco_root, stage1_dir, tmp_path / "Generation")
-    result = run(device_cfg, argparse.Namespace(gpu_id="cpu", workers=1, save_vis=0,
-                                                pixel_work="device"))
+    result = run(device_cfg, devices="cpu", workers=1, pixel_work="device")
     assert result["labelled_now"] == first["images"]
 
     def files(root):

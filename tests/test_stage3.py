@@ -1,6 +1,5 @@
 """Stage 3 end to end on a tiny synthetic VOC tree with hand-made pseudo labels."""
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -11,10 +10,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import engine.common
-from engine.common import lr_factor
+import engine.training
+from engine.optim import lr_factor
 from engine.stage3 import run
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_index_png
 
@@ -45,13 +44,13 @@ def small_cfg(data_root, out, *opts):
 
 
 def args(resume=False):
-    return argparse.Namespace(gpu_id="cpu", resume=resume)
+    return {"devices": "cpu", "resume": resume}
 
 
 @pytest.mark.parametrize("loss", ["nal", "ce_crf", "ce_ret", "baseline", "er", "bs"])
 def test_every_loss_trains_and_validates(labelled_voc, tmp_path, loss):
     cfg = small_cfg(labelled_voc, tmp_path, "MODEL.LOSS", loss, "SOLVER.MAX_ITER", "3")
-    result = run(cfg, args())
+    result = run(cfg, **args())
     assert result["iterations"] == 3
     assert 0 <= result["val/miou"] <= 100
     ckpt = torch.load(cfg.run_dir / "checkpoints/final.ckpt", map_location="cpu",
@@ -61,7 +60,7 @@ def test_every_loss_trains_and_validates(labelled_voc, tmp_path, loss):
 
 def test_resume_continues_the_poly_schedule_exactly(labelled_voc, tmp_path, monkeypatch):
     cfg = small_cfg(labelled_voc, tmp_path)
-    make_trainer = engine.common.make_trainer
+    make_trainer = engine.training.make_trainer
 
     class Crash(pl.Callback):
         def on_train_batch_end(self, trainer, *a):
@@ -71,9 +70,9 @@ def test_resume_continues_the_poly_schedule_exactly(labelled_voc, tmp_path, monk
     monkeypatch.setattr("engine.stage3.make_trainer",
                         lambda c, d, cbs, **kw: make_trainer(c, d, [*cbs, Crash()], **kw))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg, args())
+        run(cfg, **args())
     monkeypatch.setattr("engine.stage3.make_trainer", make_trainer)
-    result = run(cfg, args(resume=True))
+    result = run(cfg, **args(resume=True))
     assert result["iterations"] == 6
     final = torch.load(cfg.run_dir / "checkpoints/final.ckpt", map_location="cpu",
                        weights_only=False)
@@ -88,19 +87,19 @@ def test_semi_supervised_ids_train_on_gt(labelled_voc, tmp_path):
                                   .read_text().split()[:3]))
     cfg = small_cfg(labelled_voc, tmp_path, "DATA.GT_IDS", str(ids_file),
                     "SOLVER.MAX_ITER", "2")
-    assert run(cfg, args())["iterations"] == 2
+    assert run(cfg, **args())["iterations"] == 2
 
 
 def test_missing_pseudo_labels_name_the_stage2_command(synthetic_voc, tmp_path):
     cfg = small_cfg(synthetic_voc, tmp_path, "DATA.PSEUDO_LABEL_DIR", "nowhere")
     with pytest.raises(BanaError, match="Run stage 2 first"):
-        run(cfg, args())
+        run(cfg, **args())
 
 
 def test_missing_gt_ids_file_is_named(labelled_voc, tmp_path):
     cfg = small_cfg(labelled_voc, tmp_path, "DATA.GT_IDS", str(tmp_path / "none.txt"))
     with pytest.raises(BanaError, match="DATA.GT_IDS"):
-        run(cfg, args())
+        run(cfg, **args())
 
 
 @pytest.mark.slow
@@ -117,15 +116,14 @@ def test_two_process_cpu_ddp_run(labelled_voc, tmp_path):
 
 
 def test_batchnorm_is_synchronised_only_when_it_trains_on_several_devices():
-    from engine.common import needs_sync_batchnorm
-    from models.backbones import build_backbone
-    from models.deeplab import DeepLab
-    from utils.cli import Devices
+    from engine.training import needs_sync_batchnorm
+    from models.zoo import ModelSpec, build
+    from utils.devices import Devices
 
     two, one = Devices("cpu", 2, ""), Devices("cpu", 1, "")
-    res = DeepLab(21, build_backbone("resnet101")).train()
-    frozen = DeepLab(21, build_backbone("resnet101"), frozen_bn=True).train()
-    tiny = DeepLab(21, build_backbone("tiny")).train()  # GroupNorm only
+    res = build(ModelSpec("deeplab", "resnet101", 21)).train()
+    frozen = build(ModelSpec("deeplab", "resnet101", 21, frozen_bn=True)).train()
+    tiny = build(ModelSpec("deeplab", "tiny", 21)).train()  # GroupNorm only
     assert needs_sync_batchnorm(res, two)
     assert not needs_sync_batchnorm(res, one)
     assert not needs_sync_batchnorm(frozen, two)

@@ -88,3 +88,44 @@ class DenseCRF:
                                    rgbim=np.ascontiguousarray(image), compat=self.bi_w)
         refined = model.inference(self.iterations)
         return np.asarray(refined, dtype=np.float32).reshape(c, h, w)
+
+
+def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def crf_labels(crf, image: np.ndarray, cos: np.ndarray, temperature: float) -> np.ndarray:
+    """Test-time post-processing (SPEC §5): softmax(T·cos) refined by the DenseCRF, then argmax.
+
+    crf(image uint8 (H, W, 3), probs (C, H, W)) -> probs (C, H, W); image is the real RGB image
+    (not the network input: SPEC §7); cos float (C, H, W) in [-1, 1]. Returns uint8 (H, W).
+    """
+    probs = softmax(temperature * cos.astype(np.float32), axis=0)
+    return np.asarray(crf(image, probs)).argmax(0).astype(np.uint8)
+
+
+def crf_in_regions(crf, image: np.ndarray, probs: np.ndarray,
+                   class_regions: np.ndarray) -> np.ndarray:
+    """Stage 2's CRF (SPEC §3 steps 4-5): the refined probabilities, each class zeroed outside
+    its boxes, then the arg-max channel (H,W) int64. probs (L,H,W) float32, channel 0 =
+    background; class_regions (L-1,H,W) bool."""
+    refined = np.asarray(crf(image, probs), dtype=np.float32).copy()
+    refined[1:] *= class_regions
+    # NumPy's argmax over the leading axis is ~6x faster than torch's on the CPU, with the same
+    # ties (the first maximum).
+    return refined.argmax(0)
+
+
+# Worker jobs (utils/pool.py): numpy and the CRF only, so a worker that runs them imports
+# neither torch nor Lightning.
+def labels_job(job: dict) -> np.ndarray:
+    """`crf_labels` of job {"crf", "image", "cos", "temperature"}."""
+    return crf_labels(job["crf"], job["image"], job["cos"], job["temperature"])
+
+
+def regions_job(job: dict) -> np.ndarray:
+    """`crf_in_regions` of job {"crf", "image", "probs", "class_regions"}, as uint8."""
+    return crf_in_regions(job["crf"], job["image"], job["probs"],
+                          job["class_regions"]).astype(np.uint8)

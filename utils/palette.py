@@ -37,3 +37,24 @@ def colorize(label: np.ndarray) -> np.ndarray:
     if label.min(initial=0) < 0 or label.max(initial=0) > 255:
         raise ValueError(f"labels must lie in 0..255 to be coloured, found {label.min()}..{label.max()}")
     return voc_palette()[label.astype(np.intp)]
+
+
+def panel(image: np.ndarray, maps, gap: int = 4) -> np.ndarray:
+    """A row for looking at labels: the image, then each label map coloured with the VOC palette,
+    separated by white gaps. image uint8 (H, W, 3); maps: integer (H, W) arrays. Returns uint8
+    (H, W', 3)."""
+    white = np.full((image.shape[0], gap, 3), 255, np.uint8)
+    parts = [image]
+    for m in maps:
+        parts += [white, colorize(m)]
+    return np.concatenate(parts, axis=1)
+
+
+def stack_rows(rows, gap: int = 4) -> np.ndarray:
+    """Rows of equal width (e.g. `panel`s) one above the other, with white gaps between them."""
+    rows = list(rows)
+    white = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
+    parts = []
+    for k, row in enumerate(rows):
+        parts += [white, row] if k else [row]
+    return np.concatenate(parts, axis=0)

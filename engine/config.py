@@ -24,13 +24,17 @@ from typing import Any, Callable
 
 import yaml
 
+# The choices of the keys below are defined where they are implemented, one dict each.
+from data.datasets import FORMATS
+from models.backbones import BACKBONES as SEMANTIC_BACKBONES
+from models.instance import MASK_RCNN_BACKBONES
+from models.labeler import POOLINGS, ROI_SAMPLINGS
 from models.losses import LOSSES
 from utils.errors import BanaError
 
-BACKBONES = ("vgg16", "resnet101", "tiny", "resnet50_fpn", "resnet50_fpn_v2")
 # Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
-TASK_BACKBONES = {"semantic": ("vgg16", "resnet101", "tiny"),
-                  "instance": ("tiny", "resnet50_fpn", "resnet50_fpn_v2")}
+TASK_BACKBONES = {"semantic": tuple(SEMANTIC_BACKBONES), "instance": tuple(MASK_RCNN_BACKBONES)}
+BACKBONES = tuple(dict.fromkeys(b for names in TASK_BACKBONES.values() for b in names))
 
 
 def _key(default, help: str, choices=None, check: Callable[[Any], bool] | None = None,
@@ -60,7 +64,7 @@ class DataConfig:
                         "VOC-format export with DATA.CLASSES) or COCO (data/coco.py: MS-COCO "
                         "2017, or any COCO-format export with DATA.CLASS_MAP all). On COCO, stage "
                         "2 also writes one instance mask per box.",
-                        choices=("voc", "coco"))
+                        choices=tuple(FORMATS))
     CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
                           "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
                           "NUM_CLASSES 21), 'coco80' all 80 of COCO 2017 (NUM_CLASSES 81), 'all' "
@@ -118,14 +122,14 @@ class ModelConfig:
     WEIGHTS: str = _key("", "Checkpoint of an earlier stage, relative to OUTPUT_DIR (stage 2: the "
                         "stage-1 model; evaluate.py: the stage-3 model).")
     POOLING: str = _key("bap", "Stage-1 pooling: background-aware (bap) or global average (gap).",
-                        choices=("bap", "gap"))
+                        choices=tuple(POOLINGS))
     ROI_SAMPLING: str = _key("reference", "Stage 1: how a box becomes its ROI cells. 'reference' "
                              "samples and pools exactly as the authors' code (grid_sample over "
                              "the box, attention on the samples, overlapping windows); "
                              "'roi_align' is a faster opt-in variant (attention at feature "
                              "pixels, one roi_align, disjoint cells) that pools the same region "
                              "with slightly different weights.",
-                             choices=("reference", "roi_align"))
+                             choices=tuple(ROI_SAMPLINGS))
     ROI_SIZE: list[int] = _key([2, 2], "ROI grid per box (rows, cols) for foreground prototypes.",
                                check=lambda v: len(v) == 2 and all(x > 0 for x in v),
                                rule="two integers > 0")
@@ -467,7 +471,7 @@ def load_config(path: str | Path | None = None, opts: list[str] | None = None) -
 def schema_markdown() -> str:
     """Every key with its default and meaning: the body of configs/README.md."""
     lines = ["# Config keys", "",
-             "Generated from `utils/config.py` by `python -m utils.config > configs/README.md`; "
+             "Generated from `engine/config.py` by `python -m engine.config > configs/README.md`; "
              "a test checks it is current.", "",
              "Every stage script takes `--config-file FILE` and `--opts KEY VALUE ...` "
              "(values are read as YAML, e.g. `--opts SOLVER.MAX_ITER 100 MODEL.ROI_SIZE [2,2]`). "

@@ -1,0 +1,205 @@
+"""Run folders: the network a run's config describes, its checkpoints (written atomically), and
+its record (config.yaml), which a resumed run must match.
+
+    OUTPUT_DIR/NAME/config.yaml                       the resolved config of the run
+    OUTPUT_DIR/NAME/checkpoints/{last,final,best_on_val}.ckpt
+
+Every checkpoint file is written to a temporary name and renamed, so a run killed at any moment
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from utils.errors import BanaError
+
+CHECKPOINT_DIR = "checkpoints"
+# Picked by validation mIoU: scoring it on the validation split is selection on the test data.
+BEST_ON_VAL = "best_on_val.ckpt"
+
+
+def model_spec(cfg, kind: str, classes=None):
+    """The `models.zoo.ModelSpec` of the network `kind` this config describes; classes: the
+    class names of the data (background first), recorded with the network."""
+    from models.zoo import ModelSpec
+
+    m = cfg.MODEL
+    common = {"num_classes": cfg.DATA.NUM_CLASSES,
+              "classes": tuple(classes) if classes is not None else None}
+    if kind == "maskrcnn":
+        return ModelSpec(kind, m.BACKBONE, instance_size=tuple(m.INSTANCE_SIZE), **common)
+    common.update(input_norm=m.INPUT_NORM, fc6_dilation=m.FC6_DILATION)
+    if kind == "labeler":
+        return ModelSpec(kind, m.BACKBONE, pooling=m.POOLING, roi_sampling=m.ROI_SAMPLING,
+                         roi_size=tuple(m.ROI_SIZE), grid_size=m.GRID_SIZE,
+                         bg_fraction_min=m.BG_FRACTION_MIN, **common)
+    return ModelSpec(kind, m.BACKBONE, frozen_bn=m.FREEZE_BN, **common)
+
+
+def expectations(cfg) -> dict:
+    """What a checkpoint read for this config must match: {spec field: (config key, value)}."""
+    return {"backbone": ("MODEL.BACKBONE", cfg.MODEL.BACKBONE),
+            "num_classes": ("DATA.NUM_CLASSES", cfg.DATA.NUM_CLASSES)}
+
+
+def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename). A
+    failed write (a full disk) removes the temporary file and names the checkpoint."""
+    from engine.training import check_watch
+
+    path = Path(path)
+    check_watch(trainer, getattr(trainer, "lightning_module", None))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        trainer.save_checkpoint(str(tmp), weights_only=False)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        errno_ = getattr(err, "errno", None) or (28 if "No space left" in str(err) else None)
+        if errno_ is None:
+            raise
+        raise OSError(errno_, os.strerror(errno_), str(path)) from None
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier("atomic_save_checkpoint")
+
+
+class AtomicCheckpoint(pl.Callback):
+    """`last.ckpt` every `every` iterations, `final.ckpt` when training reaches its last
+    iteration, and `best_on_val.ckpt` on a better `monitor` value; all written atomically.
+
+    `final.ckpt` is the model to report, as the authors do. `best_on_val.ckpt` is chosen by the
+    validation mIoU, so a score of it on that same split is selected on the test data."""
+
+    def __init__(self, dirpath: Path, every: int, monitor: str | None = None):
+        self.dirpath = Path(dirpath)
+        self.every = every
+        self.monitor = monitor
+        self.best = -math.inf
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0 and step < trainer.max_steps:
+            atomic_save_checkpoint(trainer, self.dirpath / "last.ckpt")
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.monitor is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and float(value) > self.best:
+            self.best = float(value)
+            atomic_save_checkpoint(trainer, self.dirpath / BEST_ON_VAL)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step >= trainer.max_steps:
+            atomic_save_checkpoint(trainer, self.dirpath / "last.ckpt")
+            atomic_save_checkpoint(trainer, self.dirpath / "final.ckpt")
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict):
+        self.best = state_dict.get("best", -math.inf)
+
+
+def resume_path(cfg, resume: bool, stage: int) -> tuple[str | None, int]:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    A fresh run refuses to start over an existing one, so nothing already trained is lost. The
+    checkpoint resumed from must be this stage's, with the configured backbone and classes:
+    Lightning would otherwise load whatever weights happen to fit, or fail with a traceback.
+    """
+    last = cfg.run_dir / CHECKPOINT_DIR / "last.ckpt"
+    if resume:
+        if last.is_file():
+            step = check_resumable(last, cfg, stage)
+            print(f"Resuming from {last}.")
+            return str(last), step
+        print(f"--resume: no checkpoint at {last} yet; starting from iteration 0.")
+        return None, 0
+    if last.is_file():
+        raise BanaError(f"{cfg.run_dir} already holds a run ({last}). Pass --resume to continue "
+                        "it, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
+    return None, 0
+
+
+def check_resumable(path: Path, cfg, stage: int) -> int:
+    """Check the checkpoint fits the config; returns the iterations it has trained."""
+    from models.zoo import read_checkpoint
+
+    hint = (f"A resumed run continues the run as it was trained: move {cfg.run_dir} away to "
+            "start over, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
+    return read_checkpoint(path, stage=stage, expect=expectations(cfg), hint=hint).step
+
+
+# Keys that say where things are or how often to log, not what the run computes: a resumed run
+# may change them freely. Every other key is part of the run's record (its config.yaml).
+OPERATIONAL_KEYS = ("OUTPUT_DIR", "DATA.ROOT", "DATA.NUM_WORKERS", "DATA.PSEUDO_LABEL_DIR",
+                    "SOLVER.LOG_EVERY", "SOLVER.CKPT_EVERY", "SOLVER.VAL_EVERY", "MODEL.WEIGHTS",
+                    "TEST.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def record_differences(recorded: dict, cfg) -> list[tuple[str, object, object]]:
+    """(key, recorded value, new value) for every run-defining key that differs."""
+    old, new = _flatten(recorded), _flatten(cfg.to_dict())
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if not k.startswith(OPERATIONAL_KEYS) and old.get(k) != new.get(k)]
+
+
+def describe_differences(diffs) -> str:
+    return "; ".join(f"{k}: {a!r} recorded, {b!r} now" for k, a, b in diffs[:8]) + (
+        f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
+
+
+def check_resume_record(cfg, step: int, reconfigure: bool) -> None:
+    """A resumed run continues the recorded one: the same run-defining keys (unless
+    --reconfigure) and a MAX_ITER not below what the checkpoint already trained. Nothing is
+    rewritten when this refuses."""
+    import yaml
+
+    if cfg.SOLVER.MAX_ITER < step:
+        raise BanaError(f"cannot resume {cfg.run_dir}: its checkpoint has trained {step} "
+                        f"iterations, more than SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}. Set "
+                        f"SOLVER.MAX_ITER to at least {step} (the recorded run has "
+                        f"{_recorded_max_iter(cfg)}), or use checkpoints/final.ckpt as it is.")
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    recorded = yaml.safe_load(path.read_text()) or {}
+    diffs = record_differences(recorded, cfg)
+    if diffs and not reconfigure:
+        raise BanaError(f"cannot resume {cfg.run_dir} with other settings than it was trained "
+                        f"with ({path}): {describe_differences(diffs)}. Either resume with the "
+                        "recorded settings, start a new run in another folder (--opts NAME "
+                        "new_run), or pass --reconfigure to continue this run with the new "
+                        "settings (the old record is kept as config.<n>.yaml).")
+    if diffs:
+        n = 1
+        while (cfg.run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        os.replace(path, cfg.run_dir / f"config.{n}.yaml")
+        print(f"--reconfigure: {describe_differences(diffs)}; the previous record is "
+              f"config.{n}.yaml.")
+
+
+def _recorded_max_iter(cfg):
+    import yaml
+
+    path = cfg.run_dir / "config.yaml"
+    if path.is_file():
+        return (yaml.safe_load(path.read_text()) or {}).get("SOLVER", {}).get("MAX_ITER", "?")
+    return "?"

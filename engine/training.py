@@ -1,0 +1,240 @@
+"""The training loop of stages 1 and 3 (and the instance task): the LightningModule base, the
+trainer and its callbacks (finiteness, progress lines), and what every run does first.
+
+Lightning is imported here and in the stage modules, never in what the CRF workers import.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from utils.errors import BanaError
+
+
+class BanaLitModule(pl.LightningModule):
+    """What every training stage's LightningModule shares: the run's config among its
+    hyper-parameters, a `FiniteWatch` of its losses, and the checkpoint entry describing its
+    network (`models.zoo.checkpoint_entry`), so that any of its checkpoints can be read back by
+    `models.zoo.read_checkpoint` without the config.
+
+    Subclasses hold their network as `self.net` (`self.model` for Mask R-CNN) and set `STAGE`.
+    """
+
+    STAGE: int
+
+    def __init__(self, cfg, spec, **extra):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+        self.extra = extra  # further checkpoint entries (the instance task's category ids)
+        self.save_hyperparameters({"config": cfg.to_dict()})
+        self.finite_watch = FiniteWatch()
+
+    def on_save_checkpoint(self, checkpoint):
+        from models.zoo import checkpoint_entry
+
+        checkpoint["bana"] = checkpoint_entry(self.STAGE, self.spec, self.cfg.to_dict(),
+                                              **self.extra)
+
+
+def _nonfinite_error(iteration: int, found: str) -> BanaError:
+    return BanaError(
+        f"non-finite loss at iteration {iteration}: {found}. Training stopped; the last "
+        "checkpoint was written before this iteration and is intact. Lower SOLVER.LR, check the "
+        "labels, or rerun with --resume.")
+
+
+class FiniteWatch:
+    """Finiteness of the training losses, checked without stopping the device every step.
+
+    `update` records, on the device, the first iteration whose loss terms are not all finite and
+    their values (no host-device synchronisation). `check` reads that record (one
+    synchronisation) and raises naming the iteration and the terms; the training loop calls it
+    every SOLVER.LOG_EVERY iterations and before every checkpoint is written, so a checkpoint
+    never holds weights trained on a non-finite loss. Under DDP every process checks at the same
+    iteration and all of them stop, whichever process saw the bad loss.
+    """
+
+    def __init__(self):
+        self.names: list[str] | None = None
+        self.first: torch.Tensor | None = None  # () long, -1 while every loss was finite
+        self.values: torch.Tensor | None = None  # (terms,) float32, at the first bad iteration
+
+    def update(self, losses: dict[str, torch.Tensor], iteration: int) -> None:
+        values = torch.stack([v.detach().float().mean() for v in losses.values()])
+        if self.first is None or self.first.device != values.device:
+            self.names = list(losses)
+            self.first = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.values = torch.zeros_like(values)
+        new = (~torch.isfinite(values)).any() & (self.first < 0)
+        self.first = torch.where(new, torch.full_like(self.first, iteration), self.first)
+        self.values = torch.where(new, values, self.values)
+
+    def check(self, strategy=None) -> None:
+        if self.first is None:
+            return
+        first = self.first
+        if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+            # The earliest bad iteration over all processes; -1 everywhere if none.
+            everyone = strategy.all_gather(first).reshape(-1)
+            bad = everyone[everyone >= 0]
+            first = bad.min() if len(bad) else first
+        iteration = int(first)
+        if iteration < 0:
+            return
+        if int(self.first) == iteration:
+            # A non-finite term makes the total non-finite too: name the terms first.
+            pairs = sorted(zip(self.names, self.values.tolist()), key=lambda p: p[0] == "loss")
+            found = ", ".join(f"term '{n}' = {v}" for n, v in pairs if not math.isfinite(v))
+        else:
+            found = "in another process of this run"
+        raise _nonfinite_error(iteration, found)
+
+
+class FiniteCheck(pl.Callback):
+    """Calls the module's `finite_watch.check` every `every` iterations and at the end of
+    training (AtomicCheckpoint checks before writing)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            check_watch(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        check_watch(trainer, pl_module)
+
+
+def check_watch(trainer, pl_module) -> None:
+    watch = getattr(pl_module, "finite_watch", None)
+    if watch is not None:
+        watch.check(trainer.strategy)
+
+
+class LineProgress(pl.callbacks.ProgressBar):
+    """One line every `every` iterations with the logged scalars and the speed: readable in a
+    log file, where a tqdm bar would print thousands of carriage returns."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = max(1, every)
+        self._enabled = True
+        self._start = None
+
+    def disable(self):
+        self._enabled = False
+
+    def enable(self):
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not (self._enabled and trainer.is_global_zero) or (
+                step % self.every and step != trainer.max_steps):
+            return
+        t0, s0 = self._start
+        speed = (step - s0) / max(time.perf_counter() - t0, 1e-9)
+        scalars = "  ".join(f"{k} {float(v):.4g}" for k, v in
+                            sorted(self.get_metrics(trainer, pl_module).items())
+                            if k.startswith(("train/", "val/")))
+        print(f"iter {step}/{trainer.max_steps}  {scalars}  ({speed:.1f} it/s)", flush=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking:
+            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            print(f"validation at iter {trainer.global_step}: "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in sorted(val.items())), flush=True)
+
+
+def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: bool):
+    """What every training run does first, holding the run folder's lock: clean what a killed
+    run left, pick devices, decide fresh vs resume (a resume must match the run's record), seed,
+    and save the resolved config. Returns (Devices, checkpoint to resume from or None)."""
+    from engine.runs import check_resume_record, resume_path
+    from utils.devices import resolve_devices
+    from utils.distributed import detect_launch
+    from utils.precision import check_precision
+    from utils.runlock import clean_temporary_files
+
+    launch = detect_launch()
+    resolved = resolve_devices(devices, launch=launch)
+    check_precision(cfg.TRAINER.PRECISION, resolved.accelerator)
+    if launch.is_main:
+        print(resolved.note)
+        clean_temporary_files(cfg.run_dir)
+    ckpt_path, step = resume_path(cfg, resume, stage)
+    if ckpt_path is not None and launch.is_main:
+        check_resume_record(cfg, step, reconfigure)
+    # python's, numpy's and torch's generators, and the data loaders' workers.
+    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
+    if launch.is_main:
+        cfg.save()
+    return resolved, ckpt_path
+
+
+def fit(trainer: pl.Trainer, module, **kwargs) -> None:
+    """trainer.fit, with Ctrl-C reported as ours (exit 130, "rerun with --resume"): Lightning
+    catches KeyboardInterrupt itself and exits with status 1 and its own message."""
+    try:
+        trainer.fit(module, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+
+def needs_sync_batchnorm(net: nn.Module, devices) -> bool:
+    """BatchNorm layers that train, on more than one device: their statistics must be computed
+    over the whole batch (as the authors' SyncBatchNorm), not over each device's slice."""
+    return devices.total > 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.weight is not None
+        and m.weight.requires_grad for m in net.modules())
+
+
+def make_trainer(cfg, devices, callbacks: list[pl.Callback], *,
+                 val_every: int | None = None, sync_batchnorm: bool = False) -> pl.Trainer:
+    """An iteration-based Lightning trainer writing CSV and TensorBoard logs to the run folder."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    run_dir = cfg.run_dir
+    # One version folder per launch (logs/version_0, version_1 after a resume, ...): a resumed
+    # run must never delete the logs of the attempt before it.
+    loggers = [CSVLogger(str(run_dir), name="logs"), TensorBoardLogger(str(run_dir), name="tb")]
+    # A live bar on a terminal; plain periodic lines in logs (CI, nohup, the demo).
+    progress = (TQDMProgressBar(refresh_rate=10) if sys.stdout.isatty()
+                else LineProgress(cfg.SOLVER.LOG_EVERY * 5))
+    strategy = "ddp" if devices.total > 1 else "auto"
+    if strategy == "ddp" and devices.accelerator == "cpu":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    kwargs = {}
+    if val_every is not None:
+        kwargs.update(val_check_interval=val_every, check_val_every_n_epoch=None,
+                      num_sanity_val_steps=0)
+    else:
+        kwargs.update(limit_val_batches=0, num_sanity_val_steps=0)
+    return pl.Trainer(
+        accelerator=devices.accelerator, devices=devices.devices, strategy=strategy,
+        max_steps=cfg.SOLVER.MAX_ITER, max_epochs=-1, logger=loggers,
+        log_every_n_steps=cfg.SOLVER.LOG_EVERY, enable_checkpointing=False,
+        callbacks=[FiniteCheck(cfg.SOLVER.LOG_EVERY), *callbacks, LearningRateMonitor("step"),
+                   progress],
+        precision=cfg.TRAINER.PRECISION, num_nodes=devices.num_nodes,
+        enable_progress_bar=True,
+        default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",
+        enable_model_summary=False, use_distributed_sampler=True, sync_batchnorm=sync_batchnorm,
+        **kwargs)
