@@ -22,8 +22,8 @@ import torch
 
 from engine.config import Config
 from engine.optim import make_optimizer, parameter_groups
-from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec
-from engine.training import BanaLitModule, fit, make_trainer, start_training
+from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec, start_training
+from engine.training import BanaLitModule, fit, make_trainer
 from utils.errors import BanaError
 
 STAGE = 3

@@ -1,5 +1,6 @@
-"""Run folders: the network a run's config describes, its checkpoints (written atomically), and
-its record (config.yaml), which a resumed run must match.
+"""Run folders: what a training run does first (`start_training`), the network its config
+describes, its checkpoints (written atomically), and its record (config.yaml), which a resumed
+run must match.
 
     OUTPUT_DIR/NAME/config.yaml                       the resolved config of the run
     OUTPUT_DIR/NAME/checkpoints/{last,final,best_on_val}.ckpt
@@ -154,8 +155,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def record_differences(recorded: dict, cfg) -> list[tuple[str, object, object]]:
-    """(key, recorded value, new value) for every run-defining key that differs."""
-    old, new = _flatten(recorded), _flatten(cfg.to_dict())
+    """(key, recorded value, new value) for every run-defining key that differs. A key the
+    record lacks was added to the schema after the run started, with the default that keeps the
+    behaviour of before: the record counts as holding that default."""
+    defaults = _flatten(type(cfg)().to_dict())
+    new = _flatten(cfg.to_dict())
+    old = {**{k: v for k, v in defaults.items() if k in new}, **_flatten(recorded)}
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if not k.startswith(OPERATIONAL_KEYS) and old.get(k) != new.get(k)]
 
@@ -203,3 +208,28 @@ def _recorded_max_iter(cfg):
     if path.is_file():
         return (yaml.safe_load(path.read_text()) or {}).get("SOLVER", {}).get("MAX_ITER", "?")
     return "?"
+
+
+def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: bool):
+    """What every training run does first, holding the run folder's lock: clean what a killed
+    run left, pick devices, decide fresh vs resume (a resume must match the run's record), seed,
+    and save the resolved config. Returns (Devices, checkpoint to resume from or None)."""
+    from utils.devices import resolve_devices
+    from utils.distributed import detect_launch
+    from utils.precision import check_precision
+    from utils.runlock import clean_temporary_files
+
+    launch = detect_launch()
+    resolved = resolve_devices(devices, launch=launch)
+    check_precision(cfg.TRAINER.PRECISION, resolved.accelerator)
+    if launch.is_main:
+        print(resolved.note)
+        clean_temporary_files(cfg.run_dir)
+    ckpt_path, step = resume_path(cfg, resume, stage)
+    if ckpt_path is not None and launch.is_main:
+        check_resume_record(cfg, step, reconfigure)
+    # python's, numpy's and torch's generators, and the data loaders' workers.
+    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
+    if launch.is_main:
+        cfg.save()
+    return resolved, ckpt_path

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from engine.config import Config
 from engine.optim import make_optimizer, network_groups
-from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec
-from engine.training import BanaLitModule, fit, make_trainer, start_training
+from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec, start_training
+from engine.training import BanaLitModule, fit, make_trainer
 
 STAGE = 1
 

@@ -1,5 +1,5 @@
 """The training loop of stages 1 and 3 (and the instance task): the LightningModule base, the
-trainer and its callbacks (finiteness, progress lines), and what every run does first.
+trainer and its callbacks (finiteness, progress lines).
 
 Lightning is imported here and in the stage modules, never in what the CRF workers import.
 """
@@ -154,32 +154,6 @@ class LineProgress(pl.callbacks.ProgressBar):
             val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             print(f"validation at iter {trainer.global_step}: "
                   + "  ".join(f"{k} {v:.2f}" for k, v in sorted(val.items())), flush=True)
-
-
-def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: bool):
-    """What every training run does first, holding the run folder's lock: clean what a killed
-    run left, pick devices, decide fresh vs resume (a resume must match the run's record), seed,
-    and save the resolved config. Returns (Devices, checkpoint to resume from or None)."""
-    from engine.runs import check_resume_record, resume_path
-    from utils.devices import resolve_devices
-    from utils.distributed import detect_launch
-    from utils.precision import check_precision
-    from utils.runlock import clean_temporary_files
-
-    launch = detect_launch()
-    resolved = resolve_devices(devices, launch=launch)
-    check_precision(cfg.TRAINER.PRECISION, resolved.accelerator)
-    if launch.is_main:
-        print(resolved.note)
-        clean_temporary_files(cfg.run_dir)
-    ckpt_path, step = resume_path(cfg, resume, stage)
-    if ckpt_path is not None and launch.is_main:
-        check_resume_record(cfg, step, reconfigure)
-    # python's, numpy's and torch's generators, and the data loaders' workers.
-    pl.seed_everything(cfg.SEED, workers=True, verbose=False)
-    if launch.is_main:
-        cfg.save()
-    return resolved, ckpt_path
 
 
 def fit(trainer: pl.Trainer, module, **kwargs) -> None:
