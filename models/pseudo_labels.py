@@ -48,11 +48,18 @@ class UpsampledFeatures:
     - Σ_p m(p) F↑(p) = Σ_ij (Ahᵀ m Aw)[i, j] F[:, i, j]         (linear in F)
     - |F↑(p)|² = Σ_ab α_a(p) α_b(p) <F(c_a), F(c_b)>, over the 4 corners c_a of the feature cell
       around p with bilinear weights α_a(p): a 4×4 Gram matrix per cell, computed at h×w.
-    The Gram form loses precision only where F↑(p) nearly cancels, which cannot happen for the
-    post-ReLU (non-negative) features of both backbones.
+    The Gram form loses precision where F↑(p) nearly cancels: its float32 error is about
+    eps·(Σ_a α_a |F(c_a)|)², large against |F↑(p)|² only there. Post-ReLU (non-negative)
+    features never cancel (|F↑|² ≥ (Σ_a α_a |F(c_a)|)² / 4, by Cauchy-Schwarz over the four
+    corners), but signed ones can (the tiny backbone's, or any backbone without a final ReLU):
+    wherever |F↑|² falls below CANCELLATION × (Σ_a α_a |F(c_a)|)², the norm is computed again
+    directly from the four corner vectors, so every backbone gets exact cosines.
 
     features (D,h,w) float32; size (H, W).
     """
+
+    # Below 1/4 (the non-negative bound), so post-ReLU features never take the direct path.
+    CANCELLATION = 0.2
 
     def __init__(self, features: torch.Tensor, size):
         self.features = features
@@ -77,7 +84,25 @@ class UpsampledFeatures:
         gram = gram.view(2, 2, 2, 2, h, w)[..., j0]  # (r,s,r',s',h,W)
         rows = torch.einsum("xs,xt,rsqtix->rqix", wx, wx, gram)[:, :, i0]  # (2,2,H,W)
         sq = torch.einsum("yr,yq,rqyx->yx", wy, wy, rows)
+        # Σ_a α_a |F(c_a)| is the bilinear interpolation of the map |F|.
+        spread = F.interpolate(self.features.norm(dim=0)[None, None], size=self.size,
+                               mode="bilinear", align_corners=True)[0, 0]
+        cancelled = sq < self.CANCELLATION * spread.square()
+        if cancelled.any():
+            sq = sq.clone()
+            sq[cancelled] = self._direct_square_norm(cancelled, i0, wy, j0, wx)
         return sq.clamp_min(0).sqrt()
+
+    def _direct_square_norm(self, where: torch.Tensor, i0, wy, j0, wx) -> torch.Tensor:
+        """|F↑(p)|² at the pixels of `where` (H,W) bool, from the corner vectors themselves."""
+        ys, xs = where.nonzero(as_tuple=True)
+        padded = F.pad(self.features, (0, 1, 0, 1))
+        total = 0
+        for r in (0, 1):
+            for c in (0, 1):
+                corner = padded[:, i0[ys] + r, j0[xs] + c]  # (D, n)
+                total = total + (wy[ys, r] * wx[xs, c]) * corner
+        return total.square().sum(0)
 
     def dot(self, vectors: torch.Tensor) -> torch.Tensor:
         """v_k · F↑(p): vectors (K,D) -> (K,H,W)."""

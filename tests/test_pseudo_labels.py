@@ -50,6 +50,28 @@ def test_upsampled_features_match_explicit_upsampling(low, size):
     torch.testing.assert_close(feats.cosine(vectors), cos, rtol=1e-4, atol=1e-5)
 
 
+def test_signed_features_that_cancel_get_the_norm_of_explicit_upsampling(monkeypatch):
+    """Between two opposite feature vectors F↑ nearly vanishes: the Gram form's float32 error is
+    then larger than |F↑|² itself (it gave norms off by 200 % here); those pixels are recomputed
+    from their corners, as accurate as upsampling in float32. Non-negative (post-ReLU) features
+    cannot cancel and never take that path."""
+    f = torch.randn(16, 5, 6, generator=torch.Generator().manual_seed(0))
+    f[:, :, 1::2] = -1.0001 * f[:, :, 0::2]  # every odd column opposes its left neighbour
+    size = (37, 45)
+    exact = upsample(f.double(), size).norm(dim=0)
+    float32 = upsample(f, size).norm(dim=0).double()
+    ours = UpsampledFeatures(f, size).norm.double()
+    error = ((ours - exact).abs() / exact).max()
+    assert error < 5 * ((float32 - exact).abs() / exact).max() and error < 1e-3
+
+    def refuse(*args):
+        raise AssertionError("non-negative features took the direct path")
+
+    monkeypatch.setattr(UpsampledFeatures, "_direct_square_norm", refuse)
+    UpsampledFeatures(f.relu(), size)
+    UpsampledFeatures(random_features(32, 7, 9, seed=3), (51, 63))
+
+
 def test_cam_at_feature_resolution_equals_cam_of_upsampled_features():
     """w·F is linear in F, so bilinear(w·F) = w·bilinear(F) exactly (up to float rounding), while
     the cosine is not: upsampling cos(F, v) would change the result, so it is never done."""
