@@ -105,7 +105,7 @@ def _per_image_costs(cfg, net, dataset, ids, out: Path) -> tuple[float, float]:
     import numpy as np
 
     from engine.stage2_jobs import label_one, output_paths
-    from utils.crf import DenseCRF
+    from utils.crf import make_crf
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -119,7 +119,7 @@ def _per_image_costs(cfg, net, dataset, ids, out: Path) -> tuple[float, float]:
                 feats = net.backbone(item["image"][None].float())[0].numpy()
             main_s.append(time.perf_counter() - start)
             job = {"id": image_id, "features": feats, "weight": weight,
-                   "crf": DenseCRF.from_list(cfg.MODEL.DCRF), "grid_size": cfg.MODEL.GRID_SIZE,
+                   "crf": make_crf(cfg.MODEL.DCRF, cfg.MODEL.CRF_BACKEND), "grid_size": cfg.MODEL.GRID_SIZE,
                    "bg_threshold": cfg.MODEL.BG_THRESHOLD, "use_u0": cfg.MODEL.USE_U0,
                    "image": np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy()),
                    "boxes": item["boxes"].numpy().astype(np.int64),

@@ -30,6 +30,7 @@ from models.backbones import BACKBONES as SEMANTIC_BACKBONES
 from models.instance import MASK_RCNN_BACKBONES
 from models.labeler import POOLINGS, ROI_SAMPLINGS
 from models.losses import LOSSES
+from utils.crf import CRF_BACKENDS
 from utils.errors import BanaError
 
 # Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
@@ -146,6 +147,9 @@ class ModelConfig:
                              check=lambda v: len(v) == 5 and v[0] >= 0 and v[3] >= 0
                              and min(v[1], v[2], v[4]) > 0,
                              rule="five numbers: weights >= 0, standard deviations > 0")
+    CRF_BACKEND: str = _key("pydensecrf", "The DenseCRF implementation that MODEL.DCRF "
+                            "configures (utils/crf.py CRF_BACKENDS).",
+                            choices=tuple(CRF_BACKENDS))
     LOSS: str = _key("nal", "Stage-3 loss: noise-aware (nal), CE on Y_crf (ce_crf) or Y_ret "
                      "(ce_ret), reliable pixels only (baseline), entropy regularisation (er), "
                      "bootstrapping (bs).", choices=LOSSES)

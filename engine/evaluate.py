@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.config import Config
-from utils.crf import DenseCRF
+from utils.crf import make_crf as _make_crf
 from utils.distributed import all_reduce_sum, announce_shard, shard
 from utils.errors import BanaError
 from utils.io import atomic_write_json, atomic_write_png, atomic_write_text
@@ -221,9 +221,9 @@ def make_crf(cfg: Config, modes: list[str]):
     if not any(m.endswith("+crf") for m in modes):
         return None
     try:
-        return DenseCRF.from_list(cfg.MODEL.DCRF)
-    except ValueError as e:
-        raise BanaError(f"MODEL.DCRF = {cfg.MODEL.DCRF}: {e} Or set TEST.CRF false.") from None
+        return _make_crf(cfg.MODEL.DCRF, cfg.MODEL.CRF_BACKEND)
+    except BanaError as e:
+        raise BanaError(f"{e} Or set TEST.CRF false.") from None
 
 
 def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, crf,

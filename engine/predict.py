@@ -111,16 +111,17 @@ class Segmenter:
     checkpoint: the path of a stage-3 checkpoint of this project (e.g. `final.ckpt`), or one
     already read (`models.zoo.read_checkpoint`); device: a torch device ("cpu", "cuda"); scales, flip: multi-scale and mirrored inference
     (SPEC §5; scales (1.0,) and no flip = single scale); crf: DenseCRF post-processing with the
-    run's MODEL.DCRF; precision: TRAINER.PRECISION's autocast for the network ("32",
-    "bf16-mixed", "16-mixed"). dcrf and temperature override the checkpoint's values.
+    run's MODEL.DCRF and MODEL.CRF_BACKEND; precision: TRAINER.PRECISION's autocast for the
+    network ("32", "bf16-mixed", "16-mixed"). dcrf, crf_backend and temperature override the
+    checkpoint's values.
     """
 
     def __init__(self, checkpoint, device="cpu", scales=(1.0,), flip: bool = False,
                  crf: bool = False, precision: str = "32", dcrf=None,
-                 temperature: float | None = None):
+                 crf_backend: str | None = None, temperature: float | None = None):
         from engine.evaluate import STAGE3_HINT, prepare_network
         from models.zoo import Checkpoint, read_checkpoint
-        from utils.crf import DenseCRF
+        from utils.crf import make_crf
 
         self.device = torch.device(device)
         self.scales = tuple(float(s) for s in scales)
@@ -136,10 +137,8 @@ class Segmenter:
         self.temperature = float(temperature if temperature is not None
                                  else model.get("TEMPERATURE", 20.0))
         self.dcrf = list(dcrf if dcrf is not None else model.get("DCRF", [4, 55, 3, 3, 3]))
-        try:
-            self.crf = DenseCRF.from_list(self.dcrf) if crf else None
-        except ValueError as e:
-            raise BanaError(f"DenseCRF parameters {self.dcrf}: {e}") from None
+        backend = crf_backend or model.get("CRF_BACKEND", "pydensecrf")
+        self.crf = make_crf(self.dcrf, backend) if crf else None
 
     @property
     def mode(self) -> str:
@@ -246,7 +245,7 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
                                 "checkpoint. " + STAGE3_HINT)
     seg = Segmenter(ckpt, device, scales=cfg.TEST.SCALES, flip=cfg.TEST.FLIP,
                     crf=cfg.TEST.CRF, precision=cfg.TRAINER.PRECISION, dcrf=cfg.MODEL.DCRF,
-                    temperature=cfg.MODEL.TEMPERATURE)
+                    crf_backend=cfg.MODEL.CRF_BACKEND, temperature=cfg.MODEL.TEMPERATURE)
     if workers is None:
         workers = os.cpu_count() or 1
     workers = min(workers, len(todo)) if seg.crf is not None else 0

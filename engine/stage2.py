@@ -103,7 +103,7 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
     from tqdm import tqdm
 
     from models.pseudo_labels import retrieval
-    from utils.crf import DenseCRF, regions_job
+    from utils.crf import make_crf, regions_job
     from utils.pool import WorkerPool
     from utils.precision import full, inference_autocast
 
@@ -120,7 +120,7 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
     loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False,
                                          num_workers=min(cfg.DATA.NUM_WORKERS, 2),
                                          pin_memory=cuda)
-    crf = DenseCRF.from_list(cfg.MODEL.DCRF)
+    crf = make_crf(cfg.MODEL.DCRF, cfg.MODEL.CRF_BACKEND)
     net = net.to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
@@ -378,10 +378,10 @@ def check_inputs(cfg: Config):
 RECORD = "labels.json"
 # What decides the labels a folder holds (besides the stage-1 model, recorded by its checksum).
 RECORD_KEYS = ("MODEL.BACKBONE", "MODEL.GRID_SIZE", "MODEL.BG_THRESHOLD", "MODEL.USE_U0",
-               "MODEL.DCRF", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES", "DATA.NUM_CLASSES",
+               "MODEL.DCRF", "MODEL.CRF_BACKEND", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES", "DATA.NUM_CLASSES",
                "TRAINER.PRECISION")
 # Keys added to the record later: a record without them was made with these values.
-RECORD_DEFAULTS = {"TRAINER.PRECISION": "32"}
+RECORD_DEFAULTS = {"TRAINER.PRECISION": "32", "MODEL.CRF_BACKEND": "pydensecrf"}
 
 
 def file_sha256(path: Path) -> str:

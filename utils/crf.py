@@ -90,6 +90,26 @@ class DenseCRF:
         return np.asarray(refined, dtype=np.float32).reshape(c, h, w)
 
 
+# MODEL.CRF_BACKEND: name -> a class with `from_list(MODEL.DCRF)` whose instances map (image
+# uint8 (H,W,3), probs (C,H,W)) to refined probs and pickle into worker processes. A new backend
+# is a module of its own and one line here.
+CRF_BACKENDS = {
+    "pydensecrf": DenseCRF,
+}
+
+
+def make_crf(params, backend: str = "pydensecrf"):
+    """The CRF of MODEL.DCRF `params` with MODEL.CRF_BACKEND `backend`; bad parameters are a
+    BanaError naming MODEL.DCRF."""
+    if backend not in CRF_BACKENDS:
+        raise BanaError(f"MODEL.CRF_BACKEND {backend!r} is unknown; choose one of "
+                        f"{', '.join(CRF_BACKENDS)}.")
+    try:
+        return CRF_BACKENDS[backend].from_list(params)
+    except ValueError as e:
+        raise BanaError(f"MODEL.DCRF = {list(params)}: {e}") from None
+
+
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     z = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(z)
