@@ -130,14 +130,16 @@ def untrained_miou(data: Path) -> float:
     """Val mIoU of a randomly initialised tiny DeepLab (seed 0): the floor stage 3 must beat."""
     import torch
 
-    from data.voc import VOCMaskDataset
+    from types import SimpleNamespace
+
+    from data.voc import VOCData
     from models.zoo import ModelSpec, build
     from utils.metrics import ConfusionMatrix
 
     torch.manual_seed(0)
     net = build(ModelSpec("deeplab", "tiny", 21)).eval()
     confmat = ConfusionMatrix(21)
-    for item in VOCMaskDataset(data, "val"):
+    for item in VOCData(SimpleNamespace(CLASSES=[], NUM_CLASSES=21), data).mask_dataset("val"):
         with torch.inference_mode():
             cos = net(item["image"][None].float(), out_size=item["image"].shape[-2:])
         confmat.update(cos[0].argmax(0), item["label"][0])

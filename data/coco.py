@@ -1,14 +1,25 @@
-"""MS-COCO 2017 instances as box supervision: classes, class maps, and the box dataset of stages 1–2.
+"""The COCO layout: MS-COCO 2017, and COCO-format exports of annotation tools (CVAT, datumaro,
+Roboflow, supervision, globox, labelme2coco, Label Studio) with their own categories.
 
-Layout under the root, as the COCO download or `data/synthetic_coco.py` creates it:
-    train2017/<file_name>    val2017/<file_name>    annotations/instances_{train2017,val2017}.json
-    BgMaskfromBoxes/{train2017,val2017}/<image_id>.png   (written by data/coco_bbox_setup.py)
-The background masks are named by the integer image id without zero padding ("397133.png"), the
-same string as a dataset item's `id`, so stage 2 can name its outputs `<id>.png` as on VOC.
+Under DATA.ROOT, per split (the first of each list that exists):
+    annotation file   annotations/instances_<split>.json (COCO, CVAT, datumaro),
+                      annotations/<split>.json, <split>/_annotations.coco.json (Roboflow,
+                      supervision), <split>.json (labelme2coco's train.json / val.json)
+    images            <file_name> relative to <split>/ (COCO), images/<split>/ (datumaro),
+                      images/, the root, or the annotation file's folder; an absolute
+                      `file_name` (labelme2coco) is used as it is, or by its name under those
+    BgMaskfromBoxes/<split>/<image_id>.png    written from the boxes on first use
+The background masks and stage 2's labels are named by the integer image id without zero padding
+("397133.png"), the same string as a dataset item's `id`.
 
 Classes. Index 0 is background. `class_map="coco80"` numbers the 80 COCO categories 1..80 in
 category-id order; `class_map="voc20"` keeps the 20 categories VOC shares, numbered as VOC does
-(`utils.palette.VOC_CLASSES`), so a classifier trained on VOC labels COCO images directly.
+(`utils.palette.VOC_CLASSES`), so a classifier trained on VOC labels COCO images directly;
+`class_map="all"` numbers every category of the training split's file (DATA.SPLIT) 1..K by
+ascending category id, and the other splits' categories are matched to those by name (tools
+number each file on its own: labelme2coco by first appearance, globox alphabetically over the
+labels present). Roboflow's dataset-level category (the `supercategory` of every other one,
+without annotations) is no class and is left out.
 
 Which annotations do what (one rule for every image):
 - The background mask is 1 outside EVERY annotation box of the image, crowd and unmapped
@@ -20,27 +31,28 @@ Which annotations do what (one rule for every image):
   dropped as COCO's own evaluation treats them: regions to ignore, not instances.
 - Images without any kept box stay in the dataset: their items have zero boxes.
 
-Shape shorthand: H × W image, K kept boxes. `COCOBoxDataset` items have the format of
-`data.voc.VOCBoxDataset` plus two columns for instance results:
+Shape shorthand: H × W image, K kept boxes. Box items have the format of
+`data.base.BoxDataset` plus two columns for instance results:
     id str (the image id), image uint8 (3, H, W) RGB, boxes float32 (K, 5) = x1, y1, x2, y2, class
     (class in the class map's numbering), bg_mask uint8 (1, H, W) (1 = background, 0 = in a box),
     ann_ids int64 (K,) (COCO annotation id of each box), category_ids int64 (K,) (its COCO
     category id).
-COCO's bbox [x, y, w, h] becomes x1 = x, y1 = y, x2 = x + w, y2 = y + h (pixel edges, as on VOC).
-A transform that drops boxes must drop the same rows of `ann_ids` and `category_ids`.
+COCO's bbox [x, y, w, h] (floats) becomes x1 = x, y1 = y, x2 = x + w, y2 = y + h: pixel edges,
+as on VOC. A transform that drops boxes must drop the same rows of `ann_ids` and `category_ids`.
 """
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.voc import has_area
+from data.base import Annotation, DatasetFormat, read_dataset_image
+from data.voc import check_num_classes
 from utils.errors import BanaError
-from utils.io import read_image, read_index_png
 from utils.palette import VOC_CLASSES
 
 # (category id, name) of the 80 COCO 2014/2017 detection categories; the ids have gaps.
@@ -89,12 +101,14 @@ SPLITS = ("train2017", "val2017")
 class ClassMap:
     """Which COCO categories a model predicts, and as which class index (0 = background).
 
-    names: class names, background first; index: category id -> class index 1..K.
+    names: class names, background first; index: category id -> class index 1..K; source: the
+    annotation file the numbering comes from (class map "all").
     """
 
     name: str
     names: tuple[str, ...]
     index: dict
+    source: Path | None = None
 
     @property
     def category_ids(self) -> list[int]:
@@ -146,19 +160,15 @@ def evaluated_category_ids(class_map: str) -> list[int]:
     return make_class_map(class_map).category_ids
 
 
-def annotation_path(root, split: str) -> Path:
-    return Path(root) / "annotations" / f"instances_{split}.json"
-
-
-def make_tree_hint(root) -> str:
-    return ("download the COCO 2017 images and annotations from https://cocodataset.org "
-            "(train2017.zip, val2017.zip, annotations_trainval2017.zip) and unpack them into "
-            f"{root}, or write a small synthetic tree with "
-            f"`python data/synthetic.py --format coco --out {root}`")
-
-
-def bg_mask_hint(root) -> str:
-    return f"create the background masks with `python data/coco_bbox_setup.py --data-root {root}`"
+def make_tree_hint(root, coco2017: bool = True) -> str:
+    if coco2017:
+        return ("for MS-COCO 2017, download the images and annotations from "
+                "https://cocodataset.org (train2017.zip, val2017.zip, annotations_trainval2017.zip) "
+                f"and unpack them into {root}; for your own COCO-format export, set "
+                "DATA.CLASS_MAP all")
+    return (f"a COCO-format dataset keeps each split's annotation file and images under {root} "
+            "as the README's 'Your own data' shows (annotations/instances_<split>.json and "
+            "<split>/<file_name>, or the layouts of Roboflow, datumaro and labelme2coco)")
 
 
 @dataclass
@@ -180,36 +190,57 @@ class CocoInstances:
     ann_ids: np.ndarray  # int64 (A,)
     iscrowd: np.ndarray  # bool (A,)
     categories: list  # [(category id, name)] in id order
+    has_mask: np.ndarray  # bool (A,): the annotation has a (non-empty) segmentation
     # The `segmentation` of each annotation (polygons or RLE; None where absent), in the order of
     # the arrays above; only loaded when asked for (it is large on train2017).
     segmentations: list | None = None
 
     def has_segmentation(self) -> bool:
         """Every non-crowd annotation has a segmentation (and there is at least one)."""
-        if self.segmentations is None or not len(self.ann_ids):
-            return False
-        return all(seg is not None for seg, crowd in zip(self.segmentations, self.iscrowd)
-                   if not crowd)
+        return bool(len(self.ann_ids)) and bool(self.has_mask[~self.iscrowd].all())
+
+    @cached_property
+    def images_with_masks(self) -> np.ndarray:
+        """bool (N,): the image has a ground truth: the file has masks (some non-crowd
+        annotation has a segmentation) and every non-crowd annotation of this image has one (an
+        image without annotations is then all background)."""
+        if not self.has_mask[~self.iscrowd].any():
+            return np.zeros(len(self.image_ids), bool)
+        image_of_row = np.repeat(np.arange(len(self.image_ids)), np.diff(self.offsets))
+        lacking = np.bincount(image_of_row, weights=~self.has_mask & ~self.iscrowd,
+                              minlength=len(self.image_ids))
+        return lacking == 0
 
     def rows(self, n: int) -> slice:
         return slice(int(self.offsets[n]), int(self.offsets[n + 1]))
 
 
 def _bad(path: Path, what: str) -> BanaError:
-    return BanaError(f"{path} is not a valid COCO instances file: {what}. Re-export it (or "
-                     "re-download annotations_trainval2017.zip for MS-COCO).")
+    return BanaError(f"{path} is not a valid COCO instances file: {what}. Fix or re-export "
+                     "it.")
 
 
-def _check_categories(path: Path, categories, coco2017: bool) -> list:
+def _check_categories(path: Path, categories, coco2017: bool, used=()) -> list:
     """[(id, name)] of the file's categories in id order. With coco2017, each must be the COCO
-    2017 category of that id (the voc20 and coco80 maps number COCO's own categories)."""
+    2017 category of that id (the voc20 and coco80 maps number COCO's own categories). Two
+    categories of one name are refused; Roboflow's dataset-level category (the supercategory of
+    every other one, with no annotation: `used` are the ids annotations use) is left out."""
     try:
         pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
+        parents = {str(c.get("supercategory", "")) for c in categories}
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(path, f"a category lacks an integer id or a name ({err!r})") from None
     ids = [cat_id for cat_id, _ in pairs]
     if len(set(ids)) != len(ids):
         raise _bad(path, "two categories share an id")
+    if len(pairs) > 1 and not coco2017:
+        roots = [(i, n) for i, n in pairs if i not in set(used) and parents - {""} == {n}]
+        pairs = [p for p in pairs if p not in roots]
+    names = [n for _, n in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise _bad(path, f"the category name(s) {', '.join(map(repr, twice))} belong to more than "
+                         "one id: classes are told apart by name, so merge them or rename one")
     for cat_id, name in pairs if coco2017 else ():
         if COCO_NAME_BY_ID.get(cat_id) != name:
             expected = COCO_NAME_BY_ID.get(cat_id, "no category (ids are those of COCO 2017)")
@@ -219,25 +250,41 @@ def _check_categories(path: Path, categories, coco2017: bool) -> list:
     return pairs
 
 
+def annotation_candidates(root, split: str) -> list[Path]:
+    """Where a split's annotation file may be, in the order they are tried (the module doc)."""
+    root = Path(root)
+    return [root / "annotations" / f"instances_{split}.json", root / "annotations" / f"{split}.json",
+            root / split / "_annotations.coco.json", root / f"{split}.json"]
+
+
+def annotation_path(root, split: str) -> Path:
+    """The split's annotation file: the first of `annotation_candidates` that exists (the first
+    one when none does)."""
+    candidates = annotation_candidates(root, split)
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
 def load_instances(root, split: str, coco2017: bool = True,
                    segmentations: bool = False) -> CocoInstances:
-    """Read annotations/instances_<split>.json into `CocoInstances`.
+    """Read the split's annotation file (`annotation_path`) into `CocoInstances`.
 
     Only what box supervision needs is kept (segmentations only with `segmentations`), so the
     full train2017 file (860k annotations) shrinks from gigabytes of Python objects to a few tens
     of megabytes of arrays. coco2017: the categories must be COCO 2017's (the voc20 and coco80
     class maps); otherwise any categories. Missing or malformed file, an annotation whose
-    category or image is not listed, a bbox without area or outside its image → BanaError
-    naming the file and the annotation.
+    category or image is not listed, a bbox without area or outside its image, a polygon of
+    fewer than three points or an RLE of another size than its image → BanaError naming the file
+    and the annotation.
     """
     root = Path(root)
     if not root.is_dir():
         raise BanaError(f"DATA.ROOT {root} does not exist or is not a folder: "
-                        f"{make_tree_hint(root)}.")
+                        f"{make_tree_hint(root, coco2017)}.")
     path = annotation_path(root, split)
     if not path.is_file():
-        raise BanaError(f"annotation file {path} not found (split '{split}'): "
-                        f"{make_tree_hint(root)}.")
+        tried = ", ".join(str(p.relative_to(root)) for p in annotation_candidates(root, split))
+        raise BanaError(f"no annotation file for split '{split}' under {root} (tried {tried}): "
+                        f"{make_tree_hint(root, coco2017)}.")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -245,7 +292,6 @@ def load_instances(root, split: str, coco2017: bool = True,
         raise _bad(path, f"invalid JSON ({err})") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations")):
         raise _bad(path, "expected a JSON object with 'images' and 'annotations'")
-    categories = _check_categories(path, data.get("categories", []), coco2017)
     try:
         images = sorted(data["images"], key=lambda im: im["id"])
         image_ids = np.array([im["id"] for im in images], dtype=np.int64)
@@ -269,6 +315,8 @@ def load_instances(root, split: str, coco2017: bool = True,
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(path, "an annotation lacks a valid image_id, bbox [x, y, w, h], category_id "
                          f"or id ({err!r})") from None
+    categories = _check_categories(path, data.get("categories", []), coco2017,
+                                   used=set(category_ids.tolist()))
     # voc20 / coco80 number COCO 2017's own categories; `all` numbers what the file lists.
     listed = set(COCO80_IDS) if coco2017 else {cat_id for cat_id, _ in categories}
     unknown = sorted(set(category_ids.tolist()) - listed)
@@ -287,6 +335,8 @@ def load_instances(root, split: str, coco2017: bool = True,
         raise _bad(path, f"annotation {int(ann_ids[first])} refers to image "
                          f"{int(ann_image[first])}, which is not in 'images'")
     _check_boxes(path, xywh, ann_ids, heights[image_index], widths[image_index])
+    has_mask = np.array([_check_segmentation(path, a, heights[n], widths[n])
+                         for a, n in zip(anns, image_index.tolist())], dtype=bool)
     order = np.argsort(image_index, kind="stable")
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)[order]
     return CocoInstances(
@@ -294,7 +344,7 @@ def load_instances(root, split: str, coco2017: bool = True,
         offsets=np.concatenate([[0], np.cumsum(np.bincount(image_index, minlength=len(image_ids)))]
                                ).astype(np.int64),
         boxes=boxes.astype(np.float32), category_ids=category_ids[order], ann_ids=ann_ids[order],
-        iscrowd=iscrowd[order], categories=categories,
+        iscrowd=iscrowd[order], categories=categories, has_mask=has_mask[order],
         segmentations=[anns[k].get("segmentation") or None for k in order.tolist()]
         if segmentations else None)
 
@@ -320,104 +370,32 @@ def _check_boxes(path: Path, xywh: np.ndarray, ann_ids: np.ndarray, heights: np.
                              "the export")
 
 
-def kept_boxes(boxes: np.ndarray, category_ids: np.ndarray, iscrowd: np.ndarray, height: int,
-               width: int, class_map) -> tuple[np.ndarray, np.ndarray]:
-    """The class targets among one image's annotations.
-
-    boxes float32 (A, 4) x1, y1, x2, y2; category_ids int (A,); iscrowd bool (A,). Returns
-    (boxes float32 (K, 5) = clipped x1, y1, x2, y2, class index, keep int64 (K,) = the rows of the
-    input they come from). Dropped: crowd boxes, categories outside the class map, and boxes
-    without area after clipping (quietly: COCO has a few). Thin boxes are kept, as the authors
-    keep them.
-    """
-    mapping = (class_map if isinstance(class_map, ClassMap) else make_class_map(class_map)).index
-    clipped = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
-    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
-    classes = np.array([mapping.get(int(c), 0) for c in category_ids], dtype=np.float32)
-    keep = (classes > 0) & ~np.asarray(iscrowd, bool) & has_area(clipped)
-    keep = np.flatnonzero(keep)
-    return np.concatenate([clipped[keep], classes[keep, None]], axis=1), keep
-
-
-def _check_files(paths: list[Path], what: str, fix: str) -> None:
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise BanaError(f"{len(missing)} of {len(paths)} {what} are missing, e.g. {missing[0]}: "
-                        f"{fix}.")
-
-
-class COCOBoxDataset(Dataset):
-    """COCO images with their boxes (in the class map's numbering) and background mask.
-
-    split: "train2017" or "val2017" (any name with annotations/instances_<split>.json works).
-    Every image of the annotation file is an item, in image-id order.
-    """
-
-    def __init__(self, root, split: str, class_map: str = "voc20", transform=None):
-        named = check_class_map(class_map) != "all"
-        self.instances = load_instances(root, split, coco2017=named)
-        self.class_map = make_class_map(class_map, self.instances.categories)
-        self.root = Path(root)
-        self.split = split
-        self.transform = transform
-        self.ids = [str(i) for i in self.instances.image_ids.tolist()]
-        self._index = {image_id: n for n, image_id in enumerate(self.ids)}
-        _check_files([self.image_path(i) for i in self.ids], "images", make_tree_hint(self.root))
-        _check_files([self.bg_mask_path(i) for i in self.ids], "background masks",
-                     bg_mask_hint(self.root))
-
-    @property
-    def annotation_file(self) -> Path:
-        return self.instances.path
-
-    @property
-    def num_classes(self) -> int:
-        return self.class_map.num_classes
-
-    def image_path(self, image_id: str) -> Path:
-        return self.root / self.split / self.instances.file_names[self._index[image_id]]
-
-    def bg_mask_path(self, image_id: str) -> Path:
-        return self.root / "BgMaskfromBoxes" / self.split / f"{image_id}.png"
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _read_bg_mask(self, image_id: str, height: int, width: int) -> np.ndarray:
-        path = self.bg_mask_path(image_id)
-        if not path.is_file():
-            raise BanaError(f"background mask {path} not found: {bg_mask_hint(self.root)}.")
-        bg_mask = read_index_png(path)
-        if bg_mask.shape != (height, width) or bg_mask.max(initial=0) > 1:
-            found = (f"is {bg_mask.shape[1]}x{bg_mask.shape[0]}, the image {width}x{height}"
-                     if bg_mask.shape != (height, width) else "holds values other than 0 and 1")
-            raise BanaError(f"background mask {path} {found}: delete it and re-create it with "
-                            f"`python data/coco_bbox_setup.py --data-root {self.root}`.")
-        return bg_mask
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        inst = self.instances
-        image_path = self.image_path(image_id)
-        image = read_image(image_path)
-        height, width = image.shape[:2]
-        if (height, width) != (inst.heights[index], inst.widths[index]):
-            raise BanaError(f"image {image_path} is {width}x{height} but {inst.path} says "
-                            f"{inst.widths[index]}x{inst.heights[index]}: the image and the "
-                            "annotation file do not belong together; re-download them.")
-        rows = inst.rows(index)
-        boxes, keep = kept_boxes(inst.boxes[rows], inst.category_ids[rows], inst.iscrowd[rows],
-                                 height, width, self.class_map)
-        sample = {
-            "id": image_id,
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "boxes": torch.from_numpy(boxes),
-            "bg_mask": torch.from_numpy(self._read_bg_mask(image_id, height, width))[None],
-            "ann_ids": torch.from_numpy(inst.ann_ids[rows][keep]),
-            "category_ids": torch.from_numpy(inst.category_ids[rows][keep]),
-        }
-        return self.transform(sample) if self.transform is not None else sample
+def _check_segmentation(path: Path, ann: dict, height: int, width: int) -> bool:
+    """Whether the annotation has a segmentation; a malformed one (a polygon of fewer than three
+    points or an odd count, an RLE of another size than its image) is a BanaError naming the
+    annotation: pycocotools would fail on it with a traceback, or silently paint garbage."""
+    seg = ann.get("segmentation")
+    if not seg:  # absent, None or [] (box-only tools write an empty list)
+        return False
+    where = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
+    if isinstance(seg, list):
+        for polygon in seg:
+            if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
+                    or not all(isinstance(v, (int, float)) for v in polygon)):
+                shown = polygon if not isinstance(polygon, list) or len(polygon) < 12 else \
+                    f"{polygon[:12]}..."
+                raise _bad(path, f"{where} has a polygon {shown} that is not a list of at least "
+                                 "three x, y points")
+        return True
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(size, list) or len(size) != 2:
+            raise _bad(path, f"{where} has an RLE segmentation without 'counts' and 'size'")
+        if [int(size[0]), int(size[1])] != [int(height), int(width)]:
+            raise _bad(path, f"{where} has an RLE of size {size} (height, width) but its image "
+                             f"is {width}x{height}")
+        return True
+    raise _bad(path, f"{where} has a segmentation that is neither polygons nor an RLE")
 
 
 def rasterise_semantic(height: int, width: int, boxes_area, classes, crowd, segmentations,
@@ -454,90 +432,169 @@ def rasterise_semantic(height: int, width: int, boxes_area, classes, crowd, segm
     return label
 
 
-class COCOMaskDataset(Dataset):
-    """COCO images with label maps: pseudo labels from `label_dirs` (`<dir>/<image id>.png`), or
-    the semantic ground truth rasterised from the instance segmentations (`rasterise_semantic`)
-    when `label_dirs` is empty or for the ids in `gt_ids`.
+class COCOData(DatasetFormat):
+    """The COCO layout (see the module doc): COCO 2017 with DATA.CLASS_MAP voc20 / coco80, or any
+    COCO-format export with DATA.CLASS_MAP all (its own categories, matched by name across the
+    split files)."""
 
-    Items as `data.voc.VOCMaskDataset`'s: id, image uint8 (3, H, W), label int64 (L, H, W).
-    """
+    name = "coco"
+    writes_instances = True
+    warn_dropped = False  # COCO has a few empty boxes; dropping them is not news
 
-    def __init__(self, root, split: str, class_map: str = "voc20", label_dirs=(),
-                 transform=None, gt_ids=None):
-        named = check_class_map(class_map) != "all"
-        self.root = Path(root)
-        self.split = split
-        self.label_dirs = [self.root / d for d in label_dirs]
-        self.gt_ids = frozenset(gt_ids or ())
-        needs_gt = not self.label_dirs or bool(self.gt_ids)
-        self.instances = load_instances(root, split, coco2017=named, segmentations=needs_gt)
-        self.class_map = make_class_map(class_map, self.instances.categories)
-        if needs_gt and not self.instances.has_segmentation():
-            raise BanaError(
-                f"split '{split}' has no segmentation masks in {self.instances.path} (every "
-                "non-crowd annotation needs a 'segmentation'), so there is no ground truth to "
-                "score or to train on. Train on its pseudo labels, and evaluate on a split "
-                "whose annotations have masks.")
-        self.transform = transform
-        self.ids = [str(i) for i in self.instances.image_ids.tolist()]
-        self._index = {image_id: n for n, image_id in enumerate(self.ids)}
-        _check_files([self.image_path(i) for i in self.ids], "images", make_tree_hint(self.root))
-        pseudo = [d / f"{i}.png" for i in self.ids if i not in self.gt_ids for d in self.label_dirs]
-        _check_files(pseudo, "label files", "stage 2 writes them (`python stage2.py "
-                     "--config-file CONFIG` with the same DATA.ROOT and DATA.PSEUDO_LABEL_DIR)")
+    def __init__(self, data_cfg, root: Path):
+        super().__init__(data_cfg, root)
+        self.class_map_name = check_class_map(data_cfg.CLASS_MAP)
+        self.num_classes = getattr(data_cfg, "NUM_CLASSES", None)
+        self.coco2017 = self.class_map_name != "all"
+        self._instances: dict[str, CocoInstances] = {}
+        self._maps: dict[str, ClassMap] = {}
+        self._bases: dict[str, Path] = {}
+        self._index: dict[str, dict[str, int]] = {}
+
+    @staticmethod
+    def detect(root: Path, split: str) -> bool:
+        return any(p.is_file() for p in annotation_candidates(root, split))
+
+    def missing_files_hint(self, what: str) -> str:
+        return make_tree_hint(self.root, self.coco2017)
+
+    def instances(self, split: str) -> CocoInstances:
+        """The split's annotation file, read once (segmentations included: they say which
+        images have a ground truth, and make it)."""
+        if split not in self._instances:
+            self._instances[split] = load_instances(self.root, split, coco2017=self.coco2017,
+                                                    segmentations=True)
+        return self._instances[split]
+
+    def annotation_file(self, split: str) -> Path:
+        return self.instances(split).path
+
+    @cached_property
+    def canonical(self) -> ClassMap:
+        """The class map of the training split (DATA.SPLIT), whose numbering every split keeps."""
+        if self.coco2017:
+            names = make_class_map(self.class_map_name)
+        else:
+            split = getattr(self.data_cfg, "SPLIT", None)
+            if not split or not annotation_path(self.root, split).is_file():
+                split = next(iter(self._instances), split)
+            names = make_class_map("all", self.instances(split).categories)
+            names = ClassMap("all", names.names, names.index, source=self.annotation_file(split))
+        check_num_classes(names.names, self.num_classes,
+                          f"DATA.CLASS_MAP {self.class_map_name}"
+                          + (f" on {names.source}" if names.source else ""))
+        return names
 
     @property
-    def num_classes(self) -> int:
-        return self.class_map.num_classes
+    def classes(self) -> tuple[str, ...]:
+        return self.canonical.names
 
-    def image_path(self, image_id: str) -> Path:
-        return self.root / self.split / self.instances.file_names[self._index[image_id]]
+    def class_map(self, split: str) -> ClassMap:
+        """Category id of this split's file -> class index, matched by name to the training
+        split's numbering; a category name the training split lacks is refused, naming it."""
+        if split not in self._maps:
+            inst = self.instances(split)
+            canonical = self.canonical
+            if self.coco2017:
+                self._maps[split] = canonical
+            else:
+                by_name = {name: k for k, name in enumerate(canonical.names) if k}
+                extra = sorted(name for _, name in inst.categories if name not in by_name)
+                if extra:
+                    raise BanaError(
+                        f"{inst.path} lists the categories {', '.join(map(repr, extra))}, which "
+                        f"{canonical.source} (DATA.SPLIT, whose classes the model learns) does "
+                        f"not; its classes are {', '.join(canonical.names[1:])}. Categories are "
+                        "matched by name across the split files (their ids may differ): add "
+                        "the missing ones to the training split's file, or remove those "
+                        "annotations.")
+                index = {cat_id: by_name[name] for cat_id, name in inst.categories}
+                self._maps[split] = ClassMap("all", canonical.names, index, source=inst.path)
+        return self._maps[split]
 
-    def gt_label(self, image_id: str) -> np.ndarray:
-        """uint8 (H, W): the semantic ground truth of one image (255 = ignore)."""
-        n = self._index[image_id]
-        inst, rows = self.instances, self.instances.rows(n)
+    def split_ids(self, split: str) -> list[str]:
+        return [str(i) for i in self.instances(split).image_ids.tolist()]
+
+    def _row(self, split: str, image_id: str) -> int:
+        if split not in self._index:
+            self._index[split] = {str(i): n for n, i in
+                                  enumerate(self.instances(split).image_ids.tolist())}
+        return self._index[split][image_id]
+
+    def _base(self, split: str) -> Path:
+        """The folder the split's relative file names are relative to (module doc): the first
+        candidate holding most of a sample of them."""
+        if split not in self._bases:
+            inst = self.instances(split)
+            names = [n for n in inst.file_names if not Path(n).is_absolute()][:20]
+            candidates = [self.root / split, self.root / "images" / split, self.root / "images",
+                          self.root, inst.path.parent]
+            found = [sum((c / n).is_file() for n in names) for c in candidates]
+            self._bases[split] = candidates[int(np.argmax(found))] if max(found, default=0) \
+                else candidates[0]
+        return self._bases[split]
+
+    def image_path(self, split: str, image_id: str) -> Path:
+        name = Path(self.instances(split).file_names[self._row(split, image_id)])
+        if name.is_absolute():
+            if name.is_file():
+                return name
+            name = Path(name.name)  # an absolute path of another machine: look for the file here
+        return self._base(split) / name
+
+    def check_images(self, split: str, ids) -> None:
+        paths = [self.image_path(split, i) for i in ids]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise BanaError(
+                f"{len(missing)} of {len(paths)} images of split '{split}' are missing, e.g. "
+                f"{missing[0]} (its file_name in {self.annotation_file(split)} is "
+                f"{self.instances(split).file_names[self._row(split, ids[paths.index(missing[0])])]!r}"
+                f"): the images of a COCO split go to {self.root / split}/, "
+                f"{self.root / 'images' / split}/ or {self.root / 'images'}/, at their file_name "
+                "(an absolute file_name that does not exist is looked for there by its name).")
+
+    def annotation_source(self, split: str, image_id: str) -> Path:
+        return self.annotation_file(split)
+
+    def bg_mask_path(self, split: str, image_id: str) -> Path:
+        return self.root / "BgMaskfromBoxes" / split / f"{image_id}.png"
+
+    def annotation(self, split: str, image_id: str) -> Annotation:
+        """The non-crowd boxes of mapped categories as targets (with their annotation and
+        category ids); every box, crowd and unmapped ones included, for the background mask."""
+        inst, n = self.instances(split), self._row(split, image_id)
+        rows = inst.rows(n)
+        mapping = self.class_map(split).index
+        category_ids = inst.category_ids[rows]
+        classes = np.array([mapping.get(int(c), 0) for c in category_ids], dtype=np.int64)
+        keep = np.flatnonzero((classes > 0) & ~inst.iscrowd[rows])
+        return Annotation(inst.boxes[rows][keep], classes[keep],
+                          extras={"ann_ids": inst.ann_ids[rows][keep],
+                                  "category_ids": category_ids[keep]},
+                          mask_boxes=inst.boxes[rows],
+                          size=(int(inst.heights[n]), int(inst.widths[n])))
+
+    def annotated_size_hint(self) -> str:
+        return "the image and the annotation file do not belong together; re-export them"
+
+    def gt_ids(self, split: str) -> list[str]:
+        inst = self.instances(split)
+        return [str(i) for i, ok in zip(inst.image_ids.tolist(), inst.images_with_masks) if ok]
+
+    def gt_label(self, split: str, image_id: str) -> np.ndarray | None:
+        """uint8 (H, W): the semantic ground truth of one image rasterised from its instance
+        masks (`rasterise_semantic`), or None where the image has none."""
+        inst, n = self.instances(split), self._row(split, image_id)
+        if not inst.images_with_masks[n]:
+            return None
+        rows = inst.rows(n)
         boxes = inst.boxes[rows]
-        classes = [self.class_map.index.get(int(c), 0) for c in inst.category_ids[rows]]
+        mapping = self.class_map(split).index
+        classes = [mapping.get(int(c), 0) for c in inst.category_ids[rows]]
         return rasterise_semantic(int(inst.heights[n]), int(inst.widths[n]),
                                   (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
                                   classes, inst.iscrowd[rows], inst.segmentations[rows])
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _read_label(self, path: Path, image_path: Path, height: int, width: int) -> np.ndarray:
-        label = read_index_png(path)
-        if label.shape != (height, width):
-            raise BanaError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
-                            f"{image_path} is {width}x{height}; labels must match their image: "
-                            "re-create it with stage 2.")
-        bad = np.unique(label[(label >= self.num_classes) & (label != 255)])
-        if bad.size:
-            raise BanaError(f"label {path} holds values {bad[:10].tolist()}, outside the classes "
-                            f"0..{self.num_classes - 1} and the ignore value 255: re-create it "
-                            "with stage 2, or check DATA.CLASS_MAP / DATA.NUM_CLASSES.")
-        return label
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        image_path = self.image_path(image_id)
-        image = read_image(image_path)
-        height, width = image.shape[:2]
-        if not self.label_dirs or image_id in self.gt_ids:
-            gt = self.gt_label(image_id)
-            if gt.shape != (height, width):
-                raise BanaError(f"image {image_path} is {width}x{height} but "
-                                f"{self.instances.path} says {gt.shape[1]}x{gt.shape[0]}: the "
-                                "image and the annotation file do not belong together.")
-            labels = [gt] * max(1, len(self.label_dirs))
-        else:
-            labels = [self._read_label(d / f"{image_id}.png", image_path, height, width)
-                      for d in self.label_dirs]
-        sample = {"id": image_id,
-                  "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                  "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
-        return self.transform(sample) if self.transform is not None else sample
 
 
 class COCOInstanceDataset(Dataset):
@@ -550,12 +607,12 @@ class COCOInstanceDataset(Dataset):
     (N, H, W). flip: mirror image and targets with probability 0.5 (training).
     """
 
-    def __init__(self, root, split: str, annotation_file, class_map, masks: str = "gt",
+    def __init__(self, data: COCOData, split: str, annotation_file, masks: str = "gt",
                  flip: bool = False):
         from utils.coco_eval import load_ground_truth
 
-        self.root, self.split, self.masks, self.flip = Path(root), split, masks, flip
-        self.class_map = class_map
+        self.data, self.split, self.masks, self.flip = data, split, masks, flip
+        self.class_map = data.class_map(split)
         self.annotation_file = Path(annotation_file)
         if not self.annotation_file.is_file():
             raise BanaError(f"instance masks {self.annotation_file} not found: stage 2 writes "
@@ -570,10 +627,10 @@ class COCOInstanceDataset(Dataset):
                 raise BanaError(f"{self.annotation_file} has annotations without a segmentation: "
                                 "MODEL.INSTANCE_MASKS gt needs the split's own masks; use Y_crf, "
                                 "Y_ret or box.")
-        _check_files([self.image_path(i) for i in self.ids], "images", make_tree_hint(self.root))
+        data.check_images(split, self.ids)
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / self.split / self.coco.imgs[int(image_id)]["file_name"]
+        return self.data.image_path(self.split, image_id)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -609,7 +666,7 @@ class COCOInstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
-        image = read_image(self.image_path(image_id))
+        image = read_dataset_image(self.data, self.split, image_id)
         height, width = image.shape[:2]
         boxes, labels, masks = self.targets(image_id, height, width)
         if self.flip and torch.rand(()).item() < 0.5:

@@ -35,7 +35,8 @@ import numpy as np
 
 from data.painting import (MARKER, SHAPES, all_visible, background, paint, shape_mask,
                            style_for, texture_field)
-from data.voc import SPLIT_DIR, clip_boxes, parse_annotation, read_split
+from data.base import clip_boxes
+from data.voc import SPLIT_DIR, parse_annotation
 from data.voc_bbox_setup import write_bg_masks
 from utils.boxes import fill_boxes
 from utils.cli import guarded
@@ -112,11 +113,12 @@ def annotation_xml(image_id: str, size: int, boxes: np.ndarray) -> str:
 def box_baseline_miou(root: Path, split: str, num_classes: int = 21) -> float:
     """mIoU (%) of filling every box of the split with its class, against the GT masks."""
     matrix = ConfusionMatrix(num_classes)
-    for image_id in read_split(root, split):
+    for image_id in (root / SPLIT_DIR / f"{split}.txt").read_text().split():
         gt = read_index_png(root / "SegmentationClassAug" / f"{image_id}.png")
         boxes, classes = parse_annotation(root / "Annotations" / f"{image_id}.xml")
-        boxes = clip_boxes(boxes, classes, *gt.shape)
-        matrix.update(fill_boxes(boxes, *gt.shape), gt)
+        boxes, keep = clip_boxes(boxes, *gt.shape)
+        filled = np.concatenate([boxes[keep], classes[keep, None].astype(np.float32)], 1)
+        matrix.update(fill_boxes(filled, *gt.shape), gt)
     return float(matrix.compute()["miou"])
 
 

@@ -1,104 +1,109 @@
-"""PASCAL VOC 2012 (+ SBD) datasets: images with boxes for stage 1, images with masks for stage 3.
+"""The PASCAL VOC layout: VOC 2012 (+ SBD) itself, and VOC-XML exports of annotation tools
+(LabelImg, CVAT "Pascal VOC 1.1", datumaro, supervision, globox) with their own classes.
 
-Layout under the root (SPEC §0), as `data/setup_voc.bash` or `data/synthetic.py` creates it:
-    JPEGImages/<id>.jpg            Annotations/<id>.xml        BgMaskfromBoxes/<id>.png
-    SegmentationClassAug/<id>.png  ImageSets/Segmentation/{train_aug,train,val}.txt
+Under DATA.ROOT (SPEC §0):
+    JPEGImages/<id>.<ext>           any common image extension (.jpg, .png, ...)
+    Annotations/<id>.xml            <object><name>, <bndbox> xmin ymin xmax ymax; an image whose
+                                    XML is absent has no objects (LabelImg writes none for them)
+    ImageSets/Segmentation/<split>.txt, or ImageSets/Main/<split>.txt: the image ids of a split
+    SegmentationClassAug/<id>.png   optional ground truth (or SegmentationClass/), for scoring
+    BgMaskfromBoxes/<id>.png        written from the boxes on first use
+    labelmap.txt                    optional class list (a plain list, or datumaro's / CVAT's
+                                    `name:color:parts:actions` lines); DATA.CLASSES takes
+                                    precedence; neither = the 20 PASCAL VOC classes
 
-Shape shorthand: H × W image, K boxes, L label channels. Items are dicts of tensors:
-- `VOCBoxDataset`:  id, image uint8 (3, H, W) RGB, boxes float32 (K, 5) = x1, y1, x2, y2, class,
-  bg_mask uint8 (1, H, W) (1 = background, 0 = inside a box, 255 = padding after transforms).
-- `VOCMaskDataset`: id, image uint8 (3, H, W) RGB, label int64 (L, H, W) (255 = ignore).
-Box coordinates are pixel edges: x1 = 0 is the left edge of column 0, x2 = W the right edge of
-the last column, so clipping to the image clips to [0, W] × [0, H].
+Coordinates: the XML numbers are read as floats and used as they are, as the authors read PASCAL
+VOC: xmin..xmax are pixel edges (a box covers columns int(xmin) .. int(xmax) - 1 of the
+background mask), with no 1-based shift. Every object is kept, difficult ones too.
 """
 
-import warnings
+from __future__ import annotations
+
 import xml.etree.ElementTree as ET
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from data.base import Annotation, DatasetFormat, no_boxes
 from utils.errors import BanaError
-from utils.io import read_image, read_index_png, read_label_png
+from utils.io import read_image_size, read_label_png
 from utils.palette import VOC_CLASSES
 
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
-IGNORE_INDEX = 255
-
-_MAKE_TREE = ("create it with `bash data/setup_voc.bash DATA_DIR` (PASCAL VOC) or "
-              "`python data/synthetic.py --out {root}` (small synthetic dataset)")
-
-
-def _make_tree_hint(root) -> str:
-    return _MAKE_TREE.format(root=root)
+MAIN_SPLIT_DIR = Path("ImageSets") / "Main"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+GT_DIRS = ("SegmentationClassAug", "SegmentationClass")
+LABELMAP = "labelmap.txt"
 
 
-def _bg_mask_hint(root) -> str:
-    return f"create the background masks with `python data/voc_bbox_setup.py --data-root {root}`"
+def read_class_list(value, root: Path | None = None) -> tuple[tuple[str, ...], str]:
+    """(class names without background, where they came from) for DATA.CLASSES: a list of names,
+    or one path to a file with a name per line (a plain list, or CVAT's / datumaro's labelmap.txt
+    with `name:colour:parts:actions` lines and `#` comments). Empty: ROOT/labelmap.txt if it
+    exists, else the 20 PASCAL VOC classes. A `background` entry is dropped: class 0 is always
+    background."""
+    value = list(value or ())
+    if not value and root is not None and (Path(root) / LABELMAP).is_file():
+        value = [str(Path(root) / LABELMAP)]
+    if not value:
+        return tuple(VOC_CLASSES[1:]), "PASCAL VOC"
+    if len(value) == 1 and (Path(value[0]).is_file() or value[0].endswith(".txt")):
+        path = Path(value[0])
+        if not path.is_file():
+            raise BanaError(f"DATA.CLASSES names the class list {path}, which does not exist: "
+                            "give a file with one class name per line (CVAT/LabelImg/datumaro "
+                            "labelmap.txt works), or the names themselves, e.g. [cat, dog].")
+        lines = [line.split("#", 1)[0].split(":", 1)[0].strip()
+                 for line in path.read_text().splitlines()]
+        names, source = [n for n in lines if n], str(path)
+    else:
+        names, source = [str(n).strip() for n in value], "DATA.CLASSES"
+    names = [n for n in names if n.lower() != "background"]
+    if not names:
+        raise BanaError(f"{source} lists no class names (besides background).")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BanaError(f"{source} lists {', '.join(duplicates)} more than once: two classes of "
+                        "one name could not be told apart.")
+    return tuple(names), source
 
 
-def check_root(root) -> Path:
-    """The dataset root as a Path; a missing folder → BanaError with the commands that create it."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BanaError(f"DATA.ROOT {root} does not exist or is not a folder: {_make_tree_hint(root)}.")
-    return root
+def check_num_classes(classes, num_classes, where: str) -> None:
+    if num_classes is not None and num_classes != len(classes):
+        raise BanaError(f"{where} has {len(classes) - 1} classes plus background, so "
+                        f"DATA.NUM_CLASSES must be {len(classes)}, not {num_classes} "
+                        f"(--opts DATA.NUM_CLASSES {len(classes)}).")
 
 
-def read_split(root, split: str) -> list[str]:
-    """Image ids of `ImageSets/Segmentation/<split>.txt`, in file order.
-
-    A line may also be a DeepLab-style pair "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png":
-    the id is taken from the first path. Missing or empty list → BanaError naming the file.
-    """
-    root = check_root(root)
-    path = root / SPLIT_DIR / f"{split}.txt"
-    if not path.is_file():
-        raise BanaError(f"split list {path} not found (split '{split}'): {_make_tree_hint(root)}.")
-    ids = []
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if fields:
-            ids.append(Path(fields[0]).stem if "/" in fields[0] else fields[0])
-    if len(set(ids)) != len(ids):
-        seen, twice = set(), []
-        for i in ids:
-            if i in seen and i not in twice:
-                twice.append(i)
-            seen.add(i)
-        raise BanaError(f"split list {path} lists {len(twice)} image id(s) more than once "
-                        f"({', '.join(twice[:5])}): each would count twice. Remove the repeats.")
-    if not ids:
-        raise BanaError(f"split list {path} is empty: expected one image id per line; "
-                        f"{_make_tree_hint(root)}.")
-    return ids
+def parse_annotation(xml_path, classes=VOC_CLASSES, strict: bool = True):
+    """Boxes and classes of a VOC annotation: float32 (K, 4) x1, y1, x2, y2 and int64 (K,);
+    see `read_xml`."""
+    return read_xml(xml_path, classes, strict)[:2]
 
 
-def parse_annotation(xml_path, classes=VOC_CLASSES) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes and classes of a VOC annotation: float32 (K, 4) x1, y1, x2, y2 and int64 (K,).
+def read_xml(xml_path, classes=VOC_CLASSES, strict: bool = True):
+    """Boxes, classes and recorded size of a VOC annotation: (float32 (K, 4) x1, y1, x2, y2,
+    int64 (K,), (H, W) or None).
 
-    classes: the class names, background first (class k is `classes[k]`; default PASCAL VOC's,
-    DATA.CLASSES for your own). The numbers are kept as the XML's floats and every object is
-    kept, difficult ones too, as the reference does (SPEC §0). Unknown class name, missing or
-    non-numeric coordinates, or malformed XML → BanaError naming the file.
-    """
+    classes: the class names, background first (class k is `classes[k]`). With `strict`, an
+    object of another class is an error; without, every object's box is read (the background
+    mask does not depend on names) and its class is 0. The numbers are the XML's floats, every
+    object kept, difficult ones too (SPEC §0). Missing or non-numeric coordinates, a max below
+    its min, or malformed XML -> BanaError naming the file."""
     xml_path = Path(xml_path)
-    if not xml_path.is_file():
-        root = xml_path.parent.parent
-        raise BanaError(f"annotation {xml_path} not found: {_make_tree_hint(root)}.")
     try:
         tree = ET.parse(xml_path)
     except ET.ParseError as err:
         raise BanaError(f"annotation {xml_path} is not valid XML ({err}); re-create or "
-                        "re-download it.") from None
+                        "re-export it.") from None
     boxes, labels = [], []
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
-        if name not in classes[1:]:
-            fix = ("list your classes in DATA.CLASSES (names, or a labelmap.txt file)"
-                   if tuple(classes) == VOC_CLASSES else "add it to DATA.CLASSES")
+        if strict and name not in classes[1:]:
+            fix = ("list your classes in DATA.CLASSES (names, or a labelmap.txt file) or in "
+                   "ROOT/labelmap.txt" if tuple(classes) == VOC_CLASSES else "add it to "
+                   "DATA.CLASSES (or labelmap.txt)")
             raise BanaError(f"annotation {xml_path} has an object of unknown class '{name}'; "
                             f"expected one of: {', '.join(classes[1:])}. If it is a class of "
                             f"your data, {fix}.")
@@ -112,207 +117,174 @@ def parse_annotation(xml_path, classes=VOC_CLASSES) -> tuple[np.ndarray, np.ndar
                             f"= {box}, a box whose max is below its min (swapped corners?). Fix "
                             "the export; such a box would silently become background.")
         boxes.append(box)
-        labels.append(classes.index(name))
+        labels.append(classes.index(name) if name in classes[1:] else 0)
+    size = None
+    try:
+        width, height = (int(float(tree.getroot().find("size").findtext(k)))
+                         for k in ("width", "height"))
+        size = (height, width) if width > 0 and height > 0 else None
+    except (AttributeError, TypeError, ValueError):
+        pass  # no (numeric) <size>: nothing to check the image against
     return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            np.asarray(labels, dtype=np.int64))
+            np.asarray(labels, dtype=np.int64), size)
 
 
-def has_area(boxes: np.ndarray) -> np.ndarray:
-    """(K,) bool: x2 > x1 and y2 > y1, however thin the box (boxes (K, >=4) x1, y1, x2, y2)."""
-    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+class VOCData(DatasetFormat):
+    """The PASCAL VOC layout (see the module doc) with the classes of DATA.CLASSES."""
 
+    name = "voc"
+    test_split = "test"
 
-def clip_boxes(boxes: np.ndarray, classes: np.ndarray, height: int, width: int,
-               source="") -> np.ndarray:
-    """Clip boxes to the image and drop empty ones; returns float32 (K', 5) with the class.
+    def __init__(self, data_cfg, root: Path):
+        super().__init__(data_cfg, root)
+        names, self.class_source = read_class_list(getattr(data_cfg, "CLASSES", ()), self.root)
+        self._classes = ("background", *names)
+        check_num_classes(self._classes, getattr(data_cfg, "NUM_CLASSES", None),
+                          self.class_source)
+        self._splits: dict[str, list[str]] = {}
+        self._without_xml: dict[str, int] = {}
 
-    boxes: (K, 4), classes: (K,). Thin boxes are kept, as the authors keep them; a box without
-    area after clipping (e.g.
-    xmax <= xmin, or entirely outside the image) is dropped with a warning naming `source`.
-    """
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
-    keep = has_area(boxes)
-    if not keep.all():
-        warnings.warn(f"{source}: dropped {int((~keep).sum())} empty or degenerate box(es) "
-                      f"(after clipping to the {width}x{height} image)")
-    return np.concatenate([boxes[keep], np.asarray(classes, np.float32).reshape(-1, 1)[keep]], axis=1)
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._classes
 
+    @property
+    def benchmark(self) -> bool:
+        """PASCAL VOC 2012 itself (its classes), rather than a user's own export."""
+        return self.class_source == "PASCAL VOC"
 
-def _check_files(paths: list[Path], what: str, hint) -> None:
-    """Fail before training starts, not mid-epoch in a worker, when files are missing.
+    def missing_files_hint(self, what: str) -> str:
+        if self.benchmark:
+            return ("create the PASCAL VOC tree with `bash data/setup_voc.bash DATA_DIR`, or, "
+                    "for your own data, set DATA.CLASSES (or ROOT/labelmap.txt)")
+        layout = {"images": "JPEGImages/<id>.<jpg|png|...>",
+                  "ground truth": "SegmentationClassAug/<id>.png (or SegmentationClass/), "
+                                  "optional: without it, train without validation and score "
+                                  "with evaluate.py on a split that has it"}
+        return (f"a VOC-layout dataset keeps {layout.get(what, what)} under DATA.ROOT "
+                f"({self.root}) for every id of the split list")
 
-    hint: the fix, or a function of the first missing path that returns it.
-    """
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        fix = hint(missing[0]) if callable(hint) else hint
-        raise BanaError(f"{len(missing)} of {len(paths)} {what} are missing, e.g. {missing[0]}: {fix}.")
+    # Split lists.
+    def _list_path(self, split: str) -> Path:
+        """ImageSets/Segmentation/<split>.txt, or ImageSets/Main/<split>.txt where there is no
+        Segmentation list, or where the Segmentation list is datumaro's list of the images
+        without any annotation (none of its images has objects or a mask)."""
+        seg, main = self.root / SPLIT_DIR / f"{split}.txt", self.root / MAIN_SPLIT_DIR / f"{split}.txt"
+        if seg.is_file() and (not main.is_file() or self._a_segmentation_list(seg)):
+            return seg
+        if main.is_file():
+            return main
+        if not self.root.is_dir():
+            raise BanaError(f"DATA.ROOT {self.root} does not exist or is not a folder: "
+                            f"{self.missing_files_hint('root')}.")
+        found = sorted(p.stem for d in (SPLIT_DIR, MAIN_SPLIT_DIR)
+                       for p in (self.root / d).glob("*.txt"))
+        raise BanaError(f"split list {seg} not found (split '{split}'; ImageSets/Main/{split}.txt "
+                        f"neither)" + (f"; the splits there are: {', '.join(found)}" if found
+                                       else "") + f". {self.missing_files_hint('split')}.")
 
+    def _a_segmentation_list(self, path: Path) -> bool:
+        ids = _read_list(path)
+        return any(self._gt_path(i) is not None or self._has_objects(i) for i in ids)
 
-def _to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    def _has_objects(self, image_id: str) -> bool:
+        xml = self.xml_path(image_id)
+        return xml.is_file() and "<object" in xml.read_text(errors="replace")
 
+    def split_ids(self, split: str) -> list[str]:
+        """Image ids of the split's list, in file order. A line may also be a DeepLab-style pair
+        "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png": the id is taken from the first
+        path. A missing or empty list, or an id listed twice -> BanaError naming the file."""
+        if split not in self._splits:
+            path = self._list_path(split)
+            ids = _read_list(path)
+            if not ids:
+                raise BanaError(f"split list {path} is empty: expected one image id per line.")
+            twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) \
+                else []
+            if twice:
+                raise BanaError(f"split list {path} lists {len(twice)} image id(s) more than once "
+                                f"({', '.join(twice[:5])}): each would count twice. Remove the "
+                                "repeats.")
+            without = [i for i in ids if not self.xml_path(i).is_file()]
+            if without:
+                print(f"note: {len(without)} of {len(ids)} images of split '{split}' have no "
+                      f"Annotations/<id>.xml (e.g. {without[0]}): taken as images without "
+                      "objects, all background.", flush=True)
+            self._splits[split] = ids
+            self._without_xml[split] = len(without)
+        return self._splits[split]
 
-class VOCBoxDataset(Dataset):
-    """Images with their boxes and background mask (stage 1, and stage 2 at full size)."""
+    # Files.
+    @cached_property
+    def _images(self) -> dict[str, Path]:
+        """JPEGImages/ by stem: an export may hold .jpg, .png or another image format."""
+        folder = self.root / "JPEGImages"
+        found = {}
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    found.setdefault(p.stem, p)
+        return found
 
-    def __init__(self, root, split: str, transform=None, classes=VOC_CLASSES):
-        self.root = check_root(root)
-        self.split = split
-        self.ids = read_split(self.root, split)
-        self.transform = transform
-        self.classes = tuple(classes)
-        _check_files([self.image_path(i) for i in self.ids], "images", _make_tree_hint(self.root))
-        _check_files([self.xml_path(i) for i in self.ids], "annotations", _make_tree_hint(self.root))
-        _check_files([self.bg_mask_path(i) for i in self.ids], "background masks",
-                     _bg_mask_hint(self.root))
-
-    def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
+    def image_path(self, split: str, image_id: str) -> Path:
+        return self._images.get(image_id, self.root / "JPEGImages" / f"{image_id}.jpg")
 
     def xml_path(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"
 
-    def bg_mask_path(self, image_id: str) -> Path:
+    def annotation_source(self, split: str, image_id: str) -> Path:
+        return self.xml_path(image_id)
+
+    def bg_mask_path(self, split: str, image_id: str) -> Path:
         return self.root / "BgMaskfromBoxes" / f"{image_id}.png"
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def annotation(self, split: str, image_id: str) -> Annotation:
+        xml = self.xml_path(image_id)
+        if not xml.is_file():
+            return no_boxes()
+        boxes, classes, size = read_xml(xml, self._classes)
+        return Annotation(boxes, classes, size=size)
 
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        image = read_image(self.image_path(image_id))
-        height, width = image.shape[:2]
-        boxes, classes = parse_annotation(self.xml_path(image_id), self.classes)
-        boxes = clip_boxes(boxes, classes, height, width, source=self.xml_path(image_id))
-        bg_path = self.bg_mask_path(image_id)
-        if not bg_path.is_file():
-            raise BanaError(f"background mask {bg_path} not found: {_bg_mask_hint(self.root)}.")
-        bg_mask = read_index_png(bg_path)
-        if bg_mask.shape != (height, width):
-            raise BanaError(
-                f"background mask {bg_path} is {bg_mask.shape[1]}x{bg_mask.shape[0]} but image "
-                f"{self.image_path(image_id)} is {width}x{height}: delete BgMaskfromBoxes/ and "
-                f"re-create it with `python data/voc_bbox_setup.py --data-root {self.root}`.")
-        if bg_mask.max(initial=0) > 1:
-            raise BanaError(f"background mask {bg_path} holds values other than 0 and 1: "
-                            f"re-create it with `python data/voc_bbox_setup.py --data-root {self.root}`.")
-        sample = {
-            "id": image_id,
-            "image": _to_image_tensor(image),
-            "boxes": torch.from_numpy(boxes),
-            "bg_mask": torch.from_numpy(bg_mask)[None],
-        }
-        return self.transform(sample) if self.transform is not None else sample
+    def annotated_size_hint(self) -> str:
+        return ("the <size> of its XML does not match the image: re-export the annotation, or "
+                "check that JPEGImages/ and Annotations/ belong together")
 
+    # Ground truth.
+    def _gt_path(self, image_id: str) -> Path | None:
+        for d in GT_DIRS:
+            path = self.root / d / f"{image_id}.png"
+            if path.is_file():
+                return path
+        return None
 
-class VOCMaskDataset(Dataset):
-    """Images with one or more label maps (stage 3 training on pseudo labels, evaluation on GT).
+    def gt_ids(self, split: str) -> list[str]:
+        return [i for i in self.split_ids(split) if self._gt_path(i) is not None]
 
-    label_dirs: one folder per output channel, absolute (e.g. `<ROOT>/Generation/Y_crf`) or
-    relative to root; each holds `<id>.png` index PNGs. Ids in `gt_ids` read every channel from
-    `gt_dir` instead (semi-supervised training: the GT mask stands in for every pseudo label).
-    """
-
-    def __init__(self, root, split: str, label_dirs=("SegmentationClassAug",), transform=None,
-                 gt_ids=None, gt_dir="SegmentationClassAug", num_classes: int = 21):
-        self.root = check_root(root)
-        self.split = split
-        self.ids = read_split(self.root, split)
-        self.label_dirs = [self.root / d for d in label_dirs]  # an absolute d replaces the root
-        if not self.label_dirs:
-            raise ValueError("label_dirs must name at least one folder")
-        self.gt_dir = self.root / gt_dir
-        self.gt_ids = frozenset(gt_ids or ())
-        self.num_classes = num_classes
-        self.transform = transform
-        _check_files([self.image_path(i) for i in self.ids], "images", _make_tree_hint(self.root))
-        _check_files([p for i in self.ids for p in self.label_paths(i)], "label files",
-                     lambda path: self._label_hint(path.parent))
-
-    def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
-
-    def label_paths(self, image_id: str) -> list[Path]:
-        dirs = [self.gt_dir] * len(self.label_dirs) if image_id in self.gt_ids else self.label_dirs
-        return [d / f"{image_id}.png" for d in dirs]
-
-    def _label_hint(self, folder: Path) -> str:
-        if folder.name in ("SegmentationClassAug", "SegmentationClass") and folder.parent == self.root:
-            return _make_tree_hint(self.root)
-        return (f"{folder} should hold pseudo labels; stage 2 writes them "
-                "(`python stage2.py --config-file CONFIG`)")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _read_label(self, path: Path, image_path: Path, height: int, width: int) -> np.ndarray:
-        is_gt = path.parent == self.gt_dir
-        return read_label_png(path, self.num_classes, "ground truth" if is_gt else "label",
-                              (height, width), f"re-create the label ({self._label_hint(path.parent)}), "
-                              "or check DATA.NUM_CLASSES", image=f"its image {image_path}")
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        image_path = self.image_path(image_id)
-        image = read_image(image_path)
-        height, width = image.shape[:2]
-        labels = [self._read_label(p, image_path, height, width) for p in self.label_paths(image_id)]
-        sample = {
-            "id": image_id,
-            "image": _to_image_tensor(image),
-            "label": torch.from_numpy(np.stack(labels).astype(np.int64)),
-        }
-        return self.transform(sample) if self.transform is not None else sample
+    def gt_label(self, split: str, image_id: str) -> np.ndarray | None:
+        """The checked ground truth: class values, and the size of its image as shown (so that a
+        cropped GT is blamed on the GT, not on the labels compared with it)."""
+        path = self._gt_path(image_id)
+        if path is None:
+            return None
+        image = self.image_path(split, image_id)
+        return read_label_png(path, len(self._classes), "ground truth",
+                              read_image_size(image, exif=True),
+                              "re-create it, or check DATA.NUM_CLASSES", image=f"its image {image}")
 
 
-class VOCImageDataset(Dataset):
-    """Images of a split without labels (VOC test): items {"id", "image" uint8 (3, H, W)}."""
-
-    def __init__(self, root, split: str):
-        self.root = check_root(root)
-        self.ids = read_split(self.root, split)
-        _check_files([self.image_path(i) for i in self.ids], "images", _make_tree_hint(self.root))
-
-    def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        return {"id": image_id, "image": _to_image_tensor(read_image(self.image_path(image_id)))}
+def _read_list(path: Path) -> list[str]:
+    ids = []
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if fields:
+            ids.append(Path(fields[0]).stem if "/" in fields[0] else fields[0])
+    return ids
 
 
-def _stack(tensors: list[torch.Tensor], key: str, ids: list[str]) -> torch.Tensor:
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise BanaError(f"cannot batch '{key}' of different sizes {sorted(shapes)} (images "
-                        f"{', '.join(ids[:4])}...): use batch size 1 or a transform that crops "
-                        "to a fixed size.")
-    return torch.stack(tensors)
-
-
-def collate_boxes(batch: list[dict]) -> dict:
-    """Batch `VOCBoxDataset` items: image uint8 (B, 3, H, W), bg_mask uint8 (B, 1, H, W),
-    boxes a list of B float32 (K_b, 5) tensors, id a list of B strings."""
-    ids = [s["id"] for s in batch]
-    return {
-        "id": ids,
-        "image": _stack([s["image"] for s in batch], "image", ids),
-        "boxes": [s["boxes"] for s in batch],
-        "bg_mask": _stack([s["bg_mask"] for s in batch], "bg_mask", ids),
-    }
-
-
-def collate_masks(batch: list[dict]) -> dict:
-    """Batch `VOCMaskDataset` items: image uint8 (B, 3, H, W), label int64 (B, L, H, W), id list."""
-    ids = [s["id"] for s in batch]
-    return {
-        "id": ids,
-        "image": _stack([s["image"] for s in batch], "image", ids),
-        "label": _stack([s["label"] for s in batch], "label", ids),
-    }
+def xml_boxes(xml_path) -> np.ndarray:
+    """Every object box of a VOC XML, whatever its class name (the background mask): float32
+    (K, 4); an absent file has none."""
+    if not Path(xml_path).is_file():
+        return np.zeros((0, 4), np.float32)
+    return read_xml(xml_path, strict=False)[0]

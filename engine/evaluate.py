@@ -179,9 +179,17 @@ class _Evaluation:
 
 
 def _dataset(data, split: str, score: bool):
-    """The split's images with their GT (scoring), or the images alone (a test split whose
-    predictions go to an evaluation server)."""
-    return data.mask_dataset(split) if score else data.image_dataset(split)
+    """The split's images that have a ground truth (scoring), or the images alone (a test split
+    whose predictions go to an evaluation server). A split to score without any ground truth is
+    an error."""
+    if not score:
+        return data.image_dataset(split)
+    dataset = data.mask_dataset(split, only_gt=True)
+    if not len(dataset):
+        raise BanaError(f"split '{split}' of {data.root} has no ground-truth masks, so there is "
+                        "nothing to score: evaluate on a split some of whose images have masks "
+                        "(TEST.SPLIT), or label its images with predict.py.")
+    return dataset
 
 
 def check_inputs(cfg: Config, checkpoint: str | None, data, split: str, score: bool, modes):
@@ -192,7 +200,7 @@ def check_inputs(cfg: Config, checkpoint: str | None, data, split: str, score: b
 
     problems = Problems("evaluate.py")
     dataset = None
-    if problems.passes(lambda: require_data_root(cfg.data_root)):
+    if problems.passes(lambda: require_data_root(cfg)):
         dataset = problems.check(lambda: _dataset(data, split, score))
     crf = problems.check(lambda: make_crf(cfg, modes))
     ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
@@ -323,8 +331,11 @@ def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, 
         save_dir = None
     state = _Evaluation(modes, cfg.DATA.NUM_CLASSES, out_dir, score=score, save_dir=save_dir,
                         vis_ids=set(all_ids[:save_vis]))
+    total = len(data.split_ids(split))
+    scored = f"{len(dataset)} images" + (f" of {total}: those with a ground-truth mask"
+                                          if len(dataset) < total else "")
     if launch.is_main:
-        print(f"Evaluating {ckpt_path} on '{split}' ({len(dataset)} images), modes: "
+        print(f"Evaluating {ckpt_path} on '{split}' ({scored}), modes: "
               f"{', '.join(modes)}" + (f"; {workers} CRF worker(s)" if crf else "")
               + (f" per process, {launch.world_size} processes" if launch.distributed else "")
               + ".", flush=True)
@@ -383,17 +394,21 @@ def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int |
     if not data_root.is_dir():
         raise BanaError(f"--data-root {data_root} does not exist or is not a folder.")
     data = data or detect_data(data_root, split, num_classes, classes, class_map)
-    ids = data.split_ids(split)
+    ids = data.gt_ids(split)
+    total = len(data.split_ids(split))
+    if not ids:
+        raise BanaError(f"split '{split}' of {data_root} has no ground-truth masks (VOC: "
+                        "SegmentationClassAug/<id>.png; COCO: segmentations; YOLO: "
+                        "masks/<split>/<stem>.png), so there is nothing to score against.")
+    if len(ids) < total:
+        print(f"Scoring the {len(ids)} of {total} images of '{split}' that have a ground-truth "
+              "mask.")
     missing = [i for i in ids if not (pred_dir / data.label_name(i)).is_file()]
     if missing:
         raise BanaError(
             f"{len(missing)} of {len(ids)} predictions of split '{split}' are missing from "
             f"{pred_dir} (first: {', '.join(missing[:MISSING_SHOWN])}). Every image of the split "
-            "needs an <id>.png there; check --split and the folder.")
-    if not data.has_gt(split):
-        raise BanaError(f"split '{split}' of {data_root} has no ground truth for every image "
-                        "(VOC: SegmentationClassAug/<id>.png; COCO layout: a segmentation for "
-                        "every annotation), so there is nothing to score against.")
+            "that has a ground truth needs an <id>.png there; check --split and the folder.")
     matrix = None
     for image_id in tqdm(ids, desc="score", unit="img", dynamic_ncols=True):
         gt = data.gt_label(split, image_id)

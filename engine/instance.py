@@ -29,30 +29,18 @@ from utils.errors import BanaError
 STAGE = 3
 
 
-def split_annotation(cfg: Config, split: str) -> Path:
-    return cfg.data_root / "annotations" / f"instances_{split}.json"
-
-
-def mask_annotation(cfg: Config) -> Path:
+def mask_annotation(cfg: Config, data) -> Path:
     """The annotation file whose masks training uses (MODEL.INSTANCE_MASKS)."""
     if cfg.MODEL.INSTANCE_MASKS in ("box", "gt"):
-        return split_annotation(cfg, cfg.DATA.SPLIT)
+        return data.annotation_file(cfg.DATA.SPLIT)
     return cfg.pseudo_label_dir / f"annotations_{cfg.MODEL.INSTANCE_MASKS}.json"
 
 
-def class_map_of(cfg: Config, split: str):
-    """The class map of DATA.CLASS_MAP over the split's categories; checks DATA.NUM_CLASSES."""
-    from data.coco import load_instances, make_class_map
-
-    named = cfg.DATA.CLASS_MAP != "all"
-    class_map = make_class_map(cfg.DATA.CLASS_MAP,
-                               load_instances(cfg.data_root, split, coco2017=named).categories)
-    if class_map.num_classes != cfg.DATA.NUM_CLASSES:
-        raise BanaError(f"DATA.CLASS_MAP {cfg.DATA.CLASS_MAP} on {split_annotation(cfg, split)} "
-                        f"has {class_map.num_classes - 1} classes plus background, so "
-                        f"DATA.NUM_CLASSES must be {class_map.num_classes}, not "
-                        f"{cfg.DATA.NUM_CLASSES}.")
-    return class_map
+def class_map_of(data, split: str):
+    """The class map of the split (DATA.CLASS_MAP, names matched to the training split's);
+    checks DATA.NUM_CLASSES."""
+    data.classes  # noqa: B018 -- reading them checks DATA.NUM_CLASSES
+    return data.class_map(split)
 
 
 def collate_list(batch):
@@ -91,16 +79,18 @@ def check_train_inputs(cfg: Config):
     """Every input of an instance training run, before a network is built; returns (dataset,
     class map)."""
     from data.coco import COCOInstanceDataset
+    from data.datasets import open_data
     from engine.preflight import Problems, require_data_root, require_init, require_writable
 
     problems = Problems("stage 3 (instance)")
     dataset = class_map = None
-    if problems.passes(lambda: require_data_root(cfg.data_root)):
-        class_map = problems.check(lambda: class_map_of(cfg, cfg.DATA.SPLIT))
+    if problems.passes(lambda: require_data_root(cfg)):
+        data = open_data(cfg)
+        class_map = problems.check(lambda: class_map_of(data, cfg.DATA.SPLIT))
         if class_map is not None:
             masks = {"box": "box", "gt": "gt"}.get(cfg.MODEL.INSTANCE_MASKS, "segm")
             dataset = problems.check(lambda: COCOInstanceDataset(
-                cfg.data_root, cfg.DATA.SPLIT, mask_annotation(cfg), class_map, masks=masks,
+                data, cfg.DATA.SPLIT, mask_annotation(cfg, data), masks=masks,
                 flip=cfg.DATA.FLIP))
     problems.check(lambda: require_init(cfg.MODEL.INIT, named=("none", "imagenet", "coco"),
                                         what="a Mask R-CNN state dict"))
@@ -195,18 +185,20 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     images' detections."""
     from tqdm import tqdm
 
+    from data.base import read_dataset_image
+    from data.datasets import open_data
     from engine.evaluate import EVAL_DIR, checkpoint_path, inference_device
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
     from utils.coco_eval import evaluate_instances, format_ap, load_ground_truth
     from utils.instances import encode_masks
-    from utils.io import atomic_write_json, atomic_write_png, read_image
+    from utils.io import atomic_write_json, atomic_write_png
 
     split = cfg.TEST.SPLIT
     problems = Problems("evaluate.py (instance)")
-    if problems.passes(lambda: require_data_root(cfg.data_root)):
-        problems.check(lambda: require_checkpoint(
-            split_annotation(cfg, split), f"TEST.SPLIT {split}",
-            f"the split's annotation file should be {split_annotation(cfg, split)}."))
+    data = None
+    if problems.passes(lambda: require_data_root(cfg)):
+        data = open_data(cfg)
+        problems.check(lambda: data.class_map(split))
     ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
     if ckpt_path is not None:
         problems.check(lambda: require_checkpoint(ckpt_path, "the instance checkpoint "
@@ -215,13 +207,13 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     problems.check(lambda: require_writable(cfg.run_dir / EVAL_DIR, "OUTPUT_DIR"))
     problems.raise_if_any()
 
-    gt = load_ground_truth(split_annotation(cfg, split))
+    annotation_file = data.annotation_file(split)
+    gt = load_ground_truth(annotation_file)
     annotations = gt.dataset.get("annotations", [])
     score = bool(annotations)
     if score and any(not a.get("segmentation") for a in annotations if not a.get("iscrowd")):
-        raise BanaError(f"{split_annotation(cfg, split)} has annotations without a segmentation, "
-                        "so mask AP cannot be computed: evaluate on a split whose annotations "
-                        "have masks.")
+        raise BanaError(f"{annotation_file} has annotations without a segmentation, so mask AP "
+                        "cannot be computed: evaluate on a split whose annotations have masks.")
     from utils.distributed import detect_launch
 
     launch = detect_launch()
@@ -231,18 +223,22 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     device = inference_device(devices, launch)
     model, ckpt = load_instance_model(ckpt_path)
     model.to(device)
-    categories = ckpt.extra["category_ids"]
     names = ckpt.spec.classes
+    # This split's category id of each class the model predicts (ids may differ between split
+    # files; the names match: class_map checks it).
+    category_of = {k: cat_id for cat_id, k in data.class_map(split).index.items()}
+    categories = [category_of.get(k, -1) for k in range(len(names))]
     out_dir = cfg.run_dir / EVAL_DIR
     vis_n = save_vis
     segm, bbox = [], []
     image_ids = sorted(gt.getImgIds())
     start = time.perf_counter()
     for n, image_id in enumerate(tqdm(image_ids, desc="evaluate", unit="img", dynamic_ncols=True)):
-        info = gt.imgs[image_id]
-        image = read_image(cfg.data_root / split / info["file_name"])
+        image = read_dataset_image(data, split, str(image_id))
         boxes, labels, scores, masks = predict_instances(model, image, device)
         for k, rle in enumerate(encode_masks(masks)):
+            if categories[labels[k]] < 0:  # a class this split's file does not list
+                continue
             common = {"image_id": int(image_id), "category_id": int(categories[labels[k]]),
                       "score": float(scores[k])}
             segm.append({**common, "segmentation": rle})
@@ -257,7 +253,7 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     summary = {"split": split, "images": len(image_ids), "checkpoint": str(ckpt_path),
                "masks": ckpt.extra.get("masks"), "seconds": round(seconds, 2), "ap": {}}
     if score:
-        evaluated = categories[1:]
+        evaluated = [c for c in categories[1:] if c >= 0]
         for iou_type, results in (("segm", segm), ("bbox", bbox)):
             summary["ap"][iou_type] = evaluate_instances(gt, results, image_ids=image_ids,
                                                          category_ids=evaluated,

@@ -54,14 +54,22 @@ class Problems:
                             f"inputs:\n{listed}")
 
 
-def require_data_root(root: Path) -> None:
+def require_data_root(cfg) -> None:
     """DATA.ROOT must be a folder; every other dataset check needs it, so callers skip those
-    when this one fails (one message, not five saying the same)."""
-    if not Path(root).is_dir():
-        raise BanaError(f"DATA.ROOT {root} does not exist or is not a folder: give the dataset "
-                        "root with --opts DATA.ROOT PATH (create a VOC tree with `bash "
-                        "data/setup_voc.bash PATH`, or a small synthetic one with `python "
-                        "data/synthetic.py --out PATH`).")
+    when this one fails (one message, not five saying the same). Only for the benchmarks
+    (PASCAL VOC's own classes, COCO 2017's class maps) does the message say how to download."""
+    root = cfg.data_root
+    if Path(root).is_dir():
+        return
+    data = cfg.DATA
+    download = ""
+    if data.DATASET == "voc" and not data.CLASSES:
+        download = " (PASCAL VOC 2012: `bash data/setup_voc.bash PATH` downloads it)"
+    elif data.DATASET == "coco" and data.CLASS_MAP != "all":
+        download = " (MS-COCO 2017: from https://cocodataset.org)"
+    raise BanaError(f"DATA.ROOT {root} does not exist or is not a folder: give the root of "
+                    f"your {data.DATASET.upper()}-layout dataset with --opts DATA.ROOT PATH"
+                    f"{download}.")
 
 
 def require_init(init: str, named=("none", "imagenet"),

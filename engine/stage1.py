@@ -56,23 +56,22 @@ class Stage1LitModule(BanaLitModule):
 
 
 def open_train_dataset(cfg: Config):
-    """(The box dataset stage 1 trains on, without transform yet; its class names.)"""
+    """(The dataset, the box dataset stage 1 trains on, without transform yet.)"""
     from data.datasets import open_data
 
     data = open_data(cfg)
-    dataset = data.box_dataset(cfg.DATA.SPLIT)
-    return dataset, data.classes
+    return data, data.box_dataset(cfg.DATA.SPLIT)
 
 
 def check_inputs(cfg: Config):
     """Every input of stage 1, checked before a network is built or weights are downloaded;
-    returns (the dataset, its class names)."""
+    returns (the dataset, the box dataset of DATA.SPLIT)."""
     from engine.preflight import (Problems, require_data_root, require_init, require_unused_weights,
                                   require_writable)
 
     problems = Problems("stage 1")
     opened = None
-    if problems.passes(lambda: require_data_root(cfg.data_root)):
+    if problems.passes(lambda: require_data_root(cfg)):
         opened = problems.check(lambda: open_train_dataset(cfg))
     problems.check(lambda: require_init(cfg.MODEL.INIT))
     problems.check(lambda: require_unused_weights(cfg, "stage 1", ""))
@@ -83,8 +82,8 @@ def check_inputs(cfg: Config):
 
 def train_loader(cfg: Config, dataset, per_device_batch: int, fill,
                  pin_memory: bool = False) -> DataLoader:
+    from data.base import collate_boxes
     from data.transforms import TrainTransform
-    from data.voc import collate_boxes
 
     dataset.transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
                                        flip=cfg.DATA.FLIP,
@@ -102,18 +101,22 @@ def run(cfg: Config, *, devices: str = "0", resume: bool = False,
     reconfigure: with resume, continue with settings other than the run's record."""
     from utils.runlock import RunLock
 
-    dataset, classes = check_inputs(cfg)
+    data, dataset = check_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 1"):
-        return _train(cfg, dataset, classes, devices, resume, reconfigure)
+        return _train(cfg, data, dataset, devices, resume, reconfigure)
 
 
-def _train(cfg: Config, dataset, classes, devices, resume, reconfigure) -> dict:
+def _train(cfg: Config, data, dataset, devices, resume, reconfigure) -> dict:
+    import os
+
+    from data.base import ensure_bg_masks
     from models.backbones import MEAN_RGB
     from models.zoo import build
+    from utils.distributed import detect_launch
 
+    ensure_bg_masks(data, cfg.DATA.SPLIT, min(8, os.cpu_count() or 1), detect_launch())
     devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
-
-    net = build(model_spec(cfg, "labeler", classes), init=cfg.MODEL.INIT)
+    net = build(model_spec(cfg, "labeler", data.classes), init=cfg.MODEL.INIT)
     per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm],
                           pin_memory=devices.accelerator == "gpu")

@@ -60,7 +60,7 @@ def load_labeler(cfg: Config):
 
 def open_dataset(cfg: Config, data=None):
     """The split to label, full-size images with their boxes, whose `ids` are the images in
-    labelling order. data: the `data.datasets` dataset (default: opened from cfg)."""
+    labelling order. data: the `data.base.DatasetFormat` (default: opened from cfg)."""
     from data.datasets import open_data
 
     return (data or open_data(cfg)).box_dataset(cfg.DATA.SPLIT)
@@ -231,8 +231,8 @@ def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: i
 
 def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
     """mIoU of the box-filling baseline, Y_crf, Y_ret and their combination against the semantic
-    ground truth of `data` (a `data.datasets` dataset), or None when DATA.SPLIT has none (e.g.
-    VOC's train_aug, or a COCO-format split without segmentations).
+    ground truth of `data` (a `data.base.DatasetFormat`), over the images of `ids` that have one;
+    None when none has (e.g. VOC's train_aug, or a box-only export).
 
     "Y_crf & Y_ret" is Y_crf where the two agree; a pixel where they disagree is scored as
     background (stage 3 ignores such pixels; here an object pixel among them counts as missed,
@@ -243,12 +243,14 @@ def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
     from utils.metrics import ConfusionMatrix
 
     split, out_root = cfg.DATA.SPLIT, cfg.pseudo_label_dir
-    if not data.has_gt(split):
+    with_gt = set(data.gt_ids(split))
+    scored = [i for i in ids if i in with_gt]
+    if not scored:
         return None
     n = cfg.DATA.NUM_CLASSES
     mats = {k: ConfusionMatrix(n) for k in REPORT_ROWS}
     agree_px = valid_px = 0
-    for i in ids:
+    for i in scored:
         gt = data.gt_label(split, i)
         name = data.label_name(i)
         y_crf, y_ret, filled = (
@@ -267,7 +269,7 @@ def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
     report = {k: m.compute() for k, m in mats.items()}
     summary = {k: round(float(v["miou"]), 2) for k, v in report.items()}
     summary["agreement_coverage"] = round(100.0 * agree_px / max(valid_px, 1), 2)
-    return {"split": split, "images": len(ids), "miou": summary,
+    return {"split": split, "images": len(scored), "labelled_images": len(ids), "miou": summary,
             "per_class_iou": {k: dict(zip(data.classes, map(float, v["iou"])))
                               for k, v in report.items()}}
 
@@ -277,8 +279,11 @@ REPORT_ROWS = ("box_baseline", "Y_crf", "Y_ret", "Y_crf&Y_ret", "agreement")
 
 def format_report(report: dict) -> str:
     m = report["miou"]
+    scored = (f"{report['images']} images" if report["images"] == report["labelled_images"] else
+              f"the {report['images']} of {report['labelled_images']} images that have a "
+              "ground-truth mask")
     return "\n".join([
-        f"Pseudo-label quality on '{report['split']}' ({report['images']} images), mIoU %:",
+        f"Pseudo-label quality on '{report['split']}' ({scored}), mIoU %:",
         f"  box baseline          {m['box_baseline']:6.2f}",
         f"  Y_crf                 {m['Y_crf']:6.2f}",
         f"  Y_ret                 {m['Y_ret']:6.2f}",
@@ -344,25 +349,24 @@ def save_panels(cfg: Config, data, dataset, ids: list[str], out_dir: Path) -> No
     from utils.palette import panel
 
     out_root = cfg.pseudo_label_dir
-    has_gt = data.has_gt(cfg.DATA.SPLIT)
     for i in ids:
-        image = read_image(dataset.image_path(i))
-        maps = [data.gt_label(cfg.DATA.SPLIT, i) if has_gt
-                else np.full(image.shape[:2], 255, np.uint8)]
+        image = read_image(dataset.image_path(i), exif=True)
+        gt = data.gt_label(cfg.DATA.SPLIT, i)
+        maps = [gt if gt is not None else np.full(image.shape[:2], 255, np.uint8)]
         maps += [read_index_png(out_root / d / data.label_name(i)) for d in LABELS]
         atomic_write_png(out_dir / f"{i}.png", panel(image, maps))
 
 
 def check_inputs(cfg: Config):
     """Every input of stage 2, checked before the stage-1 model is loaded or a worker started;
-    returns the `data.datasets` dataset and its split to label."""
+    returns the dataset (`data.base.DatasetFormat`) and its split to label."""
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
 
     from data.datasets import open_data
 
     problems = Problems("stage 2")
     data = dataset = None
-    if problems.passes(lambda: require_data_root(cfg.data_root)):
+    if problems.passes(lambda: require_data_root(cfg)):
         data = problems.check(lambda: open_data(cfg))
         if data is not None:
             dataset = problems.check(lambda: open_dataset(cfg, data))
@@ -378,8 +382,8 @@ def check_inputs(cfg: Config):
 RECORD = "labels.json"
 # What decides the labels a folder holds (besides the stage-1 model, recorded by its checksum).
 RECORD_KEYS = ("MODEL.BACKBONE", "MODEL.GRID_SIZE", "MODEL.BG_THRESHOLD", "MODEL.USE_U0",
-               "MODEL.DCRF", "MODEL.CRF_BACKEND", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES", "DATA.NUM_CLASSES",
-               "TRAINER.PRECISION")
+               "MODEL.DCRF", "MODEL.CRF_BACKEND", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES",
+               "DATA.NUM_CLASSES", "TRAINER.PRECISION")
 # Keys added to the record later: a record without them was made with these values.
 RECORD_DEFAULTS = {"TRAINER.PRECISION": "32", "MODEL.CRF_BACKEND": "pydensecrf"}
 
@@ -492,6 +496,7 @@ def _prepare_folder(cfg: Config, overwrite: bool, launch) -> None:
 
 def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overwrite: bool,
            pixel_work: str, save_vis: int) -> dict:
+    from data.base import ensure_bg_masks
     from utils.distributed import all_reduce_sum, announce_shard, shard
     from utils.io import atomic_write_json
 
@@ -501,6 +506,7 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
     if launch.is_main:
         print(devices.note)
     _prepare_folder(cfg, overwrite, launch)
+    ensure_bg_masks(data, cfg.DATA.SPLIT, workers, launch)
     ids = list(dataset.ids)
     mine = shard(ids, launch)
     announce_shard(launch, len(mine))
@@ -556,17 +562,22 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         quality.update(report)
         result["quality"] = report["miou"]
     else:
-        print("No GT masks for this split: skipping the pseudo-label quality report.")
+        print(f"Split '{cfg.DATA.SPLIT}' has no ground-truth masks: the labels are written; the "
+              "pseudo-label quality report needs masks for some of its images, so it is "
+              "skipped.")
     if coco:
         from utils.coco_eval import load_ground_truth
 
-        gt = load_ground_truth(dataset.annotation_file)  # once: train2017 takes a while
-        categories = dataset.class_map.category_ids
+        split = cfg.DATA.SPLIT
+        gt = load_ground_truth(data.annotation_file(split))  # once: train2017 takes a while
+        categories = data.class_map(split).category_ids
         merged = merge_instances(cfg, gt, ids, categories)
         print(f"Instance masks: {out_root}/instances_{{Y_crf,Y_ret}}.json (COCO results), "
               f"{out_root}/annotations_{{Y_crf,Y_ret}}.json (COCO annotation files).")
         if report is not None:
-            instance = instance_report(cfg, gt, ids, merged, categories)
+            with_gt = set(data.gt_ids(split))
+            instance = instance_report(cfg, gt, [i for i in ids if i in with_gt], merged,
+                                       categories)
             instance["class_map"] = cfg.DATA.CLASS_MAP
             print(format_instance_report(instance))
             quality.update(instance)

@@ -89,7 +89,8 @@ def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
 
 def open_datasets(cfg: Config):
     """(train, val, class names): the split with its pseudo labels (or GT for DATA.GT_IDS), and
-    the val split with its GT, both without transforms."""
+    the images of DATA.VAL_SPLIT that have a ground truth, both without transforms; val is None
+    when there are none (box-only data, or DATA.VAL_SPLIT '')."""
     from data.datasets import open_data
 
     data = open_data(cfg)
@@ -104,7 +105,21 @@ def open_datasets(cfg: Config):
                           f"are not in the split '{cfg.DATA.SPLIT}' and are ignored (e.g. "
                           f"{', '.join(outside[:3])}).", stacklevel=2)
     train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=label_dirs, gt_ids=gt_ids)
-    val = data.mask_dataset(cfg.DATA.VAL_SPLIT)
+    val = None
+    if cfg.DATA.VAL_SPLIT:
+        val = data.mask_dataset(cfg.DATA.VAL_SPLIT, only_gt=True)
+        total = len(data.split_ids(cfg.DATA.VAL_SPLIT))
+        if not len(val):
+            val = None
+        elif len(val) < total:
+            print(f"Validation on the {len(val)} of {total} images of '{cfg.DATA.VAL_SPLIT}' that "
+                  "have a ground-truth mask.", flush=True)
+    if val is None:
+        where = (f"split '{cfg.DATA.VAL_SPLIT}' has no ground-truth masks" if cfg.DATA.VAL_SPLIT
+                 else "DATA.VAL_SPLIT is empty")
+        print(f"Stage 3 trains without validation: {where}. For a validation score, give some "
+              "images of DATA.VAL_SPLIT a mask (they are scored alone), or score the final "
+              "model with evaluate.py on a split that has masks.", flush=True)
     return train, val, list(data.classes)
 
 
@@ -116,7 +131,7 @@ def check_inputs(cfg: Config):
 
     problems = Problems("stage 3")
     datasets = None
-    if problems.passes(lambda: require_data_root(cfg.data_root)):
+    if problems.passes(lambda: require_data_root(cfg)):
         datasets = problems.check(lambda: open_datasets(cfg))
     problems.check(lambda: read_gt_ids(cfg.DATA.GT_IDS))
     problems.check(lambda: require_unused_weights(cfg, "stage 3", "this run's checkpoint, "
@@ -129,8 +144,8 @@ def check_inputs(cfg: Config):
 
 def loaders(cfg: Config, train, val, per_device_batch: int, fill,
             pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+    from data.base import collate_masks
     from data.transforms import TrainTransform
-    from data.voc import collate_masks
 
     train.transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
                                      flip=cfg.DATA.FLIP,
@@ -140,8 +155,9 @@ def loaders(cfg: Config, train, val, per_device_batch: int, fill,
                               num_workers=workers, collate_fn=collate_masks,
                               persistent_workers=workers > 0, pin_memory=pin_memory)
     # Val images differ in size: one at a time, at full resolution (SPEC §5 single scale).
-    val_loader = DataLoader(val, batch_size=1, shuffle=False, num_workers=min(workers, 2),
-                            collate_fn=collate_masks, pin_memory=pin_memory)
+    val_loader = None if val is None else DataLoader(
+        val, batch_size=1, shuffle=False, num_workers=min(workers, 2), collate_fn=collate_masks,
+        pin_memory=pin_memory)
     return train_loader, val_loader
 
 
@@ -172,19 +188,21 @@ def _train(cfg: Config, train, val, classes, devices, resume, reconfigure) -> di
     module = Stage3LitModule(net, cfg)
     ckpt_dir = cfg.run_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    val_every = min(cfg.SOLVER.VAL_EVERY, cfg.SOLVER.MAX_ITER)
-    checkpoint = AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY, monitor="val/miou")
+    validate = val_loader is not None
+    val_every = min(cfg.SOLVER.VAL_EVERY, cfg.SOLVER.MAX_ITER) if validate else None
+    checkpoint = AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY,
+                                  monitor="val/miou" if validate else None)
     trainer = make_trainer(cfg, devices, [checkpoint], val_every=val_every,
                            sync_batchnorm=needs_sync_batchnorm(net, devices))
     fit(trainer, module, train_dataloaders=train_loader, val_dataloaders=val_loader,
         ckpt_path=ckpt_path)
-    if trainer.global_step % val_every:
+    if validate and trainer.global_step % val_every:
         trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
-        print(f"Stage 3 done: {trainer.global_step} iterations, val mIoU "
-              f"{metrics.get('val/miou', float('nan')):.2f} (best during training "
-              f"{checkpoint.best:.2f}, selected on val), "
-              f"checkpoints in {ckpt_dir}")
+        score = (f"val mIoU {metrics.get('val/miou', float('nan')):.2f} (best during training "
+                 f"{checkpoint.best:.2f}, selected on val)" if validate else "no validation")
+        print(f"Stage 3 done: {trainer.global_step} iterations, {score}, checkpoints in "
+              f"{ckpt_dir}")
     return {"iterations": trainer.global_step, "best_miou": checkpoint.best,
             "checkpoint": str(ckpt_dir / "final.ckpt"), **metrics}

@@ -51,3 +51,15 @@ def stage1_dir(synthetic_voc, tmp_path_factory) -> Path:
         "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "4",
         "SOLVER.MILESTONES", "[2]"]), devices="cpu")
     return out
+
+
+def open_layout(name: str, root, **keys):
+    """A dataset layout of data.datasets.FORMATS at `root`, its DATA keys given as keywords
+    (defaults: any classes of the files, DATA.SPLIT train)."""
+    from types import SimpleNamespace
+
+    from data.datasets import FORMATS
+
+    data_cfg = SimpleNamespace(**{"CLASSES": [], "CLASS_MAP": "all", "NUM_CLASSES": None,
+                                  "SPLIT": "train", **keys})
+    return FORMATS[name](data_cfg, Path(root))

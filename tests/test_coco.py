@@ -10,8 +10,8 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from data.coco import (COCO80, COCO80_IDS, COCO80_INDEX, VOC20_FROM_COCO, COCOBoxDataset,
-                       class_names, evaluated_category_ids, kept_boxes, load_instances)
+from data.coco import (COCO80, COCO80_IDS, COCO80_INDEX, VOC20_FROM_COCO, class_names,
+                       evaluated_category_ids, load_instances)
 from data.coco_bbox_setup import main as setup_main
 from data.coco_bbox_setup import write_bg_masks
 from data.synthetic_coco import make_synthetic_coco, uncompressed_rle
@@ -21,6 +21,12 @@ from utils.instances import (box_pixel_masks, instance_masks, instance_results, 
                              results_as_dataset)
 from utils.io import read_index_png
 from utils.palette import VOC_CLASSES
+
+from tests.conftest import open_layout
+
+
+def COCOBoxDataset(root, split, class_map="voc20"):
+    return open_layout("coco", root, CLASS_MAP=class_map, SPLIT=split).box_dataset(split)
 
 SPLITS = ("train2017", "val2017")
 # pycocotools 2.0.x decodes masks through an __array__ that NumPy 2 flags; harmless here.
@@ -153,8 +159,10 @@ def test_setup_cli_missing_annotations_exits_2(tmp_path, run_script):
     assert "Traceback" not in result.stderr
     assert "holds no instances_<split>.json file" in result.stderr.replace("\n", " ")
     named = run_script("data/coco_bbox_setup.py", "--data-root", tmp_path, "--splits", "val2017")
-    assert named.returncode == 2 and "instances_val2017.json not found" in " ".join(
-        named.stderr.split())
+    message = " ".join(named.stderr.split())
+    assert named.returncode == 2 and "no annotation file for split 'val2017'" in message
+    assert "annotations/instances_val2017.json" in message  # the places looked at are named
+    assert "val2017/_annotations.coco.json" in message
 
 
 @pytest.mark.parametrize("class_map", ["voc20", "coco80"])
@@ -164,7 +172,7 @@ def test_dataset_items_follow_the_annotation_file(coco_tree, class_map):
         data = _json(coco_tree, split)
         dataset = COCOBoxDataset(coco_tree, split, class_map=class_map)
         assert dataset.ids == [str(im["id"]) for im in data["images"]]
-        assert dataset.num_classes == (21 if class_map == "voc20" else 81)
+        assert len(dataset.classes) == (21 if class_map == "voc20" else 81)
         for item in dataset:
             assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.uint8
             assert item["bg_mask"].shape == (1, 64, 64) and item["bg_mask"].dtype == torch.uint8
@@ -252,21 +260,19 @@ def test_hand_built_tree(tmp_path):
     empty = dataset[1]
     assert empty["boxes"].shape == (0, 5) and empty["ann_ids"].shape == (0,)
     assert empty["bg_mask"].all()
-    boxes, keep = kept_boxes(np.array([[2, 6, 2.5, 9], [3, 6, 3, 9]], np.float32),
-                             np.array([17, 17]), np.array([False, False]), 10, 12, "coco80")
-    assert keep.tolist() == [0]  # thin kept, zero width dropped
 
 
 def test_dataset_errors(coco_copy, tmp_path):
-    with pytest.raises(BanaError,
-                       match=r"instances_val2017.json not found .*synthetic.py --format coco"):
+    with pytest.raises(BanaError, match=r"no annotation file for split 'val2017'.*cocodataset"):
         COCOBoxDataset(tmp_path, "val2017")
     (coco_copy / "BgMaskfromBoxes" / "val2017" / "10.png").unlink()
-    with pytest.raises(BanaError, match=r"1 of 4 background masks are missing.*"
-                                        r"python data/coco_bbox_setup.py --data-root"):
-        COCOBoxDataset(coco_copy, "val2017")
+    with pytest.raises(BanaError, match=r"background mask .*10.png not found.*stages 1 and 2 "
+                                        r"write the missing ones"):
+        dataset = COCOBoxDataset(coco_copy, "val2017")
+        dataset[dataset.ids.index("10")]
     (coco_copy / "train2017" / "000000000003.jpg").unlink()
-    with pytest.raises(BanaError, match=r"1 of 8 images are missing, e.g. .*000000000003.jpg"):
+    with pytest.raises(BanaError, match=r"1 of 8 images of split 'train2017' are missing, e.g. "
+                                        r".*000000000003.jpg"):
         COCOBoxDataset(coco_copy, "train2017")
     path = coco_copy / "annotations" / "instances_val2017.json"
     data = json.loads(path.read_text())

@@ -8,16 +8,26 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from data.base import collate_boxes, collate_masks
 from data.transforms import TrainTransform
-from data.voc import (VOCBoxDataset, VOCMaskDataset, collate_boxes, collate_masks,
-                      parse_annotation, read_split)
+from data.voc import parse_annotation
 from data.voc_bbox_setup import write_bg_masks
 from utils.boxes import bg_mask_from_boxes
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image, read_index_png
 from utils.palette import VOC_CLASSES, colorize, voc_palette
 
+from tests.conftest import open_layout
+
 SYNTHETIC_CLASSES = {VOC_CLASSES.index(c) for c in ("cat", "dog", "bird", "car", "person")}
+
+
+def VOCBoxDataset(root, split, transform=None):
+    return open_layout("voc", root).box_dataset(split, transform)
+
+
+def VOCMaskDataset(root, split, label_dirs=(), gt_ids=None):
+    return open_layout("voc", root).mask_dataset(split, label_dirs, gt_ids)
 
 
 def _xml(objects: str, width: int = 64, height: int = 64) -> str:
@@ -38,7 +48,8 @@ def test_box_dataset_items(synthetic_voc):
         boxes = item["boxes"]
         assert boxes.dtype == torch.float32 and boxes.shape[1] == 5 and 1 <= len(boxes) <= 3
         assert set(boxes[:, 4].long().tolist()) <= SYNTHETIC_CLASSES
-        xml_boxes, xml_classes = parse_annotation(synthetic_voc / "Annotations" / f"{item['id']}.xml")
+        xml_boxes, xml_classes = parse_annotation(
+            synthetic_voc / "Annotations" / f"{item['id']}.xml")
         assert np.array_equal(boxes[:, :4].numpy(), xml_boxes)
         assert np.array_equal(boxes[:, 4].numpy(), xml_classes)
         assert item["bg_mask"].shape == (1, 64, 64) and item["bg_mask"].dtype == torch.uint8
@@ -90,40 +101,70 @@ def test_collate_refuses_different_sizes_with_a_message():
 def test_read_split_accepts_deeplab_pairs(synthetic_voc_copy):
     lists = synthetic_voc_copy / "ImageSets" / "Segmentation"
     (lists / "pairs.txt").write_text("/JPEGImages/a_1.jpg /SegmentationClassAug/a_1.png\n\nb_2\n")
-    assert read_split(synthetic_voc_copy, "pairs") == ["a_1", "b_2"]
+    assert open_layout("voc", synthetic_voc_copy).split_ids("pairs") == ["a_1", "b_2"]
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(BanaError, match=r"DATA.ROOT .*nowhere.*setup_voc.bash.*synthetic.py"):
+    with pytest.raises(BanaError, match=r"DATA.ROOT .*nowhere.*setup_voc.bash") as err:
         VOCBoxDataset(tmp_path / "nowhere", "train")
+    assert "synthetic" not in str(err.value)
+    # An export with its own classes is no PASCAL VOC to download.
+    with pytest.raises(BanaError, match=r"DATA.ROOT .*nowhere") as err:
+        open_layout("voc", tmp_path / "nowhere", CLASSES=["crack"]).box_dataset("train")
+    assert "setup_voc" not in str(err.value) and "synthetic" not in str(err.value)
 
 
 def test_missing_and_empty_split_list(synthetic_voc_copy):
-    with pytest.raises(BanaError, match=r"Segmentation/nosplit.txt not found.*synthetic.py --out"):
+    with pytest.raises(BanaError, match=r"Segmentation/nosplit.txt not found .*Main/nosplit.txt "
+                                        r"neither.*the splits there are: train, train_aug, val"):
         VOCMaskDataset(synthetic_voc_copy, "nosplit")
     (synthetic_voc_copy / "ImageSets" / "Segmentation" / "val.txt").write_text("\n\n")
     with pytest.raises(BanaError, match=r"val.txt is empty"):
         VOCMaskDataset(synthetic_voc_copy, "val")
 
 
-@pytest.mark.parametrize("folder, suffix, command", [
-    ("JPEGImages", "jpg", "setup_voc.bash"),
-    ("Annotations", "xml", "setup_voc.bash"),
-    ("BgMaskfromBoxes", "png", "voc_bbox_setup.py --data-root"),
-])
-def test_missing_file_names_path_and_command(synthetic_voc_copy, folder, suffix, command):
-    (synthetic_voc_copy / folder / f"train_00004.{suffix}").unlink()
+def test_missing_image_names_path_and_command(synthetic_voc_copy):
+    (synthetic_voc_copy / "JPEGImages" / "train_00004.jpg").unlink()
     with pytest.raises(BanaError) as err:
         VOCBoxDataset(synthetic_voc_copy, "train")
-    assert f"{folder}/train_00004.{suffix}" in str(err.value) and command in str(err.value)
+    assert "JPEGImages/train_00004.jpg" in str(err.value)
+    assert "setup_voc.bash" in str(err.value)
+
+
+def test_a_missing_bg_mask_is_named_when_read(synthetic_voc_copy):
+    (synthetic_voc_copy / "BgMaskfromBoxes" / "train_00004.png").unlink()
+    dataset = VOCBoxDataset(synthetic_voc_copy, "train")
+    with pytest.raises(BanaError, match=r"BgMaskfromBoxes/train_00004.png not found.*stages 1 "
+                                        r"and 2 write the missing ones"):
+        dataset[4]
+
+
+def test_an_image_listed_without_xml_has_no_objects(synthetic_voc_copy, capsys):
+    """LabelImg writes no XML for an image without boxes: counted, and read as all background;
+    an XML that exists but does not parse stays an error."""
+    (synthetic_voc_copy / "Annotations" / "train_00004.xml").unlink()
+    (synthetic_voc_copy / "BgMaskfromBoxes" / "train_00004.png").unlink()
+    data = open_layout("voc", synthetic_voc_copy)
+    assert data.split_ids("train")[4] == "train_00004"
+    assert "1 of 12 images of split 'train' have no Annotations/<id>.xml" in " ".join(
+        capsys.readouterr().out.split())
+    write_bg_masks(synthetic_voc_copy, ["train_00004"], progress=False)
+    item = data.box_dataset("train")[4]
+    assert item["boxes"].shape == (0, 5) and (item["bg_mask"] == 1).all()
 
 
 def test_missing_label_names_stage2_for_pseudo_labels(synthetic_voc_copy):
     with pytest.raises(BanaError, match=r"Generation/Y_crf/train_00000.png.*stage2.py"):
         VOCMaskDataset(synthetic_voc_copy, "train", (synthetic_voc_copy / "Generation" / "Y_crf",))
     (synthetic_voc_copy / "SegmentationClassAug" / "val_00002.png").unlink()
-    with pytest.raises(BanaError, match=r"SegmentationClassAug/val_00002.png.*setup_voc.bash"):
+    assert VOCMaskDataset(synthetic_voc_copy, "val")[2]["label"].shape == (1, 64, 64)  # the
+    # ground truth falls back to SegmentationClass/, VOC's own masks
+    (synthetic_voc_copy / "SegmentationClass" / "val_00002.png").unlink()
+    with pytest.raises(BanaError, match=r"1 of 6 images of split 'val' have no ground-truth mask "
+                                        r"\(e.g. val_00002\).*setup_voc.bash"):
         VOCMaskDataset(synthetic_voc_copy, "val")
+    # Scoring and validation take the images that have a mask.
+    assert len(open_layout("voc", synthetic_voc_copy).mask_dataset("val", only_gt=True)) == 5
 
 
 def test_unknown_class_names_file_and_class(synthetic_voc_copy):

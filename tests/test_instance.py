@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.coco import COCOInstanceDataset, make_class_map
+from data.coco import COCOInstanceDataset
 from models.zoo import ModelSpec, build
 from utils.coco_eval import evaluate_instances
 from engine.config import load_config
@@ -169,14 +169,13 @@ def instance_tree(tmp_path_factory):
 
 
 def test_mask_sources_give_the_expected_targets(instance_tree):
-    from data.coco import load_instances
+    from tests.conftest import open_layout
 
-    class_map = make_class_map("all", load_instances(instance_tree, "train", False).categories)
+    data = open_layout("coco", instance_tree)
     split = instance_tree / "annotations/instances_train.json"
-    box = COCOInstanceDataset(instance_tree, "train", split, class_map, masks="box")
-    gt = COCOInstanceDataset(instance_tree, "train", split, class_map, masks="gt")
-    pseudo = COCOInstanceDataset(instance_tree, "train",
-                                 instance_tree / "Generation/annotations_Y_crf.json", class_map)
+    box = COCOInstanceDataset(data, "train", split, masks="box")
+    gt = COCOInstanceDataset(data, "train", split, masks="gt")
+    pseudo = COCOInstanceDataset(data, "train", instance_tree / "Generation/annotations_Y_crf.json")
     item_box, item_gt, item_pseudo = box[2], gt[2], pseudo[2]
     assert len(item_box["boxes"]) == len(item_gt["boxes"]) > 0
     for k, (x1, y1, x2, y2) in enumerate(item_box["boxes"].tolist()):
@@ -185,7 +184,7 @@ def test_mask_sources_give_the_expected_targets(instance_tree):
         assert (item_gt["masks"][k].bool() & ~mask).sum() == 0  # the object lies in its box
     assert torch.equal(item_pseudo["masks"], item_gt["masks"])  # Y_crf = GT here
     assert set(item_gt["labels"].tolist()) <= {1, 2, 3, 4}
-    flipped = COCOInstanceDataset(instance_tree, "train", split, class_map, masks="gt", flip=True)
+    flipped = COCOInstanceDataset(data, "train", split, masks="gt", flip=True)
     torch.manual_seed(1)
     for _ in range(4):  # at least one flip
         f = flipped[2]

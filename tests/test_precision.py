@@ -162,7 +162,7 @@ def _assert_bf16_trains_like_float32(make_module, batch, loss_of, steps=4):
 
 def test_stage1_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
     from data.datasets import open_data
-    from data.voc import collate_boxes
+    from data.base import collate_boxes
     from engine.runs import model_spec
     from engine.stage1 import Stage1LitModule
     from models.zoo import build
@@ -187,7 +187,7 @@ def test_stage1_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
 
 def test_stage3_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
     from data.datasets import open_data
-    from data.voc import collate_masks
+    from data.base import collate_masks
     from engine.runs import model_spec
     from engine.stage3 import Stage3LitModule
     from models.zoo import build

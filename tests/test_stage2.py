@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.voc import VOCBoxDataset, parse_annotation
-from engine.stage2 import (BOX_LABEL, LABELS, generate, load_labeler, open_dataset, pending_ids,
-                           quality_report, run)
+from data.base import BoxDataset
+from data.voc import parse_annotation
+from engine.stage2 import (BOX_LABEL, LABELS, format_report, generate, load_labeler,
+                           open_dataset, pending_ids, quality_report, run)
 from utils.pool import WorkerPool
 from data.datasets import open_data
 from utils.boxes import fill_boxes
@@ -89,7 +90,7 @@ def test_box_label_set_is_the_filled_boxes(synthetic_voc, reference):
 def test_quality_report_is_printed_and_saved(reference):
     cfg, result, printed, _ = reference
     saved = json.loads((cfg.run_dir / "quality.json").read_text())
-    assert set(saved) == {"split", "images", "miou", "per_class_iou"}
+    assert set(saved) == {"split", "images", "labelled_images", "miou", "per_class_iou"}
     keys = {"box_baseline", "Y_crf", "Y_ret", "Y_crf&Y_ret", "agreement"}
     assert set(saved["miou"]) == keys | {"agreement_coverage"}
     assert all(0 <= v <= 100 for v in saved["miou"].values())
@@ -133,8 +134,18 @@ def test_quality_report_numbers_on_hand_made_labels(synthetic_voc_copy, tmp_path
     assert m["Y_crf&Y_ret"] == round(float(mat.compute()["miou"]), 2)
     assert m["box_baseline"] < m["Y_crf&Y_ret"] < m["Y_crf"]
     assert m["agreement_coverage"] == pytest.approx(100 * agree / valid, abs=0.01)
-    (voc / "SegmentationClassAug" / f"{ids[0]}.png").unlink()
-    assert quality_report(cfg, data, ids) is None  # one GT missing: no report
+    # One image without a mask (none in SegmentationClass/ either): the others are scored, and
+    # the report says how many; without any mask there is no report.
+    for folder in ("SegmentationClassAug", "SegmentationClass"):
+        (voc / folder / f"{ids[0]}.png").unlink()
+    partial = quality_report(cfg, data, ids)
+    assert partial["images"] == len(ids) - 1 and partial["labelled_images"] == len(ids)
+    assert partial["miou"]["Y_crf"] == 100.0
+    assert "the 11 of 12 images that have a ground-truth mask" in format_report(partial)
+    for i in ids[1:]:
+        for folder in ("SegmentationClassAug", "SegmentationClass"):
+            (voc / folder / f"{i}.png").unlink()
+    assert quality_report(cfg, data, ids) is None
 
 
 def test_save_vis_writes_image_gt_and_label_panels(synthetic_voc, reference):
@@ -163,7 +174,7 @@ def test_a_stopped_run_resumes_to_identical_files(synthetic_voc, stage1_dir, ref
     dataset, net = open_dataset(cfg), load_labeler(cfg)
     ids = dataset.ids
     served = []
-    original = VOCBoxDataset.__getitem__
+    original = BoxDataset.__getitem__
 
     def stopping(self, index):
         if len(served) == 5:
@@ -172,11 +183,11 @@ def test_a_stopped_run_resumes_to_identical_files(synthetic_voc, stage1_dir, ref
         return original(self, index)
 
     with WorkerPool(1) as pool:
-        monkeypatch.setattr(VOCBoxDataset, "__getitem__", stopping)
+        monkeypatch.setattr(BoxDataset, "__getitem__", stopping)
         with pytest.raises(RuntimeError, match="simulated stop"):
             generate(cfg, net, dataset, ids, torch.device("cpu"), 1, progress=False, pool=pool)
         list(pool.finish())  # the images in flight are written now
-        monkeypatch.setattr(VOCBoxDataset, "__getitem__", original)
+        monkeypatch.setattr(BoxDataset, "__getitem__", original)
         out = cfg.pseudo_label_dir
         assert pending_ids(ids, out) == ids[5:]
         (out / "Y_ret" / f"{ids[2]}.png").unlink()

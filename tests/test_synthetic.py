@@ -7,7 +7,12 @@ import pytest
 from PIL import Image
 
 from data.synthetic import DEFAULT_CLASSES, main, make_synthetic_voc
-from data.voc import parse_annotation, read_split
+from data.voc import parse_annotation
+from tests.conftest import open_layout
+
+
+def read_split(root, split):
+    return open_layout("voc", root).split_ids(split)
 from utils.boxes import bg_mask_from_boxes, fill_boxes
 from utils.errors import BanaError
 from utils.io import read_image, read_index_png

@@ -16,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.errors import BanaError
 
+# The EXIF tag of the orientation; values 5-8 turn the stored pixels by 90° for display.
+_ORIENTATION = 0x0112
 # What Pillow raises on a truncated or garbled file, besides its own UnidentifiedImageError.
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
@@ -168,15 +170,17 @@ def read_label_png(path, num_classes: int, what: str = "label", size=None,
     return label
 
 
-def read_image_size(path) -> tuple[int, int]:
-    """(height, width) of an image from its header, without decoding the pixels."""
+def read_image_size(path, exif: bool = False) -> tuple[int, int]:
+    """(height, width) of an image from its header, without decoding the pixels; with `exif`,
+    as shown (an EXIF orientation that turns the image by 90° swaps them, as `read_image`)."""
     path = Path(path)
     if not path.is_file():
         raise BanaError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
             width, height = image.size
+            turned = exif and image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
     except _DECODE_ERRORS as err:
         raise BanaError(f"cannot read image {path}: the file is corrupt or not an image ({err}). "
                         "Re-create or re-download it.") from None
-    return height, width
+    return (width, height) if turned else (height, width)

@@ -1,0 +1,409 @@
+"""What every dataset layout shares: the `DatasetFormat` interface a layout implements, and on
+top of it the torch datasets, the background masks and the checks every stage uses
+(`data/datasets.py` picks the layout; no stage asks which one it got).
+
+A layout (`DatasetFormat`: `data.voc.VOCData`, `data.coco.COCOData`, `data.yolo.YOLOData`) says,
+per split and image, where things are and what the annotation holds:
+- `classes`: class names, background first (reports, legends, pictures, checkpoints);
+- `split_ids(split)`, `image_path(split, id)`: the images, in a fixed order;
+- `annotation(split, id)`: the boxes of the class targets in pixel-edge coordinates (x1 = 0 is
+  the left edge of column 0, x2 = W the right edge of the last column), their classes, the
+  boxes the background mask excludes, and the image size the file records, if any;
+- `gt_label(split, id)`: the semantic ground truth uint8 (H, W) (255 = ignore), or None when that
+  image has none; `gt_ids(split)`: the images that have one;
+- `bg_mask_path(split, id)`: where the background mask of stage 1 and 2 is kept.
+Everything else is shared: the torch datasets stages 1-3 and evaluate.py read (`BoxDataset`,
+`MaskDataset`, `ImageDataset`), the background masks (`ensure_bg_masks`: created on first use,
+atomically, in parallel) and the checks that every file is there before work starts.
+
+Adding a layout is one module with one `DatasetFormat` subclass and one line in
+`data.datasets.FORMATS`.
+
+Items (shape shorthand: H x W image, K boxes, L label channels):
+- `BoxDataset`: id, image uint8 (3, H, W) RGB, boxes float32 (K, 5) = x1, y1, x2, y2, class,
+  bg_mask uint8 (1, H, W) (1 = background, 0 = inside a box, 255 = padding after transforms),
+  plus the layout's per-box columns (COCO: ann_ids, category_ids).
+- `MaskDataset`: id, image, label int64 (L, H, W) (255 = ignore).
+- `ImageDataset`: id, image.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.errors import BanaError
+from utils.io import read_image, read_image_size, read_index_png, read_label_png
+
+IGNORE_INDEX = 255
+BG_MASK_DIR = "BgMaskfromBoxes"
+# The smallest side an image may have: the backbones' features are 8 times smaller, and a
+# 1x1 feature map holds no box beside its background (the tiny backbone's instance-normalised
+# features cannot even be computed from one value).
+MIN_SIDE = 9
+
+
+@dataclass
+class Annotation:
+    """One image's annotation as a layout reads it.
+
+    boxes float32 (K, 4) x1, y1, x2, y2 in pixel edges, as the file gives them (not clipped);
+    classes int64 (K,) in 1..C-1; extras: per-box arrays (K,) carried into the items (COCO's
+    ann_ids, category_ids); mask_boxes float32 (A, 4): the boxes the background mask excludes
+    (default: `boxes`; COCO adds crowd regions and unmapped categories); size (H, W) the file
+    records, checked against the image, or None.
+    """
+
+    boxes: np.ndarray
+    classes: np.ndarray
+    extras: dict = field(default_factory=dict)
+    mask_boxes: np.ndarray | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def all_boxes(self) -> np.ndarray:
+        return self.boxes if self.mask_boxes is None else self.mask_boxes
+
+
+def no_boxes() -> Annotation:
+    return Annotation(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+
+
+class DatasetFormat:
+    """A dataset on disk in one layout (see the module doc for what a subclass implements)."""
+
+    name = "?"
+    writes_instances = False  # stage 2 also writes one instance mask per box (COCO)
+    test_split = None  # a split without ground truth whose predictions go to a server
+    warn_dropped = True  # warn when boxes without area after clipping are dropped
+
+    def __init__(self, data_cfg, root: Path):
+        self.data_cfg = data_cfg
+        self.root = Path(root)
+
+    # What a layout implements.
+    @property
+    def classes(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def split_ids(self, split: str) -> list[str]:
+        raise NotImplementedError
+
+    def image_path(self, split: str, image_id: str) -> Path:
+        raise NotImplementedError
+
+    def annotation(self, split: str, image_id: str) -> Annotation:
+        raise NotImplementedError
+
+    def bg_mask_path(self, split: str, image_id: str) -> Path:
+        raise NotImplementedError
+
+    def gt_label(self, split: str, image_id: str) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def gt_ids(self, split: str) -> list[str]:
+        raise NotImplementedError
+
+    def missing_files_hint(self, what: str) -> str:
+        """The fix for missing images / annotations / ground truth, in this layout's terms."""
+        return f"check DATA.ROOT ({self.root}) and the layout described in the README"
+
+    # Shared.
+    @staticmethod
+    def label_name(image_id: str) -> str:
+        """The file name of an image's label map (stage 2's outputs, predictions)."""
+        return f"{image_id}.png"
+
+    def has_gt(self, split: str) -> bool:
+        """Every image of the split has a ground truth."""
+        return len(self.gt_ids(split)) == len(self.split_ids(split))
+
+    def box_dataset(self, split: str, transform=None) -> "BoxDataset":
+        return BoxDataset(self, split, transform)
+
+    def mask_dataset(self, split: str, label_dirs=(), gt_ids=None, transform=None,
+                     only_gt: bool = False) -> "MaskDataset":
+        return MaskDataset(self, split, label_dirs, gt_ids, transform, only_gt)
+
+    def image_dataset(self, split: str) -> "ImageDataset":
+        return ImageDataset(self, split)
+
+    def check_images(self, split: str, ids) -> None:
+        """Every image of `ids` exists, before any work starts."""
+        check_files([self.image_path(split, i) for i in ids], "images",
+                    self.missing_files_hint("images"))
+
+    def annotated_size_hint(self) -> str:
+        return "the image and its annotation do not belong together"
+
+
+def check_files(paths: list[Path], what: str, fix: str) -> None:
+    """Fail before work starts, not mid-epoch in a loader worker, when files are missing."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise BanaError(f"{len(missing)} of {len(paths)} {what} are missing, e.g. {missing[0]}: "
+                        f"{fix}.")
+
+
+def has_area(boxes: np.ndarray) -> np.ndarray:
+    """(K,) bool: x2 > x1 and y2 > y1, however thin the box (boxes (K, >=4) x1, y1, x2, y2)."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def clip_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes float32 (K, 4) clipped to the image [0, W] x [0, H], and which keep an area (thin
+    boxes are kept, as the authors keep them): (clipped (K, 4), keep (K,) bool)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    return boxes, has_area(boxes)
+
+
+def _to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
+                       recorded: tuple[int, int] | None = None) -> np.ndarray:
+    """An image of the dataset as every stage reads it (EXIF orientation applied, as viewers
+    and predict.py show it), checked against the size its annotation records and against the
+    smallest size the networks take."""
+    path = fmt.image_path(split, image_id)
+    image = read_image(path, exif=True)
+    height, width = image.shape[:2]
+    if recorded is not None and tuple(recorded) != (height, width):
+        raw = read_image_size(path)
+        if tuple(recorded) == raw and raw == (width, height)[::-1] and raw != (height, width):
+            why = (f"the file's EXIF orientation turns it by 90° (stored {raw[1]}x{raw[0]}, "
+                   f"shown {width}x{height}), and the annotation was made on the stored pixels. "
+                   "Every stage reads images as they are shown (as predict.py does): remove the "
+                   "orientation tag (e.g. `exiftool -Orientation= -n FILE`, or re-save the image "
+                   "rotated) and annotate the image as shown")
+        else:
+            why = fmt.annotated_size_hint()
+        raise BanaError(f"image {path} is {width}x{height} but its annotation says "
+                        f"{recorded[1]}x{recorded[0]}: {why}.")
+    if min(height, width) < MIN_SIDE:
+        raise BanaError(f"image {path} is {width}x{height}: the networks need at least "
+                        f"{MIN_SIDE} pixels on each side (their features are 8 times smaller). "
+                        "Remove it from the split, or upscale it and its annotation.")
+    return image
+
+
+class BoxDataset(Dataset):
+    """Images with their boxes and background mask (stage 1, and stage 2 at full size)."""
+
+    def __init__(self, fmt: DatasetFormat, split: str, transform=None):
+        self.fmt, self.split, self.transform = fmt, split, transform
+        self.ids = list(fmt.split_ids(split))
+        self.classes = fmt.classes
+        fmt.check_images(split, self.ids)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.fmt.image_path(self.split, image_id)
+
+    def bg_mask_path(self, image_id: str) -> Path:
+        return self.fmt.bg_mask_path(self.split, image_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        ann = self.fmt.annotation(self.split, image_id)
+        image = read_dataset_image(self.fmt, self.split, image_id, ann.size)
+        height, width = image.shape[:2]
+        clipped, keep = clip_boxes(ann.boxes, height, width)
+        if self.fmt.warn_dropped and not keep.all():
+            warnings.warn(f"{self.fmt.annotation_source(self.split, image_id)}: dropped "
+                          f"{int((~keep).sum())} empty or degenerate box(es) (after clipping to "
+                          f"the {width}x{height} image)")
+        boxes = np.concatenate([clipped[keep], ann.classes.astype(np.float32)[keep, None]], 1)
+        sample = {"id": image_id, "image": _to_image_tensor(image),
+                  "boxes": torch.from_numpy(boxes),
+                  "bg_mask": torch.from_numpy(self._bg_mask(image_id, height, width))[None],
+                  **{k: torch.from_numpy(np.asarray(v)[keep]) for k, v in ann.extras.items()}}
+        return self.transform(sample) if self.transform is not None else sample
+
+    def _bg_mask(self, image_id: str, height: int, width: int) -> np.ndarray:
+        path = self.bg_mask_path(image_id)
+        if not path.is_file():
+            raise BanaError(f"background mask {path} not found: {bg_mask_hint(self.fmt)}.")
+        mask = read_index_png(path)
+        if mask.shape != (height, width) or mask.max(initial=0) > 1:
+            found = (f"is {mask.shape[1]}x{mask.shape[0]} but image "
+                     f"{self.image_path(image_id)} is {width}x{height}"
+                     if mask.shape != (height, width) else "holds values other than 0 and 1")
+            raise BanaError(f"background mask {path} {found}: delete it, and it is made again "
+                            f"from the boxes ({bg_mask_hint(self.fmt)}).")
+        return mask
+
+
+class MaskDataset(Dataset):
+    """Images with one or more label maps: stage 3 training on pseudo labels, validation and
+    evaluation on the ground truth.
+
+    label_dirs: one folder per output channel, each holding `<label_name>` index PNGs (absolute,
+    or relative to the dataset root); empty = the ground truth (every channel). Ids in `gt_ids`
+    read every channel from the ground truth instead (semi-supervised training). only_gt: keep
+    the images that have a ground truth (validation on a split where only some have one).
+    """
+
+    def __init__(self, fmt: DatasetFormat, split: str, label_dirs=(), gt_ids=None,
+                 transform=None, only_gt: bool = False):
+        self.fmt, self.split, self.transform = fmt, split, transform
+        self.label_dirs = [fmt.root / d for d in label_dirs]  # an absolute d replaces the root
+        self.gt_ids = frozenset(gt_ids or ())
+        self.num_classes = len(fmt.classes)
+        ids = list(fmt.split_ids(split))
+        if not self.label_dirs or self.gt_ids or only_gt:
+            with_gt = set(fmt.gt_ids(split))
+            if only_gt:
+                ids = [i for i in ids if i in with_gt]
+            needed = ids if not self.label_dirs else [i for i in ids if i in self.gt_ids]
+            lacking = [i for i in needed if i not in with_gt]
+            if lacking:
+                raise BanaError(f"{len(lacking)} of {len(needed)} images of split '{split}' have "
+                                f"no ground-truth mask (e.g. {', '.join(lacking[:3])}): "
+                                f"{fmt.missing_files_hint('ground truth')}.")
+        self.ids = ids
+        fmt.check_images(split, ids)
+        pseudo = [d / fmt.label_name(i) for i in ids if i not in self.gt_ids
+                  for d in self.label_dirs]
+        check_files(pseudo, "label files", "stage 2 writes them (`python stage2.py "
+                    "--config-file CONFIG` with the same DATA.ROOT and DATA.PSEUDO_LABEL_DIR)")
+
+    def image_path(self, image_id: str) -> Path:
+        return self.fmt.image_path(self.split, image_id)
+
+    def gt_label(self, image_id: str) -> np.ndarray:
+        return self.fmt.gt_label(self.split, image_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = read_dataset_image(self.fmt, self.split, image_id)
+        height, width = image.shape[:2]
+        if not self.label_dirs or image_id in self.gt_ids:
+            gt = self.fmt.gt_label(self.split, image_id)
+            if gt.shape != (height, width):
+                raise BanaError(f"the ground truth of image {self.image_path(image_id)} is "
+                                f"{gt.shape[1]}x{gt.shape[0]} but the image is {width}x{height}: "
+                                f"{self.fmt.annotated_size_hint()}.")
+            labels = [gt] * max(1, len(self.label_dirs))
+        else:
+            labels = [read_label_png(d / self.fmt.label_name(image_id), self.num_classes,
+                                     "label", (height, width),
+                                     "re-create it with stage 2, or check DATA.NUM_CLASSES",
+                                     image=f"its image {self.image_path(image_id)}")
+                      for d in self.label_dirs]
+        sample = {"id": image_id, "image": _to_image_tensor(image),
+                  "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class ImageDataset(Dataset):
+    """Images of a split without labels (a test split): items {"id", "image" uint8 (3, H, W)}."""
+
+    def __init__(self, fmt: DatasetFormat, split: str):
+        self.fmt, self.split = fmt, split
+        self.ids = list(fmt.split_ids(split))
+        fmt.check_images(split, self.ids)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.fmt.image_path(self.split, image_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        return {"id": image_id,
+                "image": _to_image_tensor(read_dataset_image(self.fmt, self.split, image_id))}
+
+
+def _stack(tensors: list[torch.Tensor], key: str, ids: list[str]) -> torch.Tensor:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise BanaError(f"cannot batch '{key}' of different sizes {sorted(shapes)} (images "
+                        f"{', '.join(ids[:4])}...): use batch size 1 or a transform that crops "
+                        "to a fixed size.")
+    return torch.stack(tensors)
+
+
+def collate_boxes(batch: list[dict]) -> dict:
+    """Batch `BoxDataset` items: image uint8 (B, 3, H, W), bg_mask uint8 (B, 1, H, W), boxes a
+    list of B float32 (K_b, 5) tensors, id a list of B strings."""
+    ids = [s["id"] for s in batch]
+    return {"id": ids, "image": _stack([s["image"] for s in batch], "image", ids),
+            "boxes": [s["boxes"] for s in batch],
+            "bg_mask": _stack([s["bg_mask"] for s in batch], "bg_mask", ids)}
+
+
+def collate_masks(batch: list[dict]) -> dict:
+    """Batch `MaskDataset` items: image uint8 (B, 3, H, W), label int64 (B, L, H, W), id list."""
+    ids = [s["id"] for s in batch]
+    return {"id": ids, "image": _stack([s["image"] for s in batch], "image", ids),
+            "label": _stack([s["label"] for s in batch], "label", ids)}
+
+
+def bg_mask_hint(fmt: DatasetFormat) -> str:
+    return ("stages 1 and 2 write the missing ones themselves from the boxes; `python "
+            "data/bbox_setup.py --config-file CONFIG` writes them ahead")
+
+
+def write_bg_mask_job(job: tuple) -> bool:
+    """Worker job: write one background mask unless it exists; True when written. job: (path,
+    boxes float32 (A, 4), (H, W) or None, the image whose size (as shown) to take when None)."""
+    from utils.boxes import bg_mask_from_boxes
+    from utils.io import atomic_write_png
+
+    path, boxes, size, image = job
+    if path.is_file():
+        return False
+    if size is None:
+        size = read_image_size(image, exif=True)
+    atomic_write_png(path, bg_mask_from_boxes(boxes, *size))
+    return True
+
+
+def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=None,
+                    progress: bool = True) -> dict:
+    """Write the background masks of `split` that do not exist yet (SPEC §0: 1 outside every
+    box, 0 inside, the image's size), in `workers` processes, each file atomically, so that an
+    interrupted run resumes where it stopped. Under torchrun / srun every process writes its
+    share and waits for the others' (no process group needed). Returns counts {"written",
+    "skipped", "total"}."""
+    from utils.pool import run_all
+
+    ids = fmt.split_ids(split)
+    missing = [i for i in ids if not fmt.bg_mask_path(split, i).is_file()]
+    if not missing:
+        return {"written": 0, "skipped": len(ids), "total": len(ids)}
+    mine = missing if launch is None or not launch.distributed else missing[launch.rank::
+                                                                           launch.world_size]
+    if launch is None or launch.is_main:
+        print(f"Background masks: writing {len(missing)} of {len(ids)} for split '{split}' "
+              f"under {fmt.bg_mask_path(split, ids[0]).parent}.", flush=True)
+    jobs = []
+    for i in mine:
+        ann = fmt.annotation(split, i)
+        jobs.append((fmt.bg_mask_path(split, i), ann.all_boxes, ann.size,
+                     fmt.image_path(split, i)))
+    written = sum(run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress,
+                          chunksize=32))
+    deadline = time.monotonic() + 3600
+    while any(not fmt.bg_mask_path(split, i).is_file() for i in missing):
+        if time.monotonic() > deadline:
+            raise BanaError("the other processes of this run did not write their background "
+                            "masks within an hour; rerun the same command.")
+        time.sleep(0.5)
+    return {"written": written, "skipped": len(ids) - len(missing), "total": len(ids)}
