@@ -12,10 +12,12 @@ from data.base import (Annotation, BoxDataset, DatasetFormat, ImageDataset,  # n
                        MaskDataset, collate_boxes, collate_masks, ensure_bg_masks)
 from data.coco import COCOData
 from data.voc import VOCData
+from data.yolo import YOLOData
 
 FORMATS = {
     "voc": VOCData,  # PASCAL VOC XML (VOC 2012, LabelImg, CVAT, datumaro exports)
     "coco": COCOData,  # COCO instances JSON (MS-COCO 2017, CVAT, Roboflow, labelme2coco, ...)
+    "yolo": YOLOData,  # Ultralytics / Roboflow YOLO txt files with data.yaml
 }
 
 

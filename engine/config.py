@@ -61,10 +61,12 @@ def _unit(v) -> bool:
 
 @dataclass
 class DataConfig:
-    DATASET: str = _key("voc", "Dataset layout: PASCAL VOC (data/voc.py: VOC 2012, or any "
-                        "VOC-format export with DATA.CLASSES) or COCO (data/coco.py: MS-COCO "
-                        "2017, or any COCO-format export with DATA.CLASS_MAP all). On COCO, stage "
-                        "2 also writes one instance mask per box.",
+    DATASET: str = _key("voc", "Dataset layout (data/datasets.py FORMATS): PASCAL VOC XML "
+                        "(data/voc.py: VOC 2012, or any VOC-format export with DATA.CLASSES or a "
+                        "labelmap.txt), COCO JSON (data/coco.py: MS-COCO 2017, or any "
+                        "COCO-format export with DATA.CLASS_MAP all) or YOLO txt (data/yolo.py: "
+                        "Ultralytics / Roboflow exports with data.yaml). On COCO, stage 2 also "
+                        "writes one instance mask per box.",
                         choices=tuple(FORMATS))
     CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
                           "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
@@ -74,13 +76,19 @@ class DataConfig:
                           choices=("voc20", "coco80", "all"))
     CLASSES: list[str] = _key([], "VOC only: your class names, background excluded (class k is the "
                               "k-th name), or the path of a file with one name per line (CVAT / "
-                              "LabelImg labelmap.txt works). Empty = the 20 PASCAL VOC classes.")
-    ROOT: str = _key("datasets/VOC2012", "Dataset root holding JPEGImages/, Annotations/, "
-                     "ImageSets/Segmentation/, SegmentationClassAug/, BgMaskfromBoxes/.")
-    SPLIT: str = _key("train_aug", "Split list (ImageSets/Segmentation/<SPLIT>.txt) the stage "
-                      "trains on (stage 1, 3) or labels (stage 2); on COCO the annotation file "
-                      "annotations/instances_<SPLIT>.json (e.g. train2017).")
-    VAL_SPLIT: str = _key("val", "Split used for validation during stage 3.")
+                              "datumaro / LabelImg labelmap.txt works). Empty = DATA.ROOT/"
+                              "labelmap.txt if there is one, else the 20 PASCAL VOC classes.")
+    ROOT: str = _key("datasets/VOC2012", "Dataset root (VOC: JPEGImages/, Annotations/, "
+                     "ImageSets/; COCO: annotation files and image folders; YOLO: data.yaml, "
+                     "images/, labels/). Background masks are written to its BgMaskfromBoxes/ "
+                     "on first use.")
+    SPLIT: str = _key("train_aug", "The split the stage trains on (stage 1, 3) or labels (stage "
+                      "2): VOC's ImageSets/Segmentation (or Main)/<SPLIT>.txt, COCO's "
+                      "annotations/instances_<SPLIT>.json (e.g. train2017), YOLO's "
+                      "images/<SPLIT>/. On COCO its categories number the classes.")
+    VAL_SPLIT: str = _key("val", "Split used for validation during stage 3, on its images that "
+                          "have a ground-truth mask; '' (or a split without masks) = train "
+                          "without validation.")
     NUM_CLASSES: int = _key(21, "Number of classes including background.", check=lambda v: v >= 2,
                             rule=">= 2")
     BATCH_SIZE: int = _key(20, "Images per optimisation step (summed over all devices).",

@@ -1,0 +1,222 @@
+"""The YOLO layout: boxes as Ultralytics and Roboflow export them for detection.
+
+Under DATA.ROOT:
+    data.yaml (or data.yml)          `names:` a list, or an id -> name mapping; class k of YOLO
+                                     is class id k + 1 here (0 is background), so
+                                     DATA.NUM_CLASSES = len(names) + 1. A `<split>:` entry that
+                                     names an existing folder (relative to `path:` or to the
+                                     file) says where the split's images are; `path`, `train`,
+                                     `val`, `nc` are otherwise not needed.
+    images/<split>/*.<jpg|png|...>   the images of a split (Ultralytics); or <split>/images/
+                                     (Roboflow)
+    labels/<split>/<stem>.txt        one `class cx cy w h` line per box, normalised to [0, 1] by
+                                     the image's width and height; an empty or missing file is an
+                                     image without boxes (next to the images: <split>/labels/)
+    masks/<split>/<stem>.png         optional ground truth (class ids as here, 255 = ignore)
+    BgMaskfromBoxes/<split>/<stem>.png   written from the boxes on first use
+Images are named by their file stem, which names stage 2's labels too.
+
+Coordinates: x1 = (cx - w/2)·W, x2 = (cx + w/2)·W (same for y with H), pixel edges.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from data.base import Annotation, DatasetFormat, no_boxes
+from data.voc import IMAGE_SUFFIXES, check_num_classes
+from utils.errors import BanaError
+from utils.io import read_image_size, read_label_png
+
+# A coordinate may leave [0, 1] by this much (float rounding in exporters) before it is an error.
+_TOLERANCE = 1e-4
+
+
+def _yaml_path(root: Path) -> Path | None:
+    return next((root / n for n in ("data.yaml", "data.yml") if (root / n).is_file()), None)
+
+
+class YOLOData(DatasetFormat):
+    """The YOLO layout (see the module doc)."""
+
+    name = "yolo"
+
+    def __init__(self, data_cfg, root: Path):
+        super().__init__(data_cfg, root)
+        self._classes = ("background", *self._names())
+        check_num_classes(self._classes, getattr(data_cfg, "NUM_CLASSES", None),
+                          f"{_yaml_path(self.root)} (YOLO's names)")
+        self._images: dict[str, dict[str, Path]] = {}
+
+    @staticmethod
+    def detect(root: Path, split: str) -> bool:
+        return _yaml_path(Path(root)) is not None
+
+    @cached_property
+    def _yaml(self) -> dict:
+        import yaml
+
+        path = _yaml_path(self.root)
+        if path is None:
+            darknet = any((self.root / n).is_file() for n in ("obj.names", "obj.data"))
+            raise BanaError(
+                f"{self.root} has no data.yaml: " + (
+                    "it is a darknet YOLO export (obj.names, obj.data, obj_<split>_data/); "
+                    "export as 'Ultralytics YOLO' (data.yaml, images/<split>/, labels/<split>/) "
+                    "or as COCO instead" if darknet else
+                    "a YOLO dataset has data.yaml (with `names:`), images/<split>/ and "
+                    "labels/<split>/ under DATA.ROOT (the Ultralytics and Roboflow exports)") + ".")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise BanaError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise BanaError(f"{path}: expected a mapping with `names:`, found "
+                            f"{type(data).__name__}.")
+        return data
+
+    def _names(self) -> tuple[str, ...]:
+        path, names = _yaml_path(self.root), self._yaml.get("names")
+        if isinstance(names, dict):
+            try:
+                ids = sorted(int(k) for k in names)
+            except (TypeError, ValueError):
+                raise BanaError(f"{path}: the keys of `names:` must be class numbers 0, 1, ...; "
+                                f"found {list(names)[:5]}.") from None
+            if ids != list(range(len(ids))):
+                raise BanaError(f"{path}: `names:` numbers the classes {ids[:10]}; YOLO classes "
+                                "are numbered 0, 1, 2, ... without gaps.")
+            names = [names[k] if k in names else names[str(k)] for k in ids]
+        if not isinstance(names, list) or not names:
+            raise BanaError(f"{path}: expected `names:` as a list of class names or a mapping "
+                            f"0: name, 1: name, ...; found {names!r}.")
+        names = [str(n).strip() for n in names]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise BanaError(f"{path} lists {', '.join(twice)} more than once: two classes of one "
+                            "name could not be told apart.")
+        return tuple(names)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._classes
+
+    def missing_files_hint(self, what: str) -> str:
+        return (f"a YOLO dataset keeps images/<split>/ (or <split>/images/), labels/<split>/ and "
+                f"data.yaml under DATA.ROOT ({self.root}); ground truth, optional, in "
+                "masks/<split>/<stem>.png")
+
+    def _image_dir(self, split: str) -> Path:
+        entry = self._yaml.get(split)
+        base = self.root / str(self._yaml.get("path") or ".")
+        candidates = []
+        if isinstance(entry, str):
+            candidates += [base / entry, _yaml_path(self.root).parent / entry]
+        candidates += [self.root / "images" / split, self.root / split / "images"]
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+            listed = sorted(p.name for p in (self.root / "images").iterdir() if p.is_dir()) \
+                if (self.root / "images").is_dir() else []
+            raise BanaError(f"no image folder for split '{split}' (tried {tried})"
+                            + (f"; images/ holds the splits {', '.join(listed)}" if listed
+                               else "") + f": {self.missing_files_hint('images')}.")
+        return found
+
+    def _split_images(self, split: str) -> dict[str, Path]:
+        if split not in self._images:
+            folder = self._image_dir(split)
+            images = {}
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                if p.stem in images:
+                    raise BanaError(f"{images[p.stem].name} and {p.name} in {folder} share the "
+                                    "name that labels them: rename one.")
+                images[p.stem] = p
+            if not images:
+                raise BanaError(f"{folder} holds no images (looked for "
+                                f"{', '.join(IMAGE_SUFFIXES)}).")
+            self._images[split] = images
+        return self._images[split]
+
+    def split_ids(self, split: str) -> list[str]:
+        return list(self._split_images(split))
+
+    def image_path(self, split: str, image_id: str) -> Path:
+        return self._split_images(split)[image_id]
+
+    def label_path(self, split: str, image_id: str) -> Path:
+        """labels/ beside images/: the last `images` part of the image folder becomes `labels`."""
+        folder = self.image_path(split, image_id).parent
+        parts = list(folder.parts)
+        k = len(parts) - 1 - parts[::-1].index("images") if "images" in parts else None
+        labels = Path(*parts[:k], "labels", *parts[k + 1:]) if k is not None else folder
+        return labels / f"{image_id}.txt"
+
+    def annotation_source(self, split: str, image_id: str) -> Path:
+        return self.label_path(split, image_id)
+
+    def bg_mask_path(self, split: str, image_id: str) -> Path:
+        return self.root / "BgMaskfromBoxes" / split / f"{image_id}.png"
+
+    def annotation(self, split: str, image_id: str) -> Annotation:
+        path = self.label_path(split, image_id)
+        if not path.is_file():
+            return no_boxes()
+        height, width = read_image_size(self.image_path(split, image_id), exif=True)
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            rows.append(self._parse(path, number, line, fields))
+        if not rows:
+            return no_boxes()
+        values = np.asarray(rows, dtype=np.float64)
+        cx, cy, w, h = values[:, 1:].T
+        boxes = np.stack([(cx - w / 2) * width, (cy - h / 2) * height,
+                          (cx + w / 2) * width, (cy + h / 2) * height], 1)
+        return Annotation(boxes.astype(np.float32), values[:, 0].astype(np.int64) + 1)
+
+    def _parse(self, path: Path, number: int, line: str, fields: list[str]) -> list[float]:
+        where = f"{path}, line {number} ({line.strip()!r})"
+        if len(fields) != 5:
+            what = ("a polygon (segmentation export)" if len(fields) > 5 and len(fields) % 2
+                    else f"{len(fields)} numbers")
+            raise BanaError(f"{where}: expected `class cx cy w h` (five numbers), found {what}. "
+                            "Export the dataset for detection (boxes).")
+        try:
+            cls = int(fields[0])
+            cx, cy, w, h = (float(v) for v in fields[1:])
+        except ValueError:
+            raise BanaError(f"{where}: expected an integer class and four numbers.") from None
+        if not 0 <= cls < len(self._classes) - 1:
+            raise BanaError(f"{where}: class {cls} is not in data.yaml's names (0.."
+                            f"{len(self._classes) - 2}).")
+        low, high = -_TOLERANCE, 1 + _TOLERANCE
+        if not (w > 0 and h > 0 and low <= cx - w / 2 and cx + w / 2 <= high
+                and low <= cy - h / 2 and cy + h / 2 <= high):
+            raise BanaError(f"{where}: the box (cx, cy, w, h) = ({cx}, {cy}, {w}, {h}) is empty "
+                            "or leaves the image; YOLO boxes are normalised to [0, 1] by the "
+                            "image's width and height.")
+        return [cls, cx, cy, w, h]
+
+    def _gt_path(self, split: str, image_id: str) -> Path:
+        return self.root / "masks" / split / f"{image_id}.png"
+
+    def gt_ids(self, split: str) -> list[str]:
+        return [i for i in self.split_ids(split) if self._gt_path(split, i).is_file()]
+
+    def gt_label(self, split: str, image_id: str) -> np.ndarray | None:
+        path = self._gt_path(split, image_id)
+        if not path.is_file():
+            return None
+        image = self.image_path(split, image_id)
+        return read_label_png(path, len(self._classes), "ground truth",
+                              read_image_size(image, exif=True),
+                              "re-create it (class k of data.yaml is k + 1, 0 is background)",
+                              image=f"its image {image}")
