@@ -11,21 +11,15 @@ carries the normalisation it was trained with.
 import math
 from collections import OrderedDict
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models import ResNet101_Weights, VGG16_Weights
 
+from models.backbone_base import (INPUT_NORMS, MEAN_RGB, Backbone, InputNorm,  # noqa: F401
+                                  norm_buffers)
+from models.resnet_v1 import ResNet101V1DeepLabV2
 from utils.errors import BanaError
-
-# Per-channel mean in RGB order and 0..255 units, e.g. the colour to pad images with.
-MEAN_RGB = {
-    "caffe": (122.675, 116.669, 104.008),
-    "imagenet": (0.485 * 255, 0.456 * 255, 0.406 * 255),
-}
-_IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-INPUT_NORMS = tuple(MEAN_RGB)
 
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 _CAFFE_VGG16_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
@@ -33,56 +27,7 @@ _CAFFE_VGG16_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "co
 _FC_SHAPES = {"fc6": (1024, 512, 3, 3), "fc7": (1024, 1024, 1, 1)}
 
 
-def norm_buffers(kind):
-    """The `InputNorm` buffers for `kind`: channel order, mean and std in that order, 0..255 units."""
-    if kind == "caffe":
-        order, mean, std = (2, 1, 0), MEAN_RGB["caffe"][::-1], (1.0, 1.0, 1.0)
-    else:
-        order, mean, std = (0, 1, 2), MEAN_RGB["imagenet"], _IMAGENET_STD_RGB
-    return {"order": torch.tensor(order), "mean": torch.tensor(mean), "std": torch.tensor(std)}
-
-
-class InputNorm(nn.Module):
-    """(N,3,H,W) RGB 0..255 -> network input: Caffe (BGR minus mean) or ImageNet (RGB, mean/std)."""
-
-    def __init__(self, kind="imagenet"):
-        super().__init__()
-        for name, value in norm_buffers(kind).items():
-            self.register_buffer(name, value)
-
-    @property
-    def kind(self):
-        return "caffe" if self.order[0].item() == 2 else "imagenet"
-
-    def forward(self, images):
-        return (images[:, self.order] - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
-
-
-class _Backbone(nn.Module):
-    """Shared interface: `normalize` first, `input_norm` names it, `new_modules()` for lr groups,
-    `convert_state_dict` for weight files of other layouts, `IMAGENET_WEIGHTS` (a torchvision
-    weights enum, or None) for MODEL.INIT imagenet."""
-
-    out_channels: int
-    IMAGENET_WEIGHTS = None
-
-    def __init__(self, input_norm):
-        super().__init__()
-        self.normalize = InputNorm(input_norm)
-
-    @property
-    def input_norm(self):
-        return self.normalize.kind
-
-    def new_modules(self):
-        return []
-
-    def convert_state_dict(self, state_dict):
-        """(own-layout state dict without `normalize.*`, norm the weights expect or None)."""
-        return state_dict, None
-
-
-class VGG16LargeFOV(_Backbone):
+class VGG16LargeFOV(Backbone):
     """VGG-16 as in DeepLab-LargeFOV (SPEC §1); `features` keeps torchvision's layer indices."""
 
     out_channels = 1024
@@ -127,7 +72,7 @@ class VGG16LargeFOV(_Backbone):
         return state_dict, None
 
 
-class ResNet101DeepLabV2(_Backbone):
+class ResNet101DeepLabV2(Backbone):
     """torchvision ResNet-101 at stride 8 plus DeepLab-V2's four summed dilated 3×3 convs (SPEC §1)."""
 
     out_channels = 256
@@ -164,7 +109,7 @@ class ResNet101DeepLabV2(_Backbone):
         return state_dict, None
 
 
-class TinyBackbone(_Backbone):
+class TinyBackbone(Backbone):
     """Five 3×3 conv + GroupNorm + ReLU layers, stride 8, D = 128: for CPU demos and tests.
 
     GroupNorm rather than BatchNorm so that training from scratch on tiny batches behaves the
@@ -243,10 +188,11 @@ def _features_layout():
 
 
 # MODEL.BACKBONE of the semantic networks (stages 1-3): name -> class. A new backbone is a
-# `_Backbone` subclass in its own module and one line here; the zoo (models/zoo.py) builds it,
+# `Backbone` subclass in its own module and one line here; the zoo (models/zoo.py) builds it,
 # passing the options its constructor names (VGG-16: fc6_dilation).
 BACKBONES = {
-    "vgg16": VGG16LargeFOV,
-    "resnet101": ResNet101DeepLabV2,
-    "tiny": TinyBackbone,
+    "vgg16": VGG16LargeFOV,  # DeepLab-LargeFOV (DeepLab-V1)
+    "resnet101": ResNet101V1DeepLabV2,  # DeepLab-V2 as the authors build it (v1, models/resnet_v1.py)
+    "resnet101_torchvision": ResNet101DeepLabV2,  # torchvision's v1.5 with DeepLab-V2's dilations
+    "tiny": TinyBackbone,  # five convolutions, for CPU demos and tests
 }

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from models.backbones import _Backbone
+from models.backbone_base import Backbone
 from utils.errors import BanaError
 
 BN_MOMENTUM = 0.999
@@ -74,13 +74,15 @@ _EXPECTED = ("this module's own layout (body.*, head.*, normalize.*); torchvisio
              "(Scale.conv1.weight, Scale.layer1.0.conv1.weight, ...)")
 
 
-class ResNet101V1DeepLabV2(_Backbone):
+class ResNet101V1DeepLabV2(Backbone):
     """The authors' ResNet-101 v1 at stride 8 plus DeepLab-V2's four summed dilated 3×3 convs.
 
     (N,3,H,W) RGB 0..255 -> (N,256,h,w); names as `ResNet101DeepLabV2` (see the module docstring).
+    MODEL.INIT imagenet loads torchvision's ResNet-101 file into it: the same tensors.
     """
 
     out_channels = 256
+    IMAGENET_WEIGHTS = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
 
     def __init__(self, input_norm="imagenet"):
         super().__init__(input_norm)

@@ -46,8 +46,9 @@ _KIND_NAMES = {"backbone": "a feature extractor", "labeler": "a stage-1 box clas
                "maskrcnn": "an instance-segmentation model (Mask R-CNN)"}
 # Where each kind's weights sit inside the LightningModule that trains it.
 _PREFIX = {"labeler": "net.", "deeplab": "net.", "maskrcnn": "model."}
-# Backbone names of checkpoints written before a name changed meaning: old -> current.
-LEGACY_BACKBONES: dict[str, str] = {}
+# Backbone names in checkpoints written before `checkpoint_entry` whose meaning changed since:
+# "resnet101" was torchvision's v1.5 then, the authors' v1 now.
+LEGACY_BACKBONES = {"resnet101": "resnet101_torchvision"}
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,6 @@ def _parse(path: Path, raw: dict) -> Checkpoint:
         extra = {k: v for k, v in meta.items() if k not in ("stage", "model", "config")}
     else:
         spec, extra = _legacy_spec(meta, stage, config)
-    spec = dataclasses.replace(spec, backbone=LEGACY_BACKBONES.get(spec.backbone, spec.backbone))
     prefix = _PREFIX[spec.kind]
     state = {k[len(prefix):]: v for k, v in (raw.get("state_dict") or {}).items()
              if k.startswith(prefix)}
@@ -354,7 +354,8 @@ def _legacy_spec(meta: dict, stage: int, config: dict) -> tuple[ModelSpec, dict]
     """The spec of a checkpoint written before `checkpoint_entry` (flat keys plus the config)."""
     model = config.get("MODEL", {})
     classes = meta.get("classes")
-    common = {"backbone": meta["backbone"], "num_classes": meta["num_classes"],
+    common = {"backbone": LEGACY_BACKBONES.get(meta["backbone"], meta["backbone"]),
+              "num_classes": meta["num_classes"],
               "classes": tuple(classes) if classes else None}
     if meta.get("task") == "instance":
         spec = ModelSpec("maskrcnn", instance_size=tuple(meta["instance_size"]), **common)

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from models import backbones
 from models.backbones import ResNet101DeepLabV2
 from models.resnet_v1 import ResNet101V1DeepLabV2
 from utils.errors import BanaError
@@ -366,19 +365,19 @@ def test_the_authors_deeplab_aspp_brings_its_head():
                        state["backbone.layer5.block3.increase.conv.weight"])
 
 
-def test_build_backbone_reads_a_caffe_file_with_caffe_inputs(monkeypatch, tmp_path):
-    """Through the project's loader (a builder registered for the test): strict load, input norm
-    from the layout, a contradicting MODEL.INPUT_NORM refused."""
-    monkeypatch.setitem(backbones._BUILDERS, "resnet101_v1",
-                        lambda fc6_dilation, norm: ResNet101V1DeepLabV2(norm))
+def test_the_zoo_reads_a_caffe_file_with_caffe_inputs(tmp_path):
+    """Through the project's model front door: strict load, input norm from the layout, a
+    contradicting MODEL.INPUT_NORM refused."""
+    from models.zoo import ModelSpec, build
+
     state = {k: v.half() for k, v in _caffe_state("isht7").items()}  # half the bytes on disk
     torch.save(state, tmp_path / "MS_DeepLab_resnet_pretrained_COCO_init.pth")
     path = str(tmp_path / "MS_DeepLab_resnet_pretrained_COCO_init.pth")
-    net = backbones.build_backbone("resnet101_v1", init=path)
+    net = build(ModelSpec("backbone", "resnet101"), init=path)
     assert isinstance(net, ResNet101V1DeepLabV2) and net.input_norm == "caffe"
     assert torch.equal(net.body.layer3[9].conv1.weight, state["Scale.layer3.9.conv1.weight"].float())
     with pytest.raises(BanaError, match="contradicts"):
-        backbones.build_backbone("resnet101_v1", init=path, input_norm="imagenet")
+        build(ModelSpec("backbone", "resnet101", input_norm="imagenet"), init=path)
 
 
 @pytest.mark.parametrize("layout", ["kazuto_msc", "isht7"])
