@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     workers_argument(model, "CRF worker processes")
     model.add_argument("--save-pred", action="store_true",
                        help="write the predictions as index PNGs to OUTPUT_DIR/NAME/eval/pred")
+    model.add_argument("--overwrite", action="store_true",
+                       help="replace an evaluation of another model in the run's eval/")
     model.add_argument("--save-vis", type=positive(0), default=0, metavar="N",
                        help="write image | GT | prediction panels for the first N images")
     folder = p.add_argument_group("folder mode")
@@ -81,7 +83,7 @@ def main(argv=None):
         from engine.evaluate import run
 
         return run(cfg, checkpoint=args.checkpoint, devices=args.gpu_id, workers=args.workers,
-                   save_pred=args.save_pred, save_vis=args.save_vis)
+                   save_pred=args.save_pred, save_vis=args.save_vis, overwrite=args.overwrite)
 
     return guarded(go, args.debug)
 

@@ -19,6 +19,10 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="stage-3 checkpoint (default: MODEL.WEIGHTS under OUTPUT_DIR)")
     workers_argument(parser, "CRF worker processes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="predict again the images whose outputs in --output were made "
+                             "with another model or settings, from another image, or not by "
+                             "predict.py (their files are replaced)")
 
 
 def run(args):
@@ -26,7 +30,8 @@ def run(args):
     from engine.predict import run
 
     return run(load_config(args.config_file, args.opts), inputs=args.input, output=args.output,
-               checkpoint=args.checkpoint, devices=args.gpu_id, workers=args.workers)
+               checkpoint=args.checkpoint, devices=args.gpu_id, workers=args.workers,
+               overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def run(args):
     from engine.stage1 import run
 
     return run(load_config(args.config_file, args.opts), devices=args.gpu_id,
-               resume=args.resume, reconfigure=args.reconfigure)
+               resume=args.resume, reconfigure=args.reconfigure, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def run(args):
         from engine.instance import train as run_stage3
     else:
         from engine.stage3 import run as run_stage3
-    return run_stage3(cfg, devices=args.gpu_id, resume=args.resume, reconfigure=args.reconfigure)
+    return run_stage3(cfg, devices=args.gpu_id, resume=args.resume, reconfigure=args.reconfigure,
+                      overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

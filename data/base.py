@@ -169,6 +169,22 @@ def _to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
+def check_side(height: int, width: int, what, scales=(1.0,)) -> None:
+    """An image the networks can take at every scale it is shown at (multi-scale inference
+    shrinks it): its smallest side, so scaled, at least MIN_SIDE; else a BanaError naming
+    `what` (the file, or "the image")."""
+    import math
+
+    smallest = min(scales)
+    side = min(math.floor(height * smallest), math.floor(width * smallest))
+    if side < MIN_SIDE:
+        at = f"; at scale {smallest} of TEST.SCALES it is {side} pixels" if smallest != 1 else ""
+        raise BanaError(f"{what} is {width}x{height}{at}: the networks need at least {MIN_SIDE} "
+                        "pixels on each side (their features are 8 times smaller). Remove it, "
+                        "upscale it" + (", or drop the small scales from TEST.SCALES"
+                                        if smallest != 1 else "") + ".")
+
+
 def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
                        recorded: tuple[int, int] | None = None) -> np.ndarray:
     """An image of the dataset as every stage reads it (EXIF orientation applied, as viewers
@@ -179,7 +195,7 @@ def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
     height, width = image.shape[:2]
     if recorded is not None and tuple(recorded) != (height, width):
         raw = read_image_size(path)
-        if tuple(recorded) == raw and raw == (width, height)[::-1] and raw != (height, width):
+        if tuple(recorded) == raw and raw == (width, height) and raw != (height, width):
             why = (f"the file's EXIF orientation turns it by 90° (stored {raw[1]}x{raw[0]}, "
                    f"shown {width}x{height}), and the annotation was made on the stored pixels. "
                    "Every stage reads images as they are shown (as predict.py does): remove the "
@@ -189,10 +205,7 @@ def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
             why = fmt.annotated_size_hint()
         raise BanaError(f"image {path} is {width}x{height} but its annotation says "
                         f"{recorded[1]}x{recorded[0]}: {why}.")
-    if min(height, width) < MIN_SIDE:
-        raise BanaError(f"image {path} is {width}x{height}: the networks need at least "
-                        f"{MIN_SIDE} pixels on each side (their features are 8 times smaller). "
-                        "Remove it from the split, or upscale it and its annotation.")
+    check_side(height, width, f"image {path}")
     return image
 
 
@@ -375,35 +388,69 @@ def write_bg_mask_job(job: tuple) -> bool:
     return True
 
 
+BG_LEDGER = "boxes.jsonl"  # beside the masks: the boxes each mask was made from
+
+
+def _mask_job(job: tuple) -> str:
+    """Worker job: make one background mask right; returns "kept" (it existed and matches the
+    boxes) or "written". job: (path, boxes float32 (A, 4), (H, W) or None (then the image's
+    size as shown), the image, check: compare an existing file before keeping it)."""
+    from utils.boxes import bg_mask_from_boxes
+    from utils.io import atomic_write_png
+
+    path, boxes, size, image, check = job
+    if size is None:
+        size = read_image_size(image, exif=True)
+    mask = bg_mask_from_boxes(boxes, *size)
+    if check and path.is_file():
+        try:
+            if np.array_equal(read_index_png(path), mask):
+                return "kept"
+        except BanaError:
+            pass  # unreadable: written again
+    atomic_write_png(path, mask)
+    return "written"
+
+
 def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=None,
                     progress: bool = True) -> dict:
-    """Write the background masks of `split` that do not exist yet (SPEC §0: 1 outside every
-    box, 0 inside, the image's size), in `workers` processes, each file atomically, so that an
-    interrupted run resumes where it stopped. Under torchrun / srun every process writes its
-    share and waits for the others' (no process group needed). Returns counts {"written",
-    "skipped", "total"}."""
+    """Make the background masks of `split` match the boxes (SPEC §0: 1 outside every box, 0
+    inside, the image's size): masks that are missing, or were made from other boxes than
+    today's, are written (each atomically, in `workers` processes), so an interrupted run
+    resumes where it stopped and an edited annotation never leaves a stale mask behind. A
+    ledger beside the masks (BG_LEDGER) records the boxes each was made from; masks found
+    without a line (written by the setup scripts, or the authors' release) are compared with
+    the boxes once. Under torchrun / srun every process takes its share of the work and waits
+    for the others' (no process group needed). Returns counts {"written", "kept", "total"}."""
     from utils.pool import run_all
+    from utils.records import Ledger, fingerprint
 
     ids = fmt.split_ids(split)
-    missing = [i for i in ids if not fmt.bg_mask_path(split, i).is_file()]
-    if not missing:
-        return {"written": 0, "skipped": len(ids), "total": len(ids)}
-    mine = missing if launch is None or not launch.distributed else missing[launch.rank::
-                                                                           launch.world_size]
-    if launch is None or launch.is_main:
-        print(f"Background masks: writing {len(missing)} of {len(ids)} for split '{split}' "
-              f"under {fmt.bg_mask_path(split, ids[0]).parent}.", flush=True)
-    jobs = []
-    for i in mine:
-        ann = fmt.annotation(split, i)
-        jobs.append((fmt.bg_mask_path(split, i), ann.all_boxes, ann.size,
-                     fmt.image_path(split, i)))
-    written = sum(run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress,
-                          chunksize=32))
+    folder = fmt.bg_mask_path(split, ids[0]).parent
+    ledger = Ledger(folder / BG_LEDGER)
+    recorded = ledger.read()
+    anns = {i: fmt.annotation(split, i) for i in ids}
+    prints = {i: fingerprint(a.all_boxes, a.size) for i, a in anns.items()}
+    todo = [i for i in ids if recorded.get(i, {}).get("boxes") != prints[i]
+            or not fmt.bg_mask_path(split, i).is_file()]
+    if not todo:
+        return {"written": 0, "kept": len(ids), "total": len(ids)}
+    distributed = launch is not None and launch.distributed
+    mine = todo[launch.rank::launch.world_size] if distributed else todo
+    if not distributed or launch.is_main:
+        print(f"Background masks of split '{split}': checking or writing {len(todo)} of "
+              f"{len(ids)} under {folder}.", flush=True)
+    jobs = [(fmt.bg_mask_path(split, i), anns[i].all_boxes, anns[i].size,
+             fmt.image_path(split, i), i not in recorded) for i in mine]
+    done = run_all(_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32)
+    ledger.add_many({i: {"boxes": prints[i]} for i in mine})
     deadline = time.monotonic() + 3600
-    while any(not fmt.bg_mask_path(split, i).is_file() for i in missing):
+    while distributed and any(ledger.read().get(i, {}).get("boxes") != prints[i] for i in todo):
         if time.monotonic() > deadline:
             raise BanaError("the other processes of this run did not write their background "
                             "masks within an hour; rerun the same command.")
         time.sleep(0.5)
-    return {"written": written, "skipped": len(ids) - len(missing), "total": len(ids)}
+    written = sum(r == "written" for r in done)
+    if written and (not distributed or launch.is_main):
+        print(f"Background masks: {written} written from the boxes.", flush=True)
+    return {"written": written, "kept": len(ids) - written, "total": len(ids)}

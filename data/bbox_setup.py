@@ -47,8 +47,8 @@ def main(argv=None) -> dict:
         totals = {}
         for split in splits:
             counts = ensure_bg_masks(data, split, args.workers)
-            print(f"'{split}': wrote {counts['written']}, kept {counts['skipped']} existing "
-                  f"({counts['total']} images).")
+            print(f"'{split}': wrote {counts['written']}, kept {counts['kept']} that match "
+                  f"their boxes ({counts['total']} images).")
             totals[split] = counts
         return totals
 

@@ -543,6 +543,17 @@ class COCOData(DatasetFormat):
         return self._base(split) / name
 
     def check_images(self, split: str, ids) -> None:
+        from data.base import MIN_SIDE
+
+        inst = self.instances(split)
+        rows = [self._row(split, i) for i in ids]
+        small = [n for n in rows if min(inst.heights[n], inst.widths[n]) < MIN_SIDE]
+        if small:
+            n = small[0]
+            raise BanaError(f"{len(small)} image(s) of split '{split}' are smaller than "
+                            f"{MIN_SIDE} pixels on a side (e.g. {inst.file_names[n]}, "
+                            f"{inst.widths[n]}x{inst.heights[n]}, in {inst.path}): the networks' "
+                            "features are 8 times smaller. Remove them from the annotation file.")
         paths = [self.image_path(split, i) for i in ids]
         missing = [p for p in paths if not p.is_file()]
         if missing:

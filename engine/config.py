@@ -428,6 +428,12 @@ def _validate(cfg: Config, source: str) -> None:
         raise BanaError(f"{source}: NAME = {cfg.NAME!r} must be a plain folder name (letters, "
                         "digits, '_', '-', '.', not '.' or '..'): the run is written to "
                         "OUTPUT_DIR/NAME and must stay inside OUTPUT_DIR.")
+    for key, value in (("OUTPUT_DIR", cfg.OUTPUT_DIR), ("DATA.ROOT", cfg.DATA.ROOT),
+                       ("DATA.PSEUDO_LABEL_DIR", cfg.DATA.PSEUDO_LABEL_DIR)):
+        if not value.strip():
+            raise BanaError(f"{source}: {key} is empty, which would put the files in the current "
+                            "folder (or DATA.ROOT) without saying so: give a folder, or '.' for "
+                            "the current one.")
     label_dir = Path(cfg.DATA.PSEUDO_LABEL_DIR)
     if not label_dir.is_absolute() and ".." in label_dir.parts:
         raise BanaError(f"{source}: DATA.PSEUDO_LABEL_DIR = {cfg.DATA.PSEUDO_LABEL_DIR!r} leaves "
@@ -455,6 +461,10 @@ def load_config(path: str | Path | None = None, opts: list[str] | None = None) -
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.yml"))[:6]
+            raise BanaError(f"--config-file {path} is a folder; give one YAML file in it"
+                            + (f", e.g. {', '.join(found)}" if found else "") + ".")
         if not path.is_file():
             raise BanaError(f"Config file {path} does not exist. Shipped configs live in "
                             "configs/ (e.g. configs/stage1.yml, configs/demo/stage1.yml).")

@@ -78,17 +78,20 @@ STAGE3_HINT = ("Train stage 3 first (python stage3.py --config-file CONFIG) with
                "OUTPUT_DIR, or pass --checkpoint PATH.")
 
 
-def load_model(path: Path, cfg: Config | None = None):
+def load_model(path: Path, cfg: Config | None = None, classes=None):
     """The stage-3 DeepLab of a checkpoint, in eval mode, rebuilt from the checkpoint's own
     description (`net.spec`: backbone, classes, fc6 dilation, input normalisation). With `cfg`,
-    a backbone or class count that contradicts MODEL.BACKBONE / DATA.NUM_CLASSES is an error."""
-    from engine.runs import expectations
+    a backbone or class count that contradicts MODEL.BACKBONE / DATA.NUM_CLASSES is an error;
+    with `classes` (the data's names) its class names are compared with them (`match_classes`)
+    and its outputs taken in the data's order."""
+    from engine.runs import expectations, match_classes, reorder_classifier
     from models.zoo import read_checkpoint
 
     hint = ("Use the config the model was trained with, or another checkpoint. " + STAGE3_HINT)
     ckpt = read_checkpoint(path, stage=3, kind="deeplab",
                            expect=expectations(cfg) if cfg is not None else None, hint=hint)
-    return ckpt.network(hint)
+    order = match_classes(ckpt, classes, "evaluate.py") if classes is not None else None
+    return reorder_classifier(ckpt.network(hint), order)
 
 
 def inference_device(gpu_id: str, launch=None, precision: str = "32") -> torch.device:
@@ -251,6 +254,11 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
     with WorkerPool(workers if crf is not None else 0) as pool:
         for item in loader:
             image_id, image = item["id"], item["image"]
+            if "multiscale" in modes or "multiscale+crf" in modes:
+                from data.base import check_side
+
+                check_side(*image.shape[-2:], f"image {image_id} of '{cfg.TEST.SPLIT}'",
+                           cfg.TEST.SCALES)
             rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
             state.start(image_id, rgb, item["label"][0].numpy() if "label" in item else None)
             x = image.float().to(device, non_blocking=device.type == "cuda")
@@ -273,8 +281,32 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
         bar.update(state.done - bar.n)
 
 
+def check_evaluated_model(out_dir: Path, ckpt_path: Path, overwrite: bool) -> str:
+    """The checkpoint's sha256, after checking that `out_dir` holds no evaluation of another
+    model (its metrics.json says which): a run's results are never replaced by another model's
+    without --overwrite."""
+    import json
+
+    from utils.records import file_sha256
+
+    sha = file_sha256(ckpt_path)
+    path = out_dir / "metrics.json"
+    if path.is_file() and not overwrite:
+        try:
+            before = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            before = {}
+        if before.get("checkpoint_sha256", sha) != sha:
+            raise BanaError(f"{out_dir} holds the evaluation of another model "
+                            f"({before.get('checkpoint')}, metrics.json); this one is "
+                            f"{ckpt_path}. Pass --overwrite to replace it, or evaluate into "
+                            "another run folder (--opts NAME other_eval).")
+    return sha
+
+
 def run(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
-        workers: int | None = None, save_pred: bool = False, save_vis: int = 0) -> dict:
+        workers: int | None = None, save_pred: bool = False, save_vis: int = 0,
+        overwrite: bool = False) -> dict:
     """Evaluate the stage-3 model on TEST.SPLIT; returns {"split", "images", "checkpoint",
     "classes", "modes": {mode: ConfusionMatrix.compute() output}, "seconds", ...}, which
     metrics.json holds too (NaN written as null). On the test split nothing is scored ("modes"
@@ -283,7 +315,7 @@ def run(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     checkpoint: the model (default MODEL.WEIGHTS under OUTPUT_DIR); devices: as --gpu-id;
     workers: CRF processes (None = the number of cores, 0 = in this process); save_pred: write
     the predictions as PNGs to eval/pred; save_vis: image | GT | prediction panels of the first
-    N images."""
+    N images; overwrite: replace an evaluation of another model in the run's eval/."""
     from data.datasets import open_data
     from utils.distributed import barrier, detect_launch
     from utils.runlock import RunLock, clean_temporary_files
@@ -304,14 +336,15 @@ def run(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
         if launch.is_main:
             clean_temporary_files(cfg.run_dir / EVAL_DIR)
         barrier(launch)
+        sha = check_evaluated_model(cfg.run_dir / EVAL_DIR, ckpt_path, overwrite)
         return _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers,
-                         launch, devices, save_pred, save_vis)
+                         launch, devices, save_pred, save_vis, sha)
 
 
 def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, launch, devices,
-              save_pred, save_vis) -> dict:
+              save_pred, save_vis, sha) -> dict:
     device = inference_device(devices, launch, cfg.TRAINER.PRECISION)
-    net = prepare_network(load_model(ckpt_path, cfg), device)
+    net = prepare_network(load_model(ckpt_path, cfg, data.classes), device)
     all_ids = list(dataset.ids)
     mine = shard(list(range(len(all_ids))), launch)
     announce_shard(launch, len(mine))
@@ -354,6 +387,7 @@ def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, 
 
     names = list(data.classes)
     summary = {"split": split, "images": len(dataset), "checkpoint": str(ckpt_path),
+               "checkpoint_sha256": sha,
                "seconds": round(seconds, 2),
                "images_per_second": round(len(dataset) / seconds, 3) if seconds > 0 else None,
                "scales": list(cfg.TEST.SCALES), "flip": cfg.TEST.FLIP,

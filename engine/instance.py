@@ -99,21 +99,22 @@ def check_train_inputs(cfg: Config):
     return dataset, class_map
 
 
-def train(cfg: Config, *, devices: str = "0", resume: bool = False,
-          reconfigure: bool = False) -> dict:
+def train(cfg: Config, *, devices: str = "0", resume: bool = False, reconfigure: bool = False,
+          overwrite: bool = False) -> dict:
     """Train Mask R-CNN; returns the iteration count and the final checkpoint. Options as
     `engine.stage1.run`'s."""
     from utils.runlock import RunLock
 
     dataset, class_map = check_train_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 3 (instance)"):
-        return _train(cfg, dataset, class_map, devices, resume, reconfigure)
+        return _train(cfg, dataset, class_map, devices, resume, reconfigure, overwrite)
 
 
-def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure) -> dict:
+def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure, overwrite) -> dict:
     from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
+    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
+                                         class_map.names)
     model = build(model_spec(cfg, "maskrcnn", class_map.names), init=cfg.MODEL.INIT)
     extra = {"category_ids": [0] + class_map.category_ids_by_index(),
              "masks": cfg.MODEL.INSTANCE_MASKS}
@@ -132,6 +133,10 @@ def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure) -> dic
         ckpt_path=ckpt_path)
     final = ckpt_dir / "final.ckpt"
     if trainer.is_global_zero:
+        if not final.is_file():  # never report a file that was not written
+            raise BanaError(f"stage 3 stopped after {trainer.global_step} of "
+                            f"{cfg.SOLVER.MAX_ITER} iterations without writing {final}; rerun "
+                            "with --resume to finish it.")
         print(f"Stage 3 (instance) done: {trainer.global_step} iterations, checkpoint {final}")
     return {"iterations": trainer.global_step, "checkpoint": str(final),
             **{k: float(v) for k, v in trainer.callback_metrics.items()}}

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 OVERLAY_DIR = "overlay"
+# What each output was made from (utils/records.py): the model, the settings, the image.
+LEDGER = "predictions.jsonl"
 
 
 def list_images(inputs: list[str]) -> list[Path]:
@@ -146,12 +148,14 @@ class Segmenter:
         base = "single" if self.scales == (1.0,) and not self.flip else "multiscale"
         return base + ("+crf" if self.crf is not None else "")
 
-    def scores(self, image: np.ndarray) -> torch.Tensor:
-        """Cosine scores float32 (C, H, W) of an (H, W, 3) uint8 RGB image, before the CRF."""
+    def scores(self, image: np.ndarray, what: str = "the image") -> torch.Tensor:
+        """Cosine scores float32 (C, H, W) of an (H, W, 3) uint8 RGB image, before the CRF; an
+        image too small for the network at its smallest scale is refused, named `what`."""
         from engine.evaluate import predict_multiscale
         from utils.precision import inference_autocast
 
-        image = _checked_image(image)
+        image = _checked_image(image, self.scales if self.mode.startswith("multi") else (1.0,),
+                               what)
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
         x = x.to(self.device)
         with torch.inference_mode(), inference_autocast(self.precision, self.device):
@@ -174,12 +178,33 @@ class Segmenter:
         return labels_job(self.crf_job(image, scores))
 
 
-def _checked_image(image) -> np.ndarray:
+def _checked_image(image, scales=(1.0,), what="the image") -> np.ndarray:
+    from data.base import check_side
+
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise BanaError(f"expected an (H, W, 3) uint8 RGB image, got a {image.dtype} array of "
                         f"shape {image.shape} (utils.io.read_image reads any file that way).")
+    check_side(*image.shape[:2], what, scales)
     return image
+
+
+def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
+    """The label map and the overlay predict.py writes for `image`."""
+    return out / f"{image.stem}.png", out / OVERLAY_DIR / f"{image.stem}.jpg"
+
+
+def check_outputs_spare_inputs(out: Path, images: list[Path]) -> None:
+    """An output may never replace an input: refuse an --output where a label map or overlay
+    would be written over one of the input images."""
+    inputs = {p.resolve() for p in images}
+    clashes = [(image, path) for image in images for path in output_paths(out, image)
+               if path.resolve() in inputs]
+    if clashes:
+        image, path = clashes[0]
+        raise BanaError(f"--output {out} would write {path} over the input image {image} "
+                        f"({len(clashes)} such output(s)): choose an --output folder apart from "
+                        "the images.")
 
 
 def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None):
@@ -190,6 +215,8 @@ def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None)
 
     problems = Problems("predict.py")
     images = problems.check(lambda: list_images(inputs))
+    if images is not None:
+        problems.check(lambda: check_outputs_spare_inputs(Path(output), images))
     ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
     if ckpt_path is not None:
         problems.check(lambda: require_checkpoint(
@@ -202,12 +229,15 @@ def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None)
 
 
 def run(cfg: Config, *, inputs: list[str], output, checkpoint: str | None = None,
-        devices: str = "0", workers: int | None = None) -> dict:
-    """Predict every input image (skipping those done); returns counts and images/s.
+        devices: str = "0", workers: int | None = None, overwrite: bool = False) -> dict:
+    """Predict every input image (skipping those done from the same model, settings and image);
+    returns counts and images/s.
 
     inputs: image files, folders of images and .txt lists; output: the folder for <stem>.png
     and overlay/<stem>.jpg; checkpoint: the model (default MODEL.WEIGHTS under OUTPUT_DIR);
-    devices: as --gpu-id; workers: CRF processes (None = the number of cores, 0 = here)."""
+    devices: as --gpu-id; workers: CRF processes (None = the number of cores, 0 = here);
+    overwrite: predict again the images whose outputs exist but were made otherwise (another
+    model or settings, another image of that name) or not by predict.py, replacing them."""
     from utils.distributed import barrier, detect_launch
     from utils.runlock import RunLock, clean_temporary_files
 
@@ -217,10 +247,30 @@ def run(cfg: Config, *, inputs: list[str], output, checkpoint: str | None = None
         if launch.is_main:
             clean_temporary_files(output)
         barrier(launch)
-        return _predict(cfg, Path(output), devices, workers, images, ckpt_path, launch)
+        return _predict(cfg, Path(output), devices, workers, images, ckpt_path, launch,
+                        overwrite)
 
 
-def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch) -> dict:
+def _stale_outputs(out: Path, images: list[Path], run: str, prints: dict) -> dict[str, list]:
+    """The images whose two outputs exist, by why they cannot count as done: {"model or
+    settings": [...], "image": [...], "no record": [...]} (empty lists left out)."""
+    from utils.records import Ledger
+
+    recorded = Ledger(out / LEDGER).read()
+    stale: dict[str, list] = {}
+    for image in images:
+        if not all(p.is_file() for p in output_paths(out, image)):
+            continue
+        entry = recorded.get(image.stem)
+        why = ("no record" if entry is None else "model or settings" if entry["run"] != run
+               else "image" if entry["image"] != prints[image] else None)
+        if why:
+            stale.setdefault(why, []).append(image)
+    return stale
+
+
+def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch,
+             overwrite: bool) -> dict:
     import os
 
     from tqdm import tqdm
@@ -233,12 +283,11 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
     from utils.io import atomic_write_jpeg, atomic_write_png, read_image
     from utils.palette import voc_palette
     from utils.pool import WorkerPool
+    from utils.records import Ledger, file_sha256, fingerprint
 
     device = inference_device(devices, launch, cfg.TRAINER.PRECISION)
     images = shard(images, launch)
     announce_shard(launch, len(images))
-    todo = [p for p in images if not ((out / f"{p.stem}.png").is_file()
-                                      and (out / OVERLAY_DIR / f"{p.stem}.jpg").is_file())]
     # Read once, and it must fit the config's backbone and classes.
     ckpt = read_checkpoint(ckpt_path, stage=3, kind="deeplab", expect=expectations(cfg),
                            hint="Use the config the model was trained with, or another "
@@ -246,6 +295,26 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
     seg = Segmenter(ckpt, device, scales=cfg.TEST.SCALES, flip=cfg.TEST.FLIP,
                     crf=cfg.TEST.CRF, precision=cfg.TRAINER.PRECISION, dcrf=cfg.MODEL.DCRF,
                     crf_backend=cfg.MODEL.CRF_BACKEND, temperature=cfg.MODEL.TEMPERATURE)
+    # What decides "already done": the model file, every setting of the prediction, the image.
+    run = fingerprint(file_sha256(ckpt_path), seg.mode, seg.scales, seg.flip, seg.precision,
+                      seg.temperature, seg.dcrf if seg.crf is not None else None,
+                      cfg.MODEL.CRF_BACKEND if seg.crf is not None else None)
+    prints = {p: file_sha256(p) for p in images}
+    stale = _stale_outputs(out, images, run, prints)
+    if stale and not overwrite:
+        why = {"model or settings": "were made with another model or other settings",
+               "image": "were made from another image of that name",
+               "no record": "were not written by predict.py (no line in "
+                            f"{out / LEDGER})"}
+        listed = "; ".join(f"{len(v)} {why[k]} (e.g. {output_paths(out, v[0])[0].name})"
+                           for k, v in stale.items())
+        raise BanaError(f"--output {out} already holds outputs for these images that cannot "
+                        f"count as done: {listed}. Pass --overwrite to predict them again "
+                        "(their files are replaced), or choose another --output.")
+    redo = {p for v in stale.values() for p in v}
+    todo = [p for p in images if p in redo
+            or not all(q.is_file() for q in output_paths(out, p))]
+    ledger = Ledger(out / LEDGER)
     if workers is None:
         workers = os.cpu_count() or 1
     workers = min(workers, len(todo)) if seg.crf is not None else 0
@@ -254,9 +323,10 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
 
     def write(finished) -> None:
         for (path, image), label in finished:
-            atomic_write_png(out / f"{path.stem}.png", label, palette=voc_palette())
-            atomic_write_jpeg(out / OVERLAY_DIR / f"{path.stem}.jpg",
-                              overlay(image, label, seg.classes))
+            png, jpg = output_paths(out, path)
+            atomic_write_png(png, label, palette=voc_palette())
+            atomic_write_jpeg(jpg, overlay(image, label, seg.classes))
+            ledger.add(path.stem, run=run, image=prints[path], input=str(path.resolve()))
             bar.update()
 
     start = time.perf_counter()
@@ -264,7 +334,7 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
             WorkerPool(workers) as pool:
         for path in todo:
             image = read_image(path, exif=True)
-            scores = seg.scores(image)
+            scores = seg.scores(image, f"image {path}")
             if seg.crf is None:
                 write([((path, image), scores.argmax(0).byte().cpu().numpy())])
             else:

@@ -42,6 +42,70 @@ def model_spec(cfg, kind: str, classes=None):
     return ModelSpec(kind, m.BACKBONE, frozen_bn=m.FREEZE_BN, **common)
 
 
+def check_steps(images: int, batch_size: int, devices, split: str) -> int:
+    """The batch each process takes, after checking that a training run can make a step: every
+    process gets its share of the split's images (the distributed sampler's ceil(N / processes))
+    and drops its last incomplete batch, so a batch larger than that share trains nothing."""
+    world = devices.total
+    per_device = max(1, batch_size // world)
+    share = math.ceil(images / world)
+    if share < per_device:
+        spread = (f" ({per_device} per process, over {world} processes that take {share} images "
+                  "each)" if world > 1 else "")
+        most = share * world if world > 1 else images
+        raise BanaError(f"DATA.BATCH_SIZE {batch_size}{spread} is more than the {images} images "
+                        f"of split '{split}': no training step could be made, and nothing would "
+                        f"be trained. Lower DATA.BATCH_SIZE to at most {most}, or train on a "
+                        "larger split.")
+    return per_device
+
+
+def match_classes(ckpt, classes, use: str) -> list[int] | None:
+    """Compare a checkpoint's class names with the data's, wherever a checkpoint meets data.
+
+    Returns None when they are the same names in the same order, or when the checkpoint records
+    none (written before names were recorded: said once); the order to take the checkpoint's
+    outputs in (data class k = checkpoint class order[k]) when the same names come in another
+    order (said, and mapped by name); a BanaError naming both lists otherwise. use: what the
+    checkpoint is for here ("stage 2", "evaluate.py"), for the messages.
+    """
+    classes = tuple(classes)
+    stored = ckpt.spec.classes
+    if stored is None:
+        print(f"note: {ckpt.path} records no class names (written before they were recorded); "
+              f"{use} assumes its classes are the data's: {', '.join(classes[1:])}.")
+        return None
+    if tuple(stored) == classes:
+        return None
+    if sorted(stored) == sorted(classes) and len(set(classes)) == len(classes):
+        order = [stored.index(name) for name in classes]
+        print(f"note: {ckpt.path} numbers the classes in another order than the data "
+              f"({', '.join(stored[1:])} against {', '.join(classes[1:])}); {use} maps them by "
+              "name.")
+        return order
+    missing = sorted(set(classes) - set(stored))
+    extra = sorted(set(stored) - set(classes))
+    raise BanaError(f"{ckpt.path} was trained on the classes {', '.join(stored[1:])}, but the data "
+                    f"has {', '.join(classes[1:])}"
+                    + (f" (the model lacks {', '.join(missing)}" if missing else " (")
+                    + ("; " if missing and extra else "")
+                    + (f"the data lacks {', '.join(extra)})" if extra else ")")
+                    + f": {use} would score or label one class as another. Use a model trained "
+                    "on these classes, or check DATA.CLASSES / DATA.CLASS_MAP / the annotation "
+                    "files.")
+
+
+def reorder_classifier(net, order: list[int] | None):
+    """The network with its classifier's rows taken in `order` (see `match_classes`), so that
+    output k is the data's class k."""
+    if order is not None:
+        import torch
+
+        with torch.no_grad():
+            net.classifier.weight.copy_(net.classifier.weight[order])
+    return net
+
+
 def expectations(cfg) -> dict:
     """What a checkpoint read for this config must match: {spec field: (config key, value)}."""
     return {"backbone": ("MODEL.BACKBONE", cfg.MODEL.BACKBONE),
@@ -107,34 +171,80 @@ class AtomicCheckpoint(pl.Callback):
         self.best = state_dict.get("best", -math.inf)
 
 
-def resume_path(cfg, resume: bool, stage: int) -> tuple[str | None, int]:
+def _held_checkpoints(cfg) -> list[Path]:
+    folder = cfg.run_dir / CHECKPOINT_DIR
+    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
+def _describe_checkpoints(paths: list[Path]) -> str:
+    """'final.ckpt (iteration 600), last.ckpt (iteration 600)': what a run folder holds."""
+    from models.zoo import read_checkpoint
+
+    described = []
+    for path in paths:
+        try:
+            described.append(f"{path.name} (iteration {read_checkpoint(path).step})")
+        except BanaError:
+            described.append(f"{path.name} (unreadable)")
+    return ", ".join(described)
+
+
+def resume_path(cfg, resume: bool, stage: int, overwrite: bool = False,
+                main: bool = True, classes=None) -> tuple[str | None, int]:
     """The checkpoint to resume from, or None for a fresh run.
 
-    A fresh run refuses to start over an existing one, so nothing already trained is lost. The
-    checkpoint resumed from must be this stage's, with the configured backbone and classes:
-    Lightning would otherwise load whatever weights happen to fit, or fail with a traceback.
+    A run folder's checkpoints are never replaced without a flag: a fresh run refuses to start
+    in a folder holding any checkpoint (the finished run's final.ckpt as much as last.ckpt)
+    unless `overwrite`, which deletes them first; `resume` needs a last.ckpt, and says what the
+    folder holds when there is none. The checkpoint resumed from must be this stage's, with the
+    configured backbone and classes: Lightning would otherwise load whatever weights happen to
+    fit, or fail with a traceback. Only the `main` process of a multi-process run deletes.
     """
+    if resume and overwrite:
+        raise BanaError("--resume continues a run and --overwrite starts it again: give one.")
     last = cfg.run_dir / CHECKPOINT_DIR / "last.ckpt"
+    held = _held_checkpoints(cfg)
     if resume:
         if last.is_file():
-            step = check_resumable(last, cfg, stage)
+            step = check_resumable(last, cfg, stage, classes)
             print(f"Resuming from {last}.")
             return str(last), step
-        print(f"--resume: no checkpoint at {last} yet; starting from iteration 0.")
-        return None, 0
-    if last.is_file():
-        raise BanaError(f"{cfg.run_dir} already holds a run ({last}). Pass --resume to continue "
-                        "it, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
+        if held:
+            raise BanaError(
+                f"--resume: {cfg.run_dir} has no checkpoints/last.ckpt to continue from; it holds "
+                f"{_describe_checkpoints(held)}. A finished run's final.ckpt is the model to use "
+                "as it is (evaluate.py); to train the run again from iteration 0 pass "
+                "--overwrite instead of --resume (its checkpoints are deleted), or choose another "
+                "NAME (--opts NAME my_run).")
+        raise BanaError(f"--resume: {cfg.run_dir} holds no checkpoint to continue from (nothing "
+                        "was trained there yet): start the run without --resume.")
+    if held and not overwrite:
+        raise BanaError(
+            f"{cfg.run_dir} already holds a run ({_describe_checkpoints(held)}). Pass --resume "
+            "to continue it, --overwrite to train it again from the start (its checkpoints are "
+            "deleted), or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
+    if held and main:
+        for path in held:
+            path.unlink()
+        print(f"--overwrite: deleted {', '.join(p.name for p in held)} in "
+              f"{cfg.run_dir / CHECKPOINT_DIR}; training starts again from iteration 0.")
     return None, 0
 
 
-def check_resumable(path: Path, cfg, stage: int) -> int:
-    """Check the checkpoint fits the config; returns the iterations it has trained."""
+def check_resumable(path: Path, cfg, stage: int, classes=None) -> int:
+    """Check the checkpoint fits the config (and the data's class names, in the same order);
+    returns the iterations it has trained."""
     from models.zoo import read_checkpoint
 
     hint = (f"A resumed run continues the run as it was trained: move {cfg.run_dir} away to "
             "start over, or choose another OUTPUT_DIR/NAME (--opts NAME my_run).")
-    return read_checkpoint(path, stage=stage, expect=expectations(cfg), hint=hint).step
+    ckpt = read_checkpoint(path, stage=stage, expect=expectations(cfg), hint=hint)
+    if classes is not None and ckpt.spec.classes is not None \
+            and tuple(ckpt.spec.classes) != tuple(classes):
+        raise BanaError(f"cannot resume from {path}: it was trained on the classes "
+                        f"{', '.join(ckpt.spec.classes[1:])}, but the data now has "
+                        f"{', '.join(tuple(classes)[1:])}. {hint}")
+    return ckpt.step
 
 
 # Keys that say where things are or how often to log, not what the run computes: a resumed run
@@ -210,10 +320,13 @@ def _recorded_max_iter(cfg):
     return "?"
 
 
-def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: bool):
+def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: bool,
+                   overwrite: bool = False, classes=None):
     """What every training run does first, holding the run folder's lock: clean what a killed
-    run left, pick devices, decide fresh vs resume (a resume must match the run's record), seed,
-    and save the resolved config. Returns (Devices, checkpoint to resume from or None)."""
+    run left, pick devices, decide fresh vs resume (a resume must match the run's record; see
+    `resume_path` for `overwrite`; classes: the data's class names, which a resumed checkpoint
+    must have), seed, and save the resolved config. Returns (Devices, checkpoint to resume from
+    or None)."""
     from utils.devices import resolve_devices
     from utils.distributed import detect_launch
     from utils.precision import check_precision
@@ -225,7 +338,7 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
     if launch.is_main:
         print(resolved.note)
         clean_temporary_files(cfg.run_dir)
-    ckpt_path, step = resume_path(cfg, resume, stage)
+    ckpt_path, step = resume_path(cfg, resume, stage, overwrite, launch.is_main, classes)
     if ckpt_path is not None and launch.is_main:
         check_resume_record(cfg, step, reconfigure)
     # python's, numpy's and torch's generators, and the data loaders' workers.

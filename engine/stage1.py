@@ -8,8 +8,10 @@ from torch.utils.data import DataLoader
 
 from engine.config import Config
 from engine.optim import make_optimizer, network_groups
-from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec, start_training
+from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, model_spec,
+                         start_training)
 from engine.training import BanaLitModule, fit, make_trainer
+from utils.errors import BanaError
 
 STAGE = 1
 
@@ -93,20 +95,21 @@ def train_loader(cfg: Config, dataset, per_device_batch: int, fill,
                       persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=pin_memory)
 
 
-def run(cfg: Config, *, devices: str = "0", resume: bool = False,
-        reconfigure: bool = False) -> dict:
+def run(cfg: Config, *, devices: str = "0", resume: bool = False, reconfigure: bool = False,
+        overwrite: bool = False) -> dict:
     """Train stage 1; returns the final training metrics and the checkpoint path.
 
     devices: as --gpu-id ("0", "0,1", "cpu", "cpu:2"); resume: continue the run's last.ckpt;
-    reconfigure: with resume, continue with settings other than the run's record."""
+    reconfigure: with resume, continue with settings other than the run's record; overwrite:
+    train a run folder that holds checkpoints again from the start (they are deleted)."""
     from utils.runlock import RunLock
 
     data, dataset = check_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 1"):
-        return _train(cfg, data, dataset, devices, resume, reconfigure)
+        return _train(cfg, data, dataset, devices, resume, reconfigure, overwrite)
 
 
-def _train(cfg: Config, data, dataset, devices, resume, reconfigure) -> dict:
+def _train(cfg: Config, data, dataset, devices, resume, reconfigure, overwrite) -> dict:
     import os
 
     from data.base import ensure_bg_masks
@@ -115,9 +118,10 @@ def _train(cfg: Config, data, dataset, devices, resume, reconfigure) -> dict:
     from utils.distributed import detect_launch
 
     ensure_bg_masks(data, cfg.DATA.SPLIT, min(8, os.cpu_count() or 1), detect_launch())
-    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
+    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
+                                         data.classes)
+    per_device = check_steps(len(dataset), cfg.DATA.BATCH_SIZE, devices, cfg.DATA.SPLIT)
     net = build(model_spec(cfg, "labeler", data.classes), init=cfg.MODEL.INIT)
-    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm],
                           pin_memory=devices.accelerator == "gpu")
     if devices.accelerator == "gpu":
@@ -130,5 +134,9 @@ def _train(cfg: Config, data, dataset, devices, resume, reconfigure) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     final = ckpt_dir / "final.ckpt"
     if trainer.is_global_zero:
+        if not final.is_file():  # a stage never reports a file it did not write
+            raise BanaError(f"stage 1 stopped after {trainer.global_step} of "
+                            f"{cfg.SOLVER.MAX_ITER} iterations without writing {final}; rerun "
+                            "with --resume to finish it.")
         print(f"Stage 1 done: {trainer.global_step} iterations, checkpoint {final}")
     return {"iterations": trainer.global_step, "checkpoint": str(final), **metrics}

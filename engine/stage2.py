@@ -40,22 +40,29 @@ if TYPE_CHECKING:
 
 from engine.stage2_jobs import (BOX_LABEL, INSTANCE_SOURCES, INSTANCES, LABELS, label_one,
                                 output_paths, pending_ids, preload_pixel_work, write_job)
+from utils.records import Ledger, file_sha256, fingerprint
+
+# The ledger of what each image's labels were made from (utils/records.py).
+INPUTS = "inputs.jsonl"
 
 STAGE1_HINT = ("Train stage 1 first (python stage1.py --config-file configs/stage1.yml) with the "
                "same OUTPUT_DIR, or point MODEL.WEIGHTS at its checkpoints/final.ckpt.")
 
 
-def load_labeler(cfg: Config):
+def load_labeler(cfg: Config, classes=None):
     """The stage-1 network named by MODEL.WEIGHTS (relative to OUTPUT_DIR), in eval mode, built
-    from the checkpoint's own description (fc6 dilation and input normalisation included)."""
-    from engine.runs import expectations
+    from the checkpoint's own description (fc6 dilation and input normalisation included).
+    classes: the data's class names, compared with the checkpoint's (`match_classes`): the
+    classifier's rows are taken in the data's order."""
+    from engine.runs import expectations, match_classes, reorder_classifier
     from models.zoo import read_checkpoint
 
     hint = ("A stage-1 model labels the classes it was trained on (on COCO 2017: a VOC-trained "
             "model under DATA.CLASS_MAP voc20, a COCO-trained one under coco80). " + STAGE1_HINT)
     ckpt = read_checkpoint(cfg.output_path(cfg.MODEL.WEIGHTS), stage=1, kind="labeler",
                            expect=expectations(cfg), hint=hint)
-    return ckpt.network(hint)
+    order = match_classes(ckpt, classes, "stage 2") if classes is not None else None
+    return reorder_classifier(ckpt.network(hint), order)
 
 
 def open_dataset(cfg: Config, data=None):
@@ -91,11 +98,13 @@ def pixel_work_on_device(choice: str, device: torch.device) -> bool:
 
 def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, workers: int,
              position: int = 0, progress: bool = True, instances: bool = False,
-             pixel_work: str = "auto", pool=None) -> int:
+             pixel_work: str = "auto", pool=None, fingerprints: dict | None = None) -> int:
     """Label `ids` of `dataset` (skipping finished ones) with `workers` CRF processes; returns
     how many images were labelled. instances: also write each image's instance masks (the
     dataset's items carry category_ids). pixel_work: see `pixel_work_on_device`. pool: a
     `utils.pool.WorkerPool` of `workers` processes to use (default: one of its own).
+    fingerprints: {id: fingerprint of what shapes its labels} (`input_fingerprints`), added to
+    the folder's ledger as each image's files are complete.
 
     Streaming: the main process decodes images and runs the backbone (under TRAINER.PRECISION's
     autocast) and, on the device path, the unaries and the retrieval; the workers run the CRF
@@ -111,6 +120,7 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
     todo = pending_ids(ids, out_root, instances)
     if not todo:
         return 0
+    ledger = Ledger(out_root / INPUTS) if fingerprints is not None else None
     for d in (*LABELS, BOX_LABEL, *((INSTANCES,) if instances else ())):
         (out_root / d).mkdir(parents=True, exist_ok=True)
     on_device = pixel_work_on_device(pixel_work, device)
@@ -140,7 +150,9 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
         queue = list(finished)
         while queue:
             tag, result = queue.pop(0)
-            if tag is None:
+            if tag is None:  # `result` is the image id: its files are complete
+                if ledger is not None:
+                    ledger.add(result, inputs=fingerprints[result])
                 done += 1
                 bar.update(1)
                 continue
@@ -216,7 +228,7 @@ def _device_unaries(cfg: Config, job: dict, feats: torch.Tensor, weight: torch.T
 
 
 def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: int,
-                pixel_work: str) -> None:
+                pixel_work: str, fingerprints: dict) -> None:
     """One process of a multi-device run on one machine (--gpu-id 0,1): labels ids[rank::n] on
     its own device."""
     from data.datasets import open_data
@@ -225,8 +237,8 @@ def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: i
     dataset = open_dataset(cfg, data)
     ids = dataset.ids[rank::len(device_ids)]
     device = torch.device(f"cuda:{device_ids[rank]}" if accelerator == "gpu" else "cpu")
-    generate(cfg, load_labeler(cfg), dataset, ids, device, workers, position=rank,
-             instances=data.writes_instances, pixel_work=pixel_work)
+    generate(cfg, load_labeler(cfg, data.classes), dataset, ids, device, workers, position=rank,
+             instances=data.writes_instances, pixel_work=pixel_work, fingerprints=fingerprints)
 
 
 def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
@@ -388,14 +400,46 @@ RECORD_KEYS = ("MODEL.BACKBONE", "MODEL.GRID_SIZE", "MODEL.BG_THRESHOLD", "MODEL
 RECORD_DEFAULTS = {"TRAINER.PRECISION": "32", "MODEL.CRF_BACKEND": "pydensecrf"}
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
+def input_fingerprints(data, split: str, ids: list[str]) -> dict[str, str]:
+    """{id: fingerprint of what its labels are made from}: the image file's bytes and the
+    annotation as read (boxes, classes, the boxes of the background mask, the recorded size and
+    the per-box ids). The settings and the stage-1 model are the folder's record (labels.json)."""
+    from tqdm import tqdm
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    prints = {}
+    for i in tqdm(ids, desc="inputs", unit="img", disable=len(ids) < 2000, dynamic_ncols=True):
+        ann = data.annotation(split, i)
+        prints[i] = fingerprint(file_sha256(data.image_path(split, i)), ann.boxes, ann.classes,
+                                ann.all_boxes, ann.size,
+                                *(ann.extras[k] for k in sorted(ann.extras)))
+    return prints
+
+
+def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str],
+                        instances: bool) -> list[str]:
+    """Images whose labels exist but were made from other inputs than today's (their boxes or
+    their image changed since; the ledger DATA.PSEUDO_LABEL_DIR/inputs.jsonl says what each label
+    was made from): their files are deleted, so that this run labels them again; says how many.
+    A label folder written before the ledger existed keeps its labels, with a note."""
+    ledger = Ledger(out_root / INPUTS)
+    written = [i for i in ids if i not in set(pending_ids(ids, out_root, instances))]
+    if not written:
+        return []
+    if not ledger.exists():
+        print(f"note: {out_root} has no {INPUTS} (labelled before inputs were recorded): its "
+              f"{len(written)} labels are kept as they are and recorded as made from today's "
+              "inputs; pass --overwrite to label them again.", flush=True)
+        ledger.add_many({i: {"inputs": prints[i]} for i in written})
+        return []
+    recorded = ledger.read()
+    changed = [i for i in written if recorded.get(i, {}).get("inputs") != prints[i]]
+    for i in changed:
+        for path in output_paths(out_root, i, instances).values():
+            path.unlink(missing_ok=True)
+    if changed:
+        print(f"{len(changed)} image(s) labelled before from other boxes or another image "
+              f"(e.g. {changed[0]}) are labelled again.", flush=True)
+    return changed
 
 
 def labelling_record(cfg: Config) -> dict:
@@ -439,6 +483,7 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
     if overwrite and labels:
         for d in labels:
             shutil.rmtree(out_root / d)
+        (out_root / INPUTS).unlink(missing_ok=True)
         for stale in out_root.glob("*_Y_*.json"):
             stale.unlink()
         print(f"--overwrite: deleted the labels in {out_root}.")
@@ -467,7 +512,7 @@ def run(cfg: Config, *, devices: str = "0", workers: int | None = None,
     launch = detect_launch()
     resolved = resolve_devices(devices, launch=launch)
     check_precision(cfg.TRAINER.PRECISION, resolved.accelerator)  # before the model is read
-    net = load_labeler(cfg)  # a bad checkpoint fails here, before anything is written
+    net = load_labeler(cfg, data.classes)  # a bad checkpoint fails here, before any write
     with RunLock(cfg.pseudo_label_dir, "stage 2"), RunLock(cfg.run_dir, "stage 2"):
         return _label(cfg, data, dataset, net, launch, resolved, workers or os.cpu_count() or 1,
                       overwrite, pixel_work, save_vis)
@@ -511,6 +556,8 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
     mine = shard(ids, launch)
     announce_shard(launch, len(mine))
     out_root = cfg.pseudo_label_dir
+    fingerprints = input_fingerprints(data, cfg.DATA.SPLIT, mine)
+    redo_changed_inputs(out_root, mine, fingerprints, coco)
     todo = len(pending_ids(mine, out_root, coco))
     outputs = "{Y_crf,Y_ret,Y_box,instances}" if coco else "{Y_crf,Y_ret,Y_box}"
     where = f"shard {launch.rank}/{launch.world_size} of " if launch.distributed else ""
@@ -522,7 +569,8 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         if todo:
             device = devices.device_of(launch.local_rank)
             generate(cfg, net, dataset, mine, device, workers, instances=coco,
-                     position=launch.local_rank, pixel_work=pixel_work)
+                     position=launch.local_rank, pixel_work=pixel_work,
+                     fingerprints=fingerprints)
         seconds = time.perf_counter() - start
         # Waits for every shard to be written before rank 0 checks and scores the split.
         labelled = int(all_reduce_sum(torch.tensor(todo), launch))
@@ -536,12 +584,12 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         ids_per = devices.devices if isinstance(devices.devices, list) \
             else list(range(devices.devices))
         per_shard = max(1, workers // len(ids_per))
-        mp.spawn(_shard_main, args=(cfg, ids_per, devices.accelerator, per_shard, pixel_work),
-                 nprocs=len(ids_per), join=True)
+        mp.spawn(_shard_main, args=(cfg, ids_per, devices.accelerator, per_shard, pixel_work,
+                                    fingerprints), nprocs=len(ids_per), join=True)
     elif todo:
         device = devices.device_of(0)
         generate(cfg, net, dataset, ids, device, workers, instances=coco,
-                 pixel_work=pixel_work)
+                 pixel_work=pixel_work, fingerprints=fingerprints)
     seconds = time.perf_counter() - start
     missing = pending_ids(ids, out_root, coco)
     if missing:

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from engine.config import Config
 from engine.optim import make_optimizer, network_groups
-from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec, start_training
+from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, model_spec,
+                         start_training)
 from engine.training import BanaLitModule, fit, make_trainer, needs_sync_batchnorm
 from utils.errors import BanaError
 
@@ -161,25 +162,25 @@ def loaders(cfg: Config, train, val, per_device_batch: int, fill,
     return train_loader, val_loader
 
 
-def run(cfg: Config, *, devices: str = "0", resume: bool = False,
-        reconfigure: bool = False) -> dict:
+def run(cfg: Config, *, devices: str = "0", resume: bool = False, reconfigure: bool = False,
+        overwrite: bool = False) -> dict:
     """Train stage 3; returns the last validation metrics and the checkpoint paths. Options as
     `engine.stage1.run`'s."""
     from utils.runlock import RunLock
 
     train, val, classes = check_inputs(cfg)
     with RunLock(cfg.run_dir, "stage 3"):
-        return _train(cfg, train, val, classes, devices, resume, reconfigure)
+        return _train(cfg, train, val, classes, devices, resume, reconfigure, overwrite)
 
 
-def _train(cfg: Config, train, val, classes, devices, resume, reconfigure) -> dict:
+def _train(cfg: Config, train, val, classes, devices, resume, reconfigure, overwrite) -> dict:
     from models.backbones import MEAN_RGB
     from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure)
-
+    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
+                                         classes)
+    per_device = check_steps(len(train), cfg.DATA.BATCH_SIZE, devices, cfg.DATA.SPLIT)
     net = build(model_spec(cfg, "deeplab", classes), init=cfg.MODEL.INIT)
-    per_device = max(1, cfg.DATA.BATCH_SIZE // devices.total)
     train_loader, val_loader = loaders(cfg, train, val, per_device,
                                        MEAN_RGB[net.backbone.input_norm],
                                        pin_memory=devices.accelerator == "gpu")
@@ -200,6 +201,10 @@ def _train(cfg: Config, train, val, classes, devices, resume, reconfigure) -> di
         trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
+        if not (ckpt_dir / "final.ckpt").is_file():  # never report a file that was not written
+            raise BanaError(f"stage 3 stopped after {trainer.global_step} of "
+                            f"{cfg.SOLVER.MAX_ITER} iterations without writing "
+                            f"{ckpt_dir / 'final.ckpt'}; rerun with --resume to finish it.")
         score = (f"val mIoU {metrics.get('val/miou', float('nan')):.2f} (best during training "
                  f"{checkpoint.best:.2f}, selected on val)" if validate else "no validation")
         print(f"Stage 3 done: {trainer.global_step} iterations, {score}, checkpoints in "

@@ -35,12 +35,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resume_arguments(parser: argparse.ArgumentParser) -> None:
-    """--resume and --reconfigure, the flags of the training stages."""
+    """--resume, --reconfigure and --overwrite, the flags of the training stages."""
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/NAME/checkpoints/last.ckpt")
     parser.add_argument("--reconfigure", action="store_true",
                         help="with --resume: continue with settings that differ from the run's "
                              "record (config.yaml; the old one is kept as config.<n>.yaml)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train a run folder that holds checkpoints again from iteration 0 "
+                             "(its checkpoints are deleted first)")
 
 
 def positive(minimum: int):
