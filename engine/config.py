@@ -26,6 +26,7 @@ import yaml
 
 # The choices of the keys below are defined where they are implemented, one dict each.
 from data.datasets import FORMATS
+from engine.optim import PARAM_GROUPS
 from models.backbones import BACKBONES as SEMANTIC_BACKBONES
 from models.instance import MASK_RCNN_BACKBONES
 from models.labeler import POOLINGS, ROI_SAMPLINGS
@@ -190,11 +191,21 @@ class ModelConfig:
 
 @dataclass
 class SolverConfig:
-    LR: float = _key(1e-3, "Base learning rate (pretrained weights; biases 2x, new weights 10x, "
-                     "new biases 20x).", check=_positive, rule="> 0")
+    LR: float = _key(1e-3, "Base learning rate: of the pretrained weights; the other parameters "
+                     "train at multiples of it (SOLVER.PARAM_GROUPS).", check=_positive,
+                     rule="> 0")
     MOMENTUM: float = _key(0.9, "SGD momentum.", check=_unit, rule="in [0, 1]")
-    WEIGHT_DECAY: float = _key(5e-4, "Weight decay (not applied to biases).", check=_non_negative,
-                               rule=">= 0")
+    WEIGHT_DECAY: float = _key(5e-4, "Weight decay (SOLVER.PARAM_GROUPS four: not on biases; two: "
+                               "on every parameter).", check=_non_negative, rule=">= 0")
+    PARAM_GROUPS: str = _key("auto", "Stages 1 and 3 (semantic): SGD parameter groups. 'four' = "
+                             "pretrained weights 1x LR, pretrained biases 2x without decay, new "
+                             "weights 10x, new biases 20x (the authors' VGG-16 code); 'two' = "
+                             "the whole pretrained backbone, BatchNorm included, 1x and the new "
+                             "layers (DeepLab-V2's four dilated convolutions, the classifier) "
+                             "10x, all decayed (the authors' DeepLab_ASPP; the decay is inferred, "
+                             "docs/SPEC.md §8); 'auto' = the authors' scheme for MODEL.BACKBONE: "
+                             "four for vgg16 (and tiny, ours), two for resnet101 and "
+                             "resnet101_torchvision.", choices=("auto", *PARAM_GROUPS))
     SCHEDULER: str = _key("multistep", "Learning-rate schedule.", choices=("multistep", "poly"))
     MILESTONES: list[int] = _key([5000], "Multistep: iterations where lr is multiplied by "
                                  "LR_DECAY.", check=lambda v: all(x > 0 for x in v),

@@ -51,7 +51,8 @@ class Stage1LitModule(BanaLitModule):
         return loss
 
     def configure_optimizers(self):
-        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
+        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER,
+                                self.cfg.MODEL.BACKBONE)
         return make_optimizer(groups, self.cfg.SOLVER)
 
 
