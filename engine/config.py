@@ -26,6 +26,7 @@ import yaml
 
 # The choices of the keys below are defined where they are implemented, one dict each.
 from data.datasets import FORMATS
+from data.transforms import BOX_ARITHMETICS
 from engine.optim import PARAM_GROUPS
 from models.backbones import BACKBONES as SEMANTIC_BACKBONES
 from models.instance import MASK_RCNN_BACKBONES
@@ -103,6 +104,17 @@ class DataConfig:
                                      "contrast, saturation, hue.",
                                      check=lambda v: len(v) == 4 and all(x >= 0 for x in v),
                                      rule="four numbers >= 0")
+    BOX_ARITHMETIC: str = _key("reference", "Stages 1 and 2: the coordinates of a box. "
+                               "'reference' = the authors' arithmetic: stage 1's augmentation "
+                               "scales a box by the drawn factor s (the image is resized to "
+                               "round(side * s)), a box reaching the crop's right or bottom edge "
+                               "ends at crop + 1 (x1 = -1 after a flip); stage 2 takes the boxes "
+                               "through their float32 round trip x / ((W-1)/2) - 1, back with "
+                               "x_n * (W-1)/2 + (W-1)/2, truncated (3.5 % of integer VOC "
+                               "coordinates come back 1 px lower). 'pixel_edges' = boxes stay "
+                               "on the image's pixel edges: scaled with the image, clipped to "
+                               "[0, crop], truncated as they are in stage 2 (docs/SPEC.md §8).",
+                               choices=BOX_ARITHMETICS)
     NUM_WORKERS: int = _key(4, "Data-loading worker processes per device.", check=_non_negative,
                             rule=">= 0")
     PSEUDO_LABEL_DIR: str = _key("Generation", "Folder of stage 2's Y_crf/ and Y_ret/ label maps, "

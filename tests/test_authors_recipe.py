@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import load_config
 from engine.optim import (AUTHORS_PARAM_GROUPS, make_optimizer, network_groups,
@@ -138,3 +140,193 @@ def test_every_backbone_has_the_authors_scheme_and_the_shipped_configs_use_it():
                 for name in ("stage1.yml", "stage3_vgg.yml", "stage3_res.yml")
                 for cfg in [load_config(ROOT / "configs" / name)]}
     assert resolved == {"stage1.yml": "four", "stage3_vgg.yml": "four", "stage3_res.yml": "two"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: box arithmetic (DATA.BOX_ARITHMETIC)
+
+def test_stage2_boxes_take_the_authors_float32_round_trip():
+    """Their `Normalize_Caffe` stores x_n = fl(fl(x / h) - 1) in float32 (h = (W-1)/2, exact
+    in float32), their stage2.py computes fl(fl(x_n * h) + h) in float32 and truncates. fl
+    rounds to the nearest float32 (ties to even); [a, b) names the binade, ulp its spacing.
+
+    W = 14, h = 6.5, x = 3 -> 2:
+      3 / 6.5 = 0.4615384615..., [1/4, 1/2), ulp 2^-25: * 2^25 = 15486660.92 -> 15486661 * 2^-25
+      - 1 = -18067771 * 2^-25, [1/2, 1), ulp 2^-24: 9033885.5, a tie -> even -9033886 * 2^-24
+      * 6.5 = -58720259 * 2^-24 = -3.49999994, [2, 4), ulp 2^-22: 14680064.75 -> -14680065 * 2^-22
+      + 6.5 = 3 - 2^-22 = 2.99999976 (exact) -> truncated: 2.
+    W = 14, x = 10 stays 10:
+      10 / 6.5 = 1.538461..., [1, 2), ulp 2^-23: 12905550.77 -> 12905551 * 2^-23
+      - 1 = 9033886 * 2^-24 (exact), * 6.5 = 58720259 * 2^-24 -> 14680065 * 2^-22 = 3.50000024
+      + 6.5 = 10.00000024, [8, 16), ulp 2^-20: 10485760.25 -> 10485760 * 2^-20 = 10.0 -> 10.
+    W = 500, h = 249.5, x = 30 -> 29:
+      30 / 249.5 = 0.1202404809..., [1/16, 1/8), ulp 2^-27: 16138404.17 -> 16138404 * 2^-27
+      - 1 = -118079324 * 2^-27 = -14759915.5 * 2^-24, a tie -> even -14759916 * 2^-24
+      * 249.5 = -219.50002, [128, 256), ulp 2^-16: -14385152.51 -> -14385153 * 2^-16
+      + 249.5 = 15728632 * 2^-19 = 30 - 2^-16 (exact) -> 29.
+    W = 500, x = 400 stays 400:
+      400 / 249.5 = 1.6032064..., ulp 2^-23: 13448670.14 -> 6724335 * 2^-22
+      - 1 = 10120124 * 2^-24 (exact), * 249.5 = 150.4999958, ulp 2^-16: 9863167.73 -> 9863168
+      * 2^-16 = 150.5, + 249.5 = 400 (exact) -> 400.
+    H = 375, h = 187, y = 65 -> 64:
+      65 / 187 = 0.3475935828..., ulp 2^-25: 11663305.24 -> 11663305 * 2^-25
+      - 1 = -21891127 * 2^-25 = -10945563.5 * 2^-24, a tie -> even -10945564 * 2^-24
+      * 187 = -121.99999, [64, 128), ulp 2^-17: -15990784.91 -> -15990785 * 2^-17
+      + 187 = (65 * 2^17 - 1) * 2^-17 = 65 - 2^-17 (exact) -> 64.
+    The class column is truncated with them. pixel_edges truncates the coordinates as they are.
+    """
+    from engine.stage2 import box_pixels
+
+    small = [[3.0, 3.0, 10.0, 10.0, 7.0]]
+    assert box_pixels(small, 14, 14, "reference").tolist() == [[2, 2, 10, 10, 7]]
+    assert box_pixels(small, 14, 14, "pixel_edges").tolist() == [[3, 3, 10, 10, 7]]
+    voc = [[30.0, 65.0, 400.0, 65.0, 15.0]]  # H = 375, W = 500
+    assert box_pixels(voc, 375, 500, "reference").tolist() == [[29, 64, 400, 64, 15]]
+    assert box_pixels(voc, 375, 500, "pixel_edges").tolist() == [[30, 65, 400, 65, 15]]
+    assert box_pixels(voc, 375, 500, "reference").dtype.name == "int64"
+
+
+def test_stage2_records_the_box_arithmetic_and_refuses_to_mix_old_labels(tmp_path):
+    """Labels written before the key existed truncated the boxes as they are (pixel_edges): a
+    rerun into their folder under the new default would mix two arithmetics, so it is refused,
+    naming the key and both values."""
+    import json
+
+    from engine.stage2 import check_label_record, labelling_record
+
+    weights = tmp_path / "final.ckpt"
+    weights.write_bytes(b"a stage-1 model")
+    cfg = load_config(ROOT / "configs/stage2.yml", [
+        "DATA.ROOT", str(tmp_path / "voc"), "MODEL.WEIGHTS", str(weights)])
+    assert labelling_record(cfg)["DATA.BOX_ARITHMETIC"] == "reference"
+    old = {k: v for k, v in labelling_record(cfg).items() if k != "DATA.BOX_ARITHMETIC"}
+    folder = cfg.pseudo_label_dir
+    (folder / "Y_crf").mkdir(parents=True)
+    (folder / "labels.json").write_text(json.dumps(old))
+    with pytest.raises(BanaError, match=r"DATA.BOX_ARITHMETIC: 'pixel_edges' recorded, "
+                                        r"'reference' now"):
+        check_label_record(cfg, overwrite=False)
+    cfg.DATA.BOX_ARITHMETIC = "pixel_edges"
+    check_label_record(cfg, overwrite=False)
+
+
+def _transform(crop, scale, arithmetic, flip=False, seed=0):
+    from data.transforms import TrainTransform
+
+    return TrainTransform(crop, scale_range=(scale, scale), flip=flip, color_jitter=(0, 0, 0, 0),
+                          generator=torch.Generator().manual_seed(seed),
+                          box_arithmetic=arithmetic)
+
+
+def _sample(height, width, boxes):
+    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(1)),
+            "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "bg_mask": torch.ones(1, height, width, dtype=torch.uint8)}
+
+
+def test_a_box_reaching_the_crop_edge_ends_one_past_it():
+    """Their `clip_bbox` with the crop window [left, left + crop) sets x2 >= left + crop to
+    crop + 1 (and y2 alike); their `RandomHFlip`, after the crop, mirrors about crop / 2:
+    x1' = crop - x2, x2' = crop - x1.
+
+    8 x 8 image, scale 1, crop 8: no padding, offset floor(u * 0) = 0. Box (2, 3, 8, 8):
+    x2 = 8 >= 0 + 8 -> 9, y2 -> 9: (2, 3, 9, 9). Flipped: x1' = 8 - 9 = -1, x2' = 8 - 2 = 6:
+    (-1, 3, 6, 9). Pixel edges: (2, 3, 8, 8), flipped (0, 3, 6, 8).
+    20 x 20 image, crop 8, box (0, 0, 20, 20): whatever the offsets (0..12), x1 = 0 (either
+    below the window or at its start) and x2 = 20 >= left + 8 -> 9: (0, 0, 9, 9).
+    """
+    sample = _sample(8, 8, [[2, 3, 8, 8, 4]])
+    assert _transform(8, 1.0, "reference")(sample)["boxes"].tolist() == [[2, 3, 9, 9, 4]]
+    assert _transform(8, 1.0, "pixel_edges")(sample)["boxes"].tolist() == [[2, 3, 8, 8, 4]]
+    seen = set()
+    for seed in range(12):
+        ref = _transform(8, 1.0, "reference", flip=True, seed=seed)(sample)
+        edges = _transform(8, 1.0, "pixel_edges", flip=True, seed=seed)(sample)
+        flipped = torch.equal(ref["image"], sample["image"].flip(-1))
+        seen.add(flipped)
+        assert torch.equal(ref["image"], edges["image"])
+        expected = ([[-1, 3, 6, 9, 4]], [[0, 3, 6, 8, 4]]) if flipped else \
+            ([[2, 3, 9, 9, 4]], [[2, 3, 8, 8, 4]])
+        assert (ref["boxes"].tolist(), edges["boxes"].tolist()) == expected
+    assert seen == {True, False}
+    whole = _sample(20, 20, [[0, 0, 20, 20, 1]])
+    for seed in range(8):
+        assert _transform(8, 1.0, "reference", seed=seed)(whole)["boxes"].tolist() == \
+            [[0, 0, 9, 9, 1]]
+
+
+def test_a_rescaled_box_is_scaled_by_the_drawn_factor():
+    """Their `RandomScale` multiplies the box by s (float32) while cv2 resizes the image to
+    round(side * s) pixels. 10 x 10 image, s = 0.75 (exact in float32): the image becomes
+    round(7.5) = 8 pixels wide (ties to even), which the crop 8 takes whole (no padding, offset
+    0).
+    Box (2, 4, 6, 8) -> (1.5, 3, 4.5, 6); pixel edges scale by 8 / 10 = 0.8: (1.6, 3.2, 4.8, 6.4).
+    Box (2, 4, 10, 10) -> (1.5, 3, 7.5, 7.5): 7.5 < 8 is not clipped, the box stops half a pixel
+    short of the image's edge; pixel edges: (1.6, 3.2, 8, 8)."""
+    sample = _sample(10, 10, [[2, 4, 6, 8, 3], [2, 4, 10, 10, 5]])
+    ref = _transform(8, 0.75, "reference")(sample)
+    edges = _transform(8, 0.75, "pixel_edges")(sample)
+    assert ref["image"].shape == (3, 8, 8) and torch.equal(ref["image"], edges["image"])
+    assert ref["boxes"].tolist() == [[1.5, 3.0, 4.5, 6.0, 3.0], [1.5, 3.0, 7.5, 7.5, 5.0]]
+    assert edges["boxes"].flatten().tolist() == pytest.approx(
+        [1.6, 3.2, 4.8, 6.4, 3.0, 1.6, 3.2, 8.0, 8.0, 5.0], abs=1e-6)
+
+
+def test_padding_shifts_the_box_and_a_box_outside_the_crop_is_dropped():
+    """6 x 6 image into crop 8: diff 2, padding ceil(2 / 2) = 1 on each side, offset 0. Box
+    (1, 1, 6, 6) -> (2, 2, 7, 7): 7 < 8, not clipped.
+    8 x 24 image, crop 8, scale 1, box (20, 0, 24, 8): the offset is left = floor(u * 16). The
+    box meets the window [left, left + 8) when x1 = 20 < left + 8, i.e. left >= 13: then x1 =
+    20 - left, x2 = 24 >= left + 8 -> 9, y2 = 8 >= 8 -> 9. Otherwise `clip_bbox` drops it with
+    its class. (Column j of the image holds the value j, so the crop shows `left`.)"""
+    padded = _transform(8, 1.0, "reference")(_sample(6, 6, [[1, 1, 6, 6, 2]]))
+    assert padded["boxes"].tolist() == [[2, 2, 7, 7, 2]]
+    sample = _sample(8, 24, [[20, 0, 24, 8, 6]])
+    sample["image"] = torch.arange(24, dtype=torch.uint8).expand(3, 8, 24).clone()
+    kept = set()
+    for seed in range(40):
+        out = _transform(8, 1.0, "reference", seed=seed)(sample)
+        left = int(out["image"][0, 0, 0])
+        kept.add(left >= 13)
+        expected = [[20 - left, 0, 9, 9, 6]] if left >= 13 else []
+        assert out["boxes"].tolist() == expected, left
+    assert kept == {True, False}
+
+
+@st.composite
+def _scenes(draw):
+    """An image with 1-4 integer boxes, a crop size and a seed."""
+    height, width = draw(st.integers(6, 40)), draw(st.integers(6, 40))
+    boxes = []
+    for k in range(draw(st.integers(1, 4))):
+        x1, y1 = draw(st.integers(0, width - 1)), draw(st.integers(0, height - 1))
+        boxes.append([x1, y1, draw(st.integers(x1 + 1, width)), draw(st.integers(y1 + 1, height)),
+                      k + 1])
+    crop = (draw(st.integers(4, 40)), draw(st.integers(4, 40)))
+    return _sample(height, width, boxes), crop, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=80, deadline=None)
+@given(_scenes())
+def test_at_scale_one_the_two_arithmetics_differ_only_at_the_far_edges(scene):
+    """At scale 1 with integer boxes, the authors' boxes are the pixel-edge ones except where a
+    pixel-edge box ends at the crop's far edge: x2 = crop_w (y2 = crop_h) is crop + 1 in theirs,
+    and after a flip that edge is x1 = 0 in pixel edges, -1 in theirs. The same boxes are kept,
+    and the image and masks are identical."""
+    sample, (crop_h, crop_w), seed = scene
+    ref = _transform((crop_h, crop_w), 1.0, "reference", flip=True, seed=seed)(sample)
+    edges = _transform((crop_h, crop_w), 1.0, "pixel_edges", flip=True, seed=seed)(sample)
+    assert torch.equal(ref["image"], edges["image"])
+    assert torch.equal(ref["bg_mask"], edges["bg_mask"])
+    assert ref["boxes"][:, 4].tolist() == edges["boxes"][:, 4].tolist()
+    flipped = not torch.equal(
+        _transform((crop_h, crop_w), 1.0, "pixel_edges", flip=False, seed=seed)(sample)["image"],
+        edges["image"])
+    expected = edges["boxes"].clone()
+    if flipped:
+        expected[:, 0][expected[:, 0] == 0] = -1
+    else:
+        expected[:, 2][expected[:, 2] == crop_w] = crop_w + 1
+    expected[:, 3][expected[:, 3] == crop_h] = crop_h + 1
+    assert ref["boxes"].tolist() == expected.tolist()
