@@ -330,3 +330,117 @@ def test_at_scale_one_the_two_arithmetics_differ_only_at_the_far_edges(scene):
         expected[:, 2][expected[:, 2] == crop_w] = crop_w + 1
     expected[:, 3][expected[:, 3] == crop_h] = crop_h + 1
     assert ref["boxes"].tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: the authors' released files (v1.0: BgMaskfromBoxes/, Generation/Ycrf, Generation/Yret)
+
+def _save_theirs(path: Path, array, mode: str = "L"):
+    """A PNG as the authors' code writes one: `Image.fromarray(uint8 array).save(path)` (mode L),
+    or, for a background mask whose mode their release does not state, from a bool array (1-bit)
+    or with a palette (P); their reader, np.array(Image.open(path)), gives 0/1 for all three."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(array, np.uint8)
+    if mode == "1":
+        image = Image.fromarray(array.astype(bool))
+    elif mode == "P":
+        image = Image.fromarray(array, mode="L").convert("P")
+        image.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    else:
+        image = Image.fromarray(array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return image.mode
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P"])
+def test_their_background_masks_are_read_as_they_are(synthetic_voc_copy, mode):
+    """Their stage 1 thresholds the mask's mean at 1/8 and their stage 2 uses it as the
+    background unary outside the boxes: 1 = background, 0 = inside a box, read as np.array of
+    the PNG. Such a file of any single-channel mode is read as is, value for value."""
+    import numpy as np
+
+    from data.datasets import open_data
+
+    cfg = load_config(ROOT / "configs/demo/stage1.yml", ["DATA.ROOT", str(synthetic_voc_copy)])
+    dataset = open_data(cfg).box_dataset("train")
+    image_id = dataset.ids[0]
+    path = dataset.bg_mask_path(image_id)
+    ours = dataset[0]["bg_mask"][0].numpy()
+    theirs = 1 - ours  # any 0/1 pattern: is it read as written?
+    assert _save_theirs(path, theirs, mode) == mode
+    assert np.array_equal(dataset[0]["bg_mask"][0].numpy(), theirs)
+
+
+@pytest.mark.parametrize("values, mode, message", [
+    ((0, 255), "L", r"values other than 0 and 1 \(e\.g\. 255\)"),
+    ((0, 1), "RGB", r"is a RGB image; a background mask is a single-channel PNG"),
+])
+def test_other_background_mask_encodings_are_refused(synthetic_voc_copy, values, mode, message):
+    """A 0/255 mask would pass their 1/8 threshold on almost every image and give stage 2 a
+    background unary of 255: it is not their encoding, and is refused; so is a colour PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from data.datasets import open_data
+
+    cfg = load_config(ROOT / "configs/demo/stage1.yml", ["DATA.ROOT", str(synthetic_voc_copy)])
+    dataset = open_data(cfg).box_dataset("train")
+    path = dataset.bg_mask_path(dataset.ids[0])
+    mask = np.where(dataset[0]["bg_mask"][0].numpy() == 1, values[1], values[0]).astype(np.uint8)
+    Image.fromarray(mask).convert(mode).save(path)
+    with pytest.raises(BanaError, match=message):
+        dataset[0]
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_on_their_released_files(synthetic_voc_copy, tmp_path):
+    """The release as it is: BgMaskfromBoxes/<id>.png (0/1, here alternately 8-bit and 1-bit)
+    for stages 1 and 2, Generation/Ycrf and Generation/Yret (class ids, `Image.fromarray(uint8)`
+    as their stage2.py saves them, mode L) for stage 3 with DATA.PSEUDO_LABELS [Ycrf, Yret].
+    Their masks are used untouched, and stage 3 trains on exactly the labels in their files."""
+    import numpy as np
+
+    from data.datasets import open_data
+    from engine.stage1 import run as run_stage1
+    from engine.stage2 import run as run_stage2
+    from engine.stage3 import open_datasets, run as run_stage3
+    from utils.io import read_index_png
+
+    root, out = synthetic_voc_copy, tmp_path / "runs"
+    data_opts = ["DATA.ROOT", str(root), "OUTPUT_DIR", str(out), "DATA.NUM_WORKERS", "0"]
+    fmt = open_data(load_config(ROOT / "configs/demo/stage1.yml", data_opts))
+    ids = fmt.split_ids("train_aug")
+    written = {}
+    for k, image_id in enumerate(ids):
+        path = fmt.bg_mask_path("train_aug", image_id)
+        mask = read_index_png(path)
+        _save_theirs(path, mask, "1" if k % 2 else "L")
+        written[path] = path.read_bytes()
+        gt = read_index_png(root / "SegmentationClassAug" / f"{image_id}.png")
+        y_crf = np.where(gt == 255, 0, gt)
+        y_ret = y_crf.copy()
+        y_ret[: y_ret.shape[0] // 3] = 0
+        _save_theirs(root / "Generation/Ycrf" / f"{image_id}.png", y_crf)
+        _save_theirs(root / "Generation/Yret" / f"{image_id}.png", y_ret)
+
+    run_stage1(load_config(ROOT / "configs/demo/stage1.yml", data_opts + [
+        "DATA.CROP_SIZE", "48", "DATA.BATCH_SIZE", "4", "SOLVER.MAX_ITER", "2",
+        "SOLVER.MILESTONES", "[1]"]), devices="cpu")
+    stage2 = run_stage2(load_config(ROOT / "configs/demo/stage2.yml", data_opts + [
+        "DATA.PSEUDO_LABEL_DIR", "Generation_ours"]), devices="cpu", workers=1)
+    assert stage2["labelled_now"] == len(fmt.split_ids("train"))
+    assert all(path.read_bytes() == data for path, data in written.items())
+
+    cfg3 = load_config(ROOT / "configs/demo/stage3.yml", data_opts + [
+        "DATA.SPLIT", "train_aug", "DATA.PSEUDO_LABEL_DIR", "Generation",
+        "DATA.PSEUDO_LABELS", "[Ycrf, Yret]", "DATA.CROP_SIZE", "48", "DATA.BATCH_SIZE", "4",
+        "SOLVER.MAX_ITER", "2", "SOLVER.VAL_EVERY", "2"])
+    train, _, _ = open_datasets(cfg3)
+    item = train[0]
+    expected = [read_index_png(root / "Generation" / d / f"{train.ids[0]}.png")
+                for d in ("Ycrf", "Yret")]
+    assert np.array_equal(item["label"].numpy(), np.stack(expected))
+    assert run_stage3(cfg3, devices="cpu")["iterations"] == 2
