@@ -132,14 +132,20 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     BACKBONE: str = _key("vgg16", "Feature extractor.", choices=BACKBONES)
-    INIT: str = _key("imagenet", "Backbone initialisation: 'imagenet' (torchvision weights), "
-                     "'none' (random), or a path to a state dict (torchvision layout or the "
-                     "authors' Caffe-converted vgg_caffe.pth) or to a checkpoint of this project "
-                     "whose backbone to start from (e.g. stage 3 from the stage-1 final.ckpt).")
+    INIT: str = _key("imagenet", "Training stages (1 and 3) only: the backbone's initial "
+                     "weights, 'imagenet' (torchvision weights), 'none' (random), or a path to a "
+                     "state dict (torchvision layout or the authors' Caffe-converted "
+                     "vgg_caffe.pth) or to a checkpoint of this project whose backbone to start "
+                     "from (e.g. stage 3 from the stage-1 final.ckpt). Stage 2, evaluate.py and "
+                     "predict.py load MODEL.WEIGHTS whole and do not read it.")
     INPUT_NORM: str = _key("auto", "Input normalisation; 'auto' follows the weights (Caffe BGR "
-                           "mean for Caffe-converted VGG, ImageNet mean/std otherwise).",
+                           "mean for Caffe-converted VGG, ImageNet mean/std otherwise). Stage 2, "
+                           "evaluate.py and predict.py take it from the checkpoint and refuse a "
+                           "value other than 'auto' that contradicts it.",
                            choices=("auto", "caffe", "imagenet"))
-    FC6_DILATION: int = _key(1, "VGG-16 fc6 dilation (1 in stage 1, 12 in stage 3).",
+    FC6_DILATION: int = _key(1, "VGG-16 fc6 dilation (1 in stage 1, 12 in stage 3). Stage 2, "
+                             "evaluate.py and predict.py take it from the checkpoint and refuse "
+                             "a value other than 1 that contradicts it.",
                              check=_positive, rule="> 0")
     WEIGHTS: str = _key("", "Checkpoint of an earlier stage, relative to OUTPUT_DIR (stage 2: the "
                         "stage-1 model; evaluate.py: the stage-3 model).")

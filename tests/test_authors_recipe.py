@@ -444,3 +444,70 @@ def test_the_pipeline_runs_on_their_released_files(synthetic_voc_copy, tmp_path)
                 for d in ("Ycrf", "Yret")]
     assert np.array_equal(item["label"].numpy(), np.stack(expected))
     assert run_stage3(cfg3, devices="cpu")["iterations"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: keys a stage does not use are not shipped, and a contradiction is refused
+
+def _checkpoint(path: Path, stage: int, spec: ModelSpec):
+    """A checkpoint as stages 1 and 3 write it, of an untrained network."""
+    from models.zoo import checkpoint_entry
+
+    net = build(spec, "none")
+    prefix = "net."
+    torch.save({"state_dict": {prefix + k: v for k, v in net.state_dict().items()},
+                "bana": checkpoint_entry(stage, net.spec, {})}, path)
+    return net.spec
+
+
+def test_stage2_configs_set_no_key_their_checkpoint_decides():
+    """Stage 2 builds the labeler from the stage-1 checkpoint: its fc6 dilation, input
+    normalisation and initialisation are the checkpoint's."""
+    import yaml
+
+    for path in sorted((ROOT / "configs").rglob("stage2*.yml")):
+        model = yaml.safe_load(path.read_text()).get("MODEL", {})
+        assert not {"FC6_DILATION", "INPUT_NORM", "INIT"} & set(model), path
+
+
+def test_stage2_refuses_a_config_that_contradicts_the_stage1_checkpoint(tmp_path):
+    """The checkpoint holds fc6 dilation 1 and ImageNet normalisation (resolved from 'auto').
+    MODEL.FC6_DILATION 12 or MODEL.INPUT_NORM caffe contradict it and are refused with both
+    values; the defaults (1, 'auto') and a matching 'imagenet' are accepted."""
+    from engine.stage2 import load_labeler
+
+    path = tmp_path / "stage1.ckpt"
+    spec = _checkpoint(path, 1, ModelSpec("labeler", "tiny", num_classes=21))
+    assert (spec.fc6_dilation, spec.input_norm) == (1, "imagenet")
+
+    def cfg(*opts):
+        return load_config(ROOT / "configs/demo/stage2.yml", ["MODEL.WEIGHTS", str(path), *opts])
+
+    load_labeler(cfg())
+    load_labeler(cfg("MODEL.INPUT_NORM", "imagenet"))
+    with pytest.raises(BanaError, match=r"with MODEL.FC6_DILATION 1, but MODEL.FC6_DILATION is "
+                                        r"12 here. Set MODEL.FC6_DILATION 1"):
+        load_labeler(cfg("MODEL.FC6_DILATION", "12"))
+    with pytest.raises(BanaError, match=r"with MODEL.INPUT_NORM 'imagenet', but MODEL.INPUT_NORM "
+                                        r"is 'caffe' here"):
+        load_labeler(cfg("MODEL.INPUT_NORM", "caffe"))
+
+
+def test_evaluate_refuses_a_config_that_contradicts_the_stage3_checkpoint(tmp_path):
+    """A DeepLab-V1 checkpoint with fc6 dilation 12 (configs/stage3_vgg.yml): that config loads
+    it; MODEL.FC6_DILATION 6 is refused, naming 12 and 6."""
+    from engine.evaluate import load_model
+
+    path = tmp_path / "stage3.ckpt"
+    _checkpoint(path, 3, ModelSpec("deeplab", "vgg16", num_classes=21, fc6_dilation=12))
+    load_model(path, load_config(ROOT / "configs/stage3_vgg.yml"))
+    with pytest.raises(BanaError, match=r"with MODEL.FC6_DILATION 12, but MODEL.FC6_DILATION is "
+                                        r"6 here"):
+        load_model(path, load_config(ROOT / "configs/stage3_vgg.yml", ["MODEL.FC6_DILATION", "6"]))
+
+
+def test_init_is_a_training_key_in_its_help():
+    from engine.config import iter_keys
+
+    help_text = dict((k, f.metadata["help"]) for k, f in iter_keys())["MODEL.INIT"]
+    assert help_text.startswith("Training stages (1 and 3) only")
