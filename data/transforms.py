@@ -129,6 +129,8 @@ class TrainTransform:
                                              canvas_size=(height, width))
             classes = sample["boxes"][:, 4:]
 
+        # Deviation (docs/SPEC.md §8): torchvision's tensor ops and torch's generator where the
+        # authors use cv2 / PIL and Python's `random`: the same operations, other rounding.
         scale = self._uniform(*self.scale_range)
         size = [max(1, round(height * scale)), max(1, round(width * scale))]
         image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=False)

@@ -132,6 +132,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     BACKBONE: str = _key("vgg16", "Feature extractor.", choices=BACKBONES)
+    # Deviation (docs/SPEC.md §8): 'imagenet' is torchvision's weights; the authors start VGG-16
+    # from DeepLab's Caffe vgg16_20M, and their ResNet-101 code loads no weights at all.
     INIT: str = _key("imagenet", "Training stages (1 and 3) only: the backbone's initial "
                      "weights, 'imagenet' (torchvision weights), 'none' (random), or a path to a "
                      "state dict (torchvision layout or the authors' Caffe-converted "
@@ -188,6 +190,8 @@ class ModelConfig:
                          check=_non_negative, rule=">= 0")
     BETA: float = _key(0.8, "Bootstrapping: weight of Y_crf in the soft target.", check=_unit,
                        rule="in [0, 1]")
+    # Deviation when true (docs/SPEC.md §8): the authors' freeze_bn() fixes BatchNorm's
+    # statistics only; true here fixes its affine parameters as well (DeepLab-V2's Caffe habit).
     FREEZE_BN: bool = _key(False, "Stage 3: keep BatchNorm statistics and affine parameters fixed.")
     TASK: str = _key("semantic", "Stage 3 and evaluate.py: 'semantic' trains and scores DeepLab "
                      "(mIoU); 'instance' trains torchvision's Mask R-CNN on instance masks of a "
@@ -235,6 +239,8 @@ class SolverConfig:
     MAX_ITER: int = _key(8000, "Number of optimisation steps.", check=_positive, rule="> 0")
     CKPT_EVERY: int = _key(1000, "Save the 'last' checkpoint every this many iterations.",
                            check=_positive, rule="> 0")
+    # Ours (docs/SPEC.md §8): the authors validate the final model once; the curve is extra and
+    # the model evaluate.py scores stays the final one.
     VAL_EVERY: int = _key(2000, "Stage 3: validate every this many iterations (and at the end).",
                           check=_positive, rule="> 0")
     LOG_EVERY: int = _key(20, "Log training scalars every this many iterations.",
