@@ -74,8 +74,9 @@ def box_pixels(boxes: np.ndarray, height: int, width: int, arithmetic: str) -> n
     transform (`Normalize_Caffe`) stores x_n = x / ((W-1)/2) - 1 in a float32 numpy array; their
     stage2.py brings it back with x_n * (W-1)/2 + (W-1)/2 on the float32 tensor and truncates
     (`.long()`); y alike with H. The rounding brings 3.5 % of integer VOC coordinates back 1 px
-    lower (tests/test_authors_recipe.py). "pixel_edges": the coordinates truncated as they are,
-    as the background masks are made (SPEC §0).
+    lower (tests/test_authors_recipe.py); a 1-px box can come back empty and then labels no
+    pixel, where their `.max()` over its empty region fails. "pixel_edges": the coordinates
+    truncated as they are, as the background masks are made (SPEC §0).
     """
     b = np.asarray(boxes, np.float32).reshape(-1, 5).copy()
     if arithmetic == "pixel_edges":

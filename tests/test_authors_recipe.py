@@ -511,3 +511,23 @@ def test_init_is_a_training_key_in_its_help():
 
     help_text = dict((k, f.metadata["help"]) for k, f in iter_keys())["MODEL.INIT"]
     assert help_text.startswith("Training stages (1 and 3) only")
+
+
+def test_a_one_pixel_box_the_round_trip_empties_labels_nothing():
+    """W = H = 14: the box (2, 2, 3, 3) comes back as (2, 2, 2, 2) (x = 3 -> 2, derived in
+    `test_stage2_boxes_take_the_authors_float32_round_trip`), an empty region: stage 2 labels no
+    pixel of it instead of failing as their `.max()` over the empty region does."""
+    import numpy as np
+
+    from engine.stage2 import box_pixels
+    from models.pseudo_labels import make_pseudo_labels
+    from utils.crf import make_crf
+
+    boxes = box_pixels([[2, 2, 3, 3, 1]], 14, 14, "reference")
+    assert boxes.tolist() == [[2, 2, 2, 2, 1]]
+    bg = np.ones((14, 14), np.uint8)
+    bg[2, 2] = 0
+    image = np.zeros((14, 14, 3), np.uint8)
+    y_crf, y_ret = make_pseudo_labels(torch.randn(8, 2, 2), torch.randn(21, 8), image, boxes, bg,
+                                      1, 0.99, make_crf([4, 55, 3, 3, 3], "pydensecrf"))[:2]
+    assert not y_crf.any() and not y_ret.any()
