@@ -165,6 +165,31 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, 
     return boxes, has_area(boxes)
 
 
+# The PNG modes a background mask may have: its values as PIL decodes them must be 0 or 1.
+# The authors read theirs with np.array(Image.open(path)), which gives those values for a
+# greyscale (L), palette (P) or 1-bit (1) PNG alike; their release does not say which it is.
+BG_MASK_MODES = ("L", "P", "1")
+
+
+def read_bg_mask_png(path: Path) -> np.ndarray:
+    """A background mask's values as stored, uint8 (H, W) (the caller checks they are 0/1). A
+    PNG of another mode (RGB, 16-bit) is refused: its values are not the mask's."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode == "1":
+                return np.array(image, dtype=np.uint8)
+    except (OSError, ValueError):  # a damaged file: read_index_png names it
+        return read_index_png(path)
+    if mode not in BG_MASK_MODES:
+        raise BanaError(f"background mask {path} is a {mode} image; a background mask is a "
+                        f"single-channel PNG ({', '.join(BG_MASK_MODES)} mode) holding 1 outside "
+                        "every box and 0 inside: delete it, and it is made again from the boxes.")
+    return read_index_png(path)
+
+
 def _to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
@@ -248,11 +273,14 @@ class BoxDataset(Dataset):
         path = self.bg_mask_path(image_id)
         if not path.is_file():
             raise BanaError(f"background mask {path} not found: {bg_mask_hint(self.fmt)}.")
-        mask = read_index_png(path)
+        mask = read_bg_mask_png(path)
         if mask.shape != (height, width) or mask.max(initial=0) > 1:
             found = (f"is {mask.shape[1]}x{mask.shape[0]} but image "
                      f"{self.image_path(image_id)} is {width}x{height}"
-                     if mask.shape != (height, width) else "holds values other than 0 and 1")
+                     if mask.shape != (height, width) else
+                     f"holds values other than 0 and 1 (e.g. {int(mask.max())}), which are the "
+                     "encoding of background masks (the authors' BgMaskfromBoxes too: 1 = "
+                     "background, 0 = inside a box)")
             raise BanaError(f"background mask {path} {found}: delete it, and it is made again "
                             f"from the boxes ({bg_mask_hint(self.fmt)}).")
         return mask

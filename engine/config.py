@@ -26,6 +26,8 @@ import yaml
 
 # The choices of the keys below are defined where they are implemented, one dict each.
 from data.datasets import FORMATS
+from data.transforms import BOX_ARITHMETICS
+from engine.optim import PARAM_GROUPS
 from models.backbones import BACKBONES as SEMANTIC_BACKBONES
 from models.instance import MASK_RCNN_BACKBONES
 from models.labeler import POOLINGS, ROI_SAMPLINGS
@@ -102,6 +104,17 @@ class DataConfig:
                                      "contrast, saturation, hue.",
                                      check=lambda v: len(v) == 4 and all(x >= 0 for x in v),
                                      rule="four numbers >= 0")
+    BOX_ARITHMETIC: str = _key("reference", "Stages 1 and 2: the coordinates of a box. "
+                               "'reference' = the authors' arithmetic: stage 1's augmentation "
+                               "scales a box by the drawn factor s (the image is resized to "
+                               "round(side * s)), a box reaching the crop's right or bottom edge "
+                               "ends at crop + 1 (x1 = -1 after a flip); stage 2 takes the boxes "
+                               "through their float32 round trip x / ((W-1)/2) - 1, back with "
+                               "x_n * (W-1)/2 + (W-1)/2, truncated (3.5 % of integer VOC "
+                               "coordinates come back 1 px lower). 'pixel_edges' = boxes stay "
+                               "on the image's pixel edges: scaled with the image, clipped to "
+                               "[0, crop], truncated as they are in stage 2 (docs/SPEC.md §8).",
+                               choices=BOX_ARITHMETICS)
     NUM_WORKERS: int = _key(4, "Data-loading worker processes per device.", check=_non_negative,
                             rule=">= 0")
     PSEUDO_LABEL_DIR: str = _key("Generation", "Folder of stage 2's Y_crf/ and Y_ret/ label maps, "
@@ -119,14 +132,22 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     BACKBONE: str = _key("vgg16", "Feature extractor.", choices=BACKBONES)
-    INIT: str = _key("imagenet", "Backbone initialisation: 'imagenet' (torchvision weights), "
-                     "'none' (random), or a path to a state dict (torchvision layout or the "
-                     "authors' Caffe-converted vgg_caffe.pth) or to a checkpoint of this project "
-                     "whose backbone to start from (e.g. stage 3 from the stage-1 final.ckpt).")
+    # Deviation (docs/SPEC.md §8): 'imagenet' is torchvision's weights; the authors start VGG-16
+    # from DeepLab's Caffe vgg16_20M, and their ResNet-101 code loads no weights at all.
+    INIT: str = _key("imagenet", "Training stages (1 and 3) only: the backbone's initial "
+                     "weights, 'imagenet' (torchvision weights), 'none' (random), or a path to a "
+                     "state dict (torchvision layout or the authors' Caffe-converted "
+                     "vgg_caffe.pth) or to a checkpoint of this project whose backbone to start "
+                     "from (e.g. stage 3 from the stage-1 final.ckpt). Stage 2, evaluate.py and "
+                     "predict.py load MODEL.WEIGHTS whole and do not read it.")
     INPUT_NORM: str = _key("auto", "Input normalisation; 'auto' follows the weights (Caffe BGR "
-                           "mean for Caffe-converted VGG, ImageNet mean/std otherwise).",
+                           "mean for Caffe-converted VGG, ImageNet mean/std otherwise). Stage 2, "
+                           "evaluate.py and predict.py take it from the checkpoint and refuse a "
+                           "value other than 'auto' that contradicts it.",
                            choices=("auto", "caffe", "imagenet"))
-    FC6_DILATION: int = _key(1, "VGG-16 fc6 dilation (1 in stage 1, 12 in stage 3).",
+    FC6_DILATION: int = _key(1, "VGG-16 fc6 dilation (1 in stage 1, 12 in stage 3). Stage 2, "
+                             "evaluate.py and predict.py take it from the checkpoint and refuse "
+                             "a value other than 1 that contradicts it.",
                              check=_positive, rule="> 0")
     WEIGHTS: str = _key("", "Checkpoint of an earlier stage, relative to OUTPUT_DIR (stage 2: the "
                         "stage-1 model; evaluate.py: the stage-3 model).")
@@ -169,6 +190,8 @@ class ModelConfig:
                          check=_non_negative, rule=">= 0")
     BETA: float = _key(0.8, "Bootstrapping: weight of Y_crf in the soft target.", check=_unit,
                        rule="in [0, 1]")
+    # Deviation when true (docs/SPEC.md §8): the authors' freeze_bn() fixes BatchNorm's
+    # statistics only; true here fixes its affine parameters as well (DeepLab-V2's Caffe habit).
     FREEZE_BN: bool = _key(False, "Stage 3: keep BatchNorm statistics and affine parameters fixed.")
     TASK: str = _key("semantic", "Stage 3 and evaluate.py: 'semantic' trains and scores DeepLab "
                      "(mIoU); 'instance' trains torchvision's Mask R-CNN on instance masks of a "
@@ -190,11 +213,21 @@ class ModelConfig:
 
 @dataclass
 class SolverConfig:
-    LR: float = _key(1e-3, "Base learning rate (pretrained weights; biases 2x, new weights 10x, "
-                     "new biases 20x).", check=_positive, rule="> 0")
+    LR: float = _key(1e-3, "Base learning rate: of the pretrained weights; the other parameters "
+                     "train at multiples of it (SOLVER.PARAM_GROUPS).", check=_positive,
+                     rule="> 0")
     MOMENTUM: float = _key(0.9, "SGD momentum.", check=_unit, rule="in [0, 1]")
-    WEIGHT_DECAY: float = _key(5e-4, "Weight decay (not applied to biases).", check=_non_negative,
-                               rule=">= 0")
+    WEIGHT_DECAY: float = _key(5e-4, "Weight decay (SOLVER.PARAM_GROUPS four: not on biases; two: "
+                               "on every parameter).", check=_non_negative, rule=">= 0")
+    PARAM_GROUPS: str = _key("auto", "Stages 1 and 3 (semantic): SGD parameter groups. 'four' = "
+                             "pretrained weights 1x LR, pretrained biases 2x without decay, new "
+                             "weights 10x, new biases 20x (the authors' VGG-16 code); 'two' = "
+                             "the whole pretrained backbone, BatchNorm included, 1x and the new "
+                             "layers (DeepLab-V2's four dilated convolutions, the classifier) "
+                             "10x, all decayed (the authors' DeepLab_ASPP; the decay is inferred, "
+                             "docs/SPEC.md §8); 'auto' = the authors' scheme for MODEL.BACKBONE: "
+                             "four for vgg16 (and tiny, ours), two for resnet101 and "
+                             "resnet101_torchvision.", choices=("auto", *PARAM_GROUPS))
     SCHEDULER: str = _key("multistep", "Learning-rate schedule.", choices=("multistep", "poly"))
     MILESTONES: list[int] = _key([5000], "Multistep: iterations where lr is multiplied by "
                                  "LR_DECAY.", check=lambda v: all(x > 0 for x in v),
@@ -206,6 +239,8 @@ class SolverConfig:
     MAX_ITER: int = _key(8000, "Number of optimisation steps.", check=_positive, rule="> 0")
     CKPT_EVERY: int = _key(1000, "Save the 'last' checkpoint every this many iterations.",
                            check=_positive, rule="> 0")
+    # Ours (docs/SPEC.md §8): the authors validate the final model once; the curve is extra and
+    # the model evaluate.py scores stays the final one.
     VAL_EVERY: int = _key(2000, "Stage 3: validate every this many iterations (and at the end).",
                           check=_positive, rule="> 0")
     LOG_EVERY: int = _key(20, "Log training scalars every this many iterations.",

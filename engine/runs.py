@@ -107,9 +107,22 @@ def reorder_classifier(net, order: list[int] | None):
 
 
 def expectations(cfg) -> dict:
-    """What a checkpoint read for this config must match: {spec field: (config key, value)}."""
-    return {"backbone": ("MODEL.BACKBONE", cfg.MODEL.BACKBONE),
-            "num_classes": ("DATA.NUM_CLASSES", cfg.DATA.NUM_CLASSES)}
+    """What a checkpoint read for this config must match: {spec field: (config key, value)}.
+
+    Stage 2, evaluate.py and predict.py build the network from the checkpoint's description, so
+    MODEL.FC6_DILATION and MODEL.INPUT_NORM do not act there; a value that contradicts the
+    checkpoint is refused rather than ignored. Only values set away from their defaults (1,
+    'auto') are compared, so configs that leave them alone, old ones included, keep working."""
+    m = cfg.MODEL
+    expect = {"backbone": ("MODEL.BACKBONE", m.BACKBONE),
+              "num_classes": ("DATA.NUM_CLASSES", cfg.DATA.NUM_CLASSES)}
+    if m.TASK == "semantic":
+        defaults = type(m)()
+        if m.FC6_DILATION != defaults.FC6_DILATION:
+            expect["fc6_dilation"] = ("MODEL.FC6_DILATION", m.FC6_DILATION)
+        if m.INPUT_NORM != defaults.INPUT_NORM:
+            expect["input_norm"] = ("MODEL.INPUT_NORM", m.INPUT_NORM)
+    return expect
 
 
 def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:

@@ -53,7 +53,8 @@ class Stage1LitModule(BanaLitModule):
         return loss
 
     def configure_optimizers(self):
-        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
+        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER,
+                                self.cfg.MODEL.BACKBONE)
         return make_optimizer(groups, self.cfg.SOLVER)
 
 
@@ -89,7 +90,8 @@ def train_loader(cfg: Config, dataset, per_device_batch: int, fill,
 
     dataset.transform = TrainTransform(cfg.DATA.CROP_SIZE, scale_range=tuple(cfg.DATA.SCALE_RANGE),
                                        flip=cfg.DATA.FLIP,
-                                       color_jitter=tuple(cfg.DATA.COLOR_JITTER), fill=fill)
+                                       color_jitter=tuple(cfg.DATA.COLOR_JITTER), fill=fill,
+                                       box_arithmetic=cfg.DATA.BOX_ARITHMETIC)
     return DataLoader(dataset, batch_size=per_device_batch, shuffle=True, drop_last=True,
                       num_workers=cfg.DATA.NUM_WORKERS, collate_fn=collate_boxes,
                       persistent_workers=cfg.DATA.NUM_WORKERS > 0, pin_memory=pin_memory)

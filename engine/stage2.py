@@ -73,6 +73,30 @@ def open_dataset(cfg: Config, data=None):
     return (data or open_data(cfg)).box_dataset(cfg.DATA.SPLIT)
 
 
+def box_pixels(boxes: np.ndarray, height: int, width: int, arithmetic: str) -> np.ndarray:
+    """The pixel box a box labels, as rows y1:y2 and columns x1:x2: boxes float32 (K, 5) x1, y1,
+    x2, y2, class -> int64 (K, 5), in an H x W image.
+
+    arithmetic (DATA.BOX_ARITHMETIC) "reference": the authors' float32 round trip. Their dataset
+    transform (`Normalize_Caffe`) stores x_n = x / ((W-1)/2) - 1 in a float32 numpy array; their
+    stage2.py brings it back with x_n * (W-1)/2 + (W-1)/2 on the float32 tensor and truncates
+    (`.long()`); y alike with H. The rounding brings 3.5 % of integer VOC coordinates back 1 px
+    lower (tests/test_authors_recipe.py); a 1-px box can come back empty and then labels no
+    pixel, where their `.max()` over its empty region fails. "pixel_edges": the coordinates
+    truncated as they are, as the background masks are made (SPEC §0).
+    """
+    b = np.asarray(boxes, np.float32).reshape(-1, 5).copy()
+    if arithmetic == "pixel_edges":
+        return b.astype(np.int64)
+    half_h, half_w = (height - 1) / 2, (width - 1) / 2
+    b[:, [0, 2]] = b[:, [0, 2]] / half_w - 1
+    b[:, [1, 3]] = b[:, [1, 3]] / half_h - 1
+    t = torch.from_numpy(b)
+    t[:, [0, 2]] = t[:, [0, 2]] * half_w + half_w
+    t[:, [1, 3]] = t[:, [1, 3]] * half_h + half_h
+    return t.long().numpy()
+
+
 PIXEL_WORK = ("auto", "device", "workers")
 
 
@@ -185,8 +209,7 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
                 boxes = item["boxes"].numpy()
                 image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
                 job = dict(common, id=item["id"], image=image,
-                           # Truncation matches the bg mask's box regions (SPEC §0).
-                           boxes=boxes.astype(np.int64),
+                           boxes=box_pixels(boxes, *image.shape[:2], cfg.DATA.BOX_ARITHMETIC),
                            out=output_paths(out_root, item["id"], instances))
                 bg_mask = (item["bg_mask"][0] == 1).to(torch.uint8)
                 if instances:
@@ -395,9 +418,11 @@ RECORD = "labels.json"
 # What decides the labels a folder holds (besides the stage-1 model, recorded by its checksum).
 RECORD_KEYS = ("MODEL.BACKBONE", "MODEL.GRID_SIZE", "MODEL.BG_THRESHOLD", "MODEL.USE_U0",
                "MODEL.DCRF", "MODEL.CRF_BACKEND", "DATA.DATASET", "DATA.CLASS_MAP", "DATA.CLASSES",
-               "DATA.NUM_CLASSES", "TRAINER.PRECISION")
-# Keys added to the record later: a record without them was made with these values.
-RECORD_DEFAULTS = {"TRAINER.PRECISION": "32", "MODEL.CRF_BACKEND": "pydensecrf"}
+               "DATA.NUM_CLASSES", "TRAINER.PRECISION", "DATA.BOX_ARITHMETIC")
+# Keys added to the record later: a record without them was made with these values (labels
+# from before DATA.BOX_ARITHMETIC truncated the boxes as they are: pixel_edges).
+RECORD_DEFAULTS = {"TRAINER.PRECISION": "32", "MODEL.CRF_BACKEND": "pydensecrf",
+                   "DATA.BOX_ARITHMETIC": "pixel_edges"}
 
 
 def input_fingerprints(data, split: str, ids: list[str]) -> dict[str, str]:

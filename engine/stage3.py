@@ -62,7 +62,8 @@ class Stage3LitModule(BanaLitModule):
         self.log("val/pixel_acc", float(metrics["pixel_acc"]), sync_dist=False)
 
     def configure_optimizers(self):
-        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER)
+        groups = network_groups(self.net.backbone, [self.net.classifier], self.cfg.SOLVER,
+                                self.cfg.MODEL.BACKBONE)
         return make_optimizer(groups, self.cfg.SOLVER)
 
 
