@@ -420,9 +420,10 @@ BG_LEDGER = "boxes.jsonl"  # beside the masks: the boxes each mask was made from
 
 
 def _mask_job(job: tuple) -> str:
-    """Worker job: make one background mask right; returns "kept" (it existed and matches the
-    boxes) or "written". job: (path, boxes float32 (A, 4), (H, W) or None (then the image's
-    size as shown), the image, check: compare an existing file before keeping it)."""
+    """Worker job: make one background mask right; returns "written", or for an existing file
+    found without a record (`check`: the setup scripts' of old, or the authors' release) "kept"
+    when it matches the boxes and "differs" when it does not (it is kept as it is). job: (path,
+    boxes float32 (A, 4), (H, W) or None (then the image's size as shown), the image, check)."""
     from utils.boxes import bg_mask_from_boxes
     from utils.io import atomic_write_png
 
@@ -432,8 +433,7 @@ def _mask_job(job: tuple) -> str:
     mask = bg_mask_from_boxes(boxes, *size)
     if check and path.is_file():
         try:
-            if np.array_equal(read_index_png(path), mask):
-                return "kept"
+            return "kept" if np.array_equal(read_index_png(path), mask) else "differs"
         except BanaError:
             pass  # unreadable: written again
     atomic_write_png(path, mask)
@@ -443,13 +443,14 @@ def _mask_job(job: tuple) -> str:
 def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=None,
                     progress: bool = True) -> dict:
     """Make the background masks of `split` match the boxes (SPEC §0: 1 outside every box, 0
-    inside, the image's size): masks that are missing, or were made from other boxes than
-    today's, are written (each atomically, in `workers` processes), so an interrupted run
-    resumes where it stopped and an edited annotation never leaves a stale mask behind. A
-    ledger beside the masks (BG_LEDGER) records the boxes each was made from; masks found
-    without a line (written by the setup scripts, or the authors' release) are compared with
-    the boxes once. Under torchrun / srun every process takes its share of the work and waits
-    for the others' (no process group needed). Returns counts {"written", "kept", "total"}."""
+    inside, the image's size): masks that are missing, or that this project made from other
+    boxes than today's, are written (each atomically, in `workers` processes), so an interrupted
+    run resumes where it stopped and an edited annotation never leaves a stale mask behind. A
+    ledger beside the masks (BG_LEDGER) records the boxes each was made from. Masks found
+    without a line (e.g. the authors' released ones) are read as they are: compared with the
+    boxes once, and those that differ are counted in a note, not replaced. Under torchrun / srun
+    every process takes its share of the work and waits for the others' (no process group
+    needed). Returns counts {"written", "kept", "total"}."""
     from utils.pool import run_all
     from utils.records import Ledger, fingerprint
 
@@ -481,4 +482,9 @@ def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=Non
     written = sum(r == "written" for r in done)
     if written and (not distributed or launch.is_main):
         print(f"Background masks: {written} written from the boxes.", flush=True)
+    differ = [i for i, r in zip(mine, done) if r == "differs"]
+    if differ:
+        print(f"note: {len(differ)} background mask(s) found in {folder} without a record differ "
+              f"from what the boxes give (e.g. {differ[0]}): they are used as they are; delete "
+              "them to have them made from the boxes.", flush=True)
     return {"written": written, "kept": len(ids) - written, "total": len(ids)}

@@ -22,12 +22,14 @@ import os
 
 import numpy as np
 
+from data.base import BG_LEDGER
 from data.coco import load_instances
 from utils.errors import BanaError
 from utils.boxes import bg_mask_from_boxes
 from utils.cli import guarded
 from utils.io import atomic_write_png
 from utils.pool import run_all
+from utils.records import Ledger, fingerprint
 
 
 def _write_one(job: tuple[Path, int, int, np.ndarray]) -> bool:
@@ -64,13 +66,20 @@ def write_bg_masks(root, splits=None, workers: int = 1, progress: bool = True) -
     root = Path(root)
     splits = list(splits) if splits else find_splits(root)
     all_instances = [load_instances(root, split, coco2017=False) for split in splits]
-    jobs = []
+    jobs, keys = [], []
     for split, inst in zip(splits, all_instances):
         folder = root / "BgMaskfromBoxes" / split
         jobs += [(folder / f"{image_id}.png", int(inst.heights[n]), int(inst.widths[n]),
                   inst.boxes[inst.rows(n)]) for n, image_id in enumerate(inst.image_ids.tolist())]
+        keys += [(folder, str(image_id)) for image_id in inst.image_ids.tolist()]
     del all_instances
-    written = sum(run_all(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64))
+    done = run_all(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64)
+    # The record stages 1 and 2 keep of each mask's boxes (data/base.py ensure_bg_masks).
+    for folder in dict.fromkeys(f for f, _ in keys):
+        Ledger(folder / BG_LEDGER).add_many(
+            {key: {"boxes": fingerprint(job[3], (job[1], job[2]))}
+             for (f, key), job, new in zip(keys, jobs, done) if new and f == folder})
+    written = sum(done)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

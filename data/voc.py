@@ -282,9 +282,10 @@ def _read_list(path: Path) -> list[str]:
     return ids
 
 
-def xml_boxes(xml_path) -> np.ndarray:
+def xml_boxes(xml_path) -> tuple[np.ndarray, tuple[int, int] | None]:
     """Every object box of a VOC XML, whatever its class name (the background mask): float32
-    (K, 4); an absent file has none."""
+    (K, 4), and the size the XML records (or None); an absent file has no box."""
     if not Path(xml_path).is_file():
-        return np.zeros((0, 4), np.float32)
-    return read_xml(xml_path, strict=False)[0]
+        return np.zeros((0, 4), np.float32), None
+    boxes, _, size = read_xml(xml_path, strict=False)
+    return boxes, size

@@ -19,11 +19,12 @@ if __package__ in (None, ""):  # run as `python data/voc_bbox_setup.py`: make `d
 import argparse
 import os
 
-from data.base import write_bg_mask_job
+from data.base import BG_LEDGER, write_bg_mask_job
 from data.voc import VOCData, xml_boxes
 from utils.cli import guarded
 from utils.errors import BanaError
 from utils.pool import run_all
+from utils.records import Ledger, fingerprint
 
 
 def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> dict:
@@ -47,10 +48,14 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> d
         raise BanaError(f"{len(missing)} of {len(ids)} images are missing, e.g. "
                         f"{voc.image_path('', missing[0])}: the mask takes the image's size; "
                         "restore JPEGImages/.")
-    jobs = [(voc.bg_mask_path("", i), xml_boxes(voc.xml_path(i)), None, voc.image_path("", i))
+    annotations = {i: xml_boxes(voc.xml_path(i)) for i in ids}
+    jobs = [(voc.bg_mask_path("", i), annotations[i][0], None, voc.image_path("", i))
             for i in ids]
-    written = sum(run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress,
-                          chunksize=32))
+    done = run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32)
+    # The record stages 1 and 2 keep of each mask's boxes (data/base.py ensure_bg_masks).
+    Ledger(root / "BgMaskfromBoxes" / BG_LEDGER).add_many(
+        {i: {"boxes": fingerprint(*annotations[i])} for i, new in zip(ids, done) if new})
+    written = sum(done)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

@@ -277,11 +277,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# Keys added to the schema after runs were recorded without them, with the value that behaves as
+# those runs did where that is not the key's default (the default changed the behaviour).
+ADDED_KEYS = {"DATA.BOX_ARITHMETIC": "pixel_edges", "SOLVER.PARAM_GROUPS": "four"}
+
+
 def record_differences(recorded: dict, cfg) -> list[tuple[str, object, object]]:
     """(key, recorded value, new value) for every run-defining key that differs. A key the
-    record lacks was added to the schema after the run started, with the default that keeps the
-    behaviour of before: the record counts as holding that default."""
-    defaults = _flatten(type(cfg)().to_dict())
+    record lacks was added to the schema after the run started: the record counts as holding
+    the value that behaves as the run did (ADDED_KEYS, else the key's default)."""
+    defaults = {**_flatten(type(cfg)().to_dict()), **ADDED_KEYS}
     new = _flatten(cfg.to_dict())
     old = {**{k: v for k, v in defaults.items() if k in new}, **_flatten(recorded)}
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))

@@ -56,14 +56,15 @@ def test_fill_boxes_paints_smaller_boxes_on_top():
 
 
 def _bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """The masks of a folder (the ledger of their boxes beside them is not a mask)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
 
 
 def test_writer_reproduces_masks_in_parallel_and_skips_existing(synthetic_voc_copy):
     root = synthetic_voc_copy
     folder = root / "BgMaskfromBoxes"
     original = _bytes(folder)
-    for path in list(folder.iterdir())[:7]:
+    for path in sorted(folder.glob("*.png"))[:7]:
         path.unlink()
     counts = write_bg_masks(root, workers=2, progress=False)
     assert counts == {"written": 7, "skipped": 11, "total": 18}
@@ -74,9 +75,10 @@ def test_writer_reproduces_masks_in_parallel_and_skips_existing(synthetic_voc_co
 def test_cli_with_splits(synthetic_voc_copy, capsys):
     folder = synthetic_voc_copy / "BgMaskfromBoxes"
     for path in folder.iterdir():
-        path.unlink()
+        path.unlink()  # the masks and their ledger
     counts = main(["--data-root", str(synthetic_voc_copy), "--splits", "val", "--workers", "1"])
-    assert counts["written"] == 6 and len(list(folder.iterdir())) == 6
+    assert counts["written"] == 6 and len(list(folder.glob("*.png"))) == 6
+    assert len((folder / "boxes.jsonl").read_text().splitlines()) == 6  # the record of each
     assert "wrote 6" in capsys.readouterr().out
 
 
