@@ -92,6 +92,8 @@ class Demo:
                        f"{stage1_run}/checkpoints/final.ckpt", "MODEL.USE_U0", str(u0).lower(),
                        "DATA.PSEUDO_LABEL_DIR", f"Generation/{name}")
         it3 = p["stage3_iter"]
+        # Stage 3 starts from the stage-1 BAP backbone: the CPU demo has no ImageNet weights for
+        # its `tiny` backbone, and stage 1 is its pretraining (the paper: ImageNet; SPEC §8).
         init = self.out / "stage1_bap" / "checkpoints" / "final.ckpt"
         train_list = self.data / "ImageSets" / "Segmentation" / "train.txt"
         for name, (_, loss, extra) in STAGE3_RUNS.items():

@@ -4,7 +4,8 @@ Roboflow, supervision, globox, labelme2coco, Label Studio) with their own catego
 Under DATA.ROOT, per split (the first of each list that exists):
     annotation file   annotations/instances_<split>.json (COCO, CVAT, datumaro),
                       annotations/<split>.json, <split>/_annotations.coco.json (Roboflow,
-                      supervision), <split>.json (labelme2coco's train.json / val.json)
+                      supervision), <split>.json (labelme2coco's train.json / val.json,
+                      globox), <split>/result.json (Label Studio's export, unpacked)
     images            <file_name> relative to <split>/ (COCO), images/<split>/ (datumaro),
                       images/, the root, or the annotation file's folder; an absolute
                       `file_name` (labelme2coco) is used as it is, or by its name under those
@@ -227,15 +228,16 @@ def _check_categories(path: Path, categories, coco2017: bool, used=()) -> list:
     every other one, with no annotation: `used` are the ids annotations use) is left out."""
     try:
         pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
-        parents = {str(c.get("supercategory", "")) for c in categories}
+        parent = {int(c["id"]): str(c.get("supercategory", "")) for c in categories}
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(path, f"a category lacks an integer id or a name ({err!r})") from None
     ids = [cat_id for cat_id, _ in pairs]
     if len(set(ids)) != len(ids):
         raise _bad(path, "two categories share an id")
     if len(pairs) > 1 and not coco2017:
-        roots = [(i, n) for i, n in pairs if i not in set(used) and parents - {""} == {n}]
-        pairs = [p for p in pairs if p not in roots]
+        roots = [(i, n) for i, n in pairs
+                 if i not in set(used) and all(parent[j] == n for j, _ in pairs if j != i)]
+        pairs = [p for p in pairs if p not in roots[:1] or len(roots) > 1]
     names = [n for _, n in pairs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -254,7 +256,8 @@ def annotation_candidates(root, split: str) -> list[Path]:
     """Where a split's annotation file may be, in the order they are tried (the module doc)."""
     root = Path(root)
     return [root / "annotations" / f"instances_{split}.json", root / "annotations" / f"{split}.json",
-            root / split / "_annotations.coco.json", root / f"{split}.json"]
+            root / split / "_annotations.coco.json", root / f"{split}.json",
+            root / split / "result.json"]
 
 
 def annotation_path(root, split: str) -> Path:

@@ -12,6 +12,13 @@ Under DATA.ROOT (SPEC §0):
                                     `name:color:parts:actions` lines); DATA.CLASSES takes
                                     precedence; neither = the 20 PASCAL VOC classes
 
+Or, for a split without a list (supervision, globox, LabelImg, Roboflow's VOC export), a folder
+of its own, ROOT/<split>/:
+    images/, JPEGImages/ or <split>/ itself    the split's images (every image there, by stem)
+    Annotations/, annotations/, labels/ or <split>/ itself    <id>.xml, absent = no objects
+    SegmentationClassAug/ or SegmentationClass/    optional ground truth
+    and the masks written in ROOT/BgMaskfromBoxes/<split>/<id>.png.
+
 Coordinates: the XML numbers are read as floats and used as they are, as the authors read PASCAL
 VOC: xmin..xmax are pixel edges (a box covers columns int(xmin) .. int(xmax) - 1 of the
 background mask), with no 1-based shift. Every object is kept, difficult ones too.
@@ -20,6 +27,7 @@ background mask), with no 1-based shift. Every object is kept, difficult ones to
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -143,6 +151,7 @@ class VOCData(DatasetFormat):
                           self.class_source)
         self._splits: dict[str, list[str]] = {}
         self._without_xml: dict[str, int] = {}
+        self._folders: dict[str, SplitFolder | None] = {}
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -164,83 +173,116 @@ class VOCData(DatasetFormat):
         return (f"a VOC-layout dataset keeps {layout.get(what, what)} under DATA.ROOT "
                 f"({self.root}) for every id of the split list")
 
-    # Split lists.
-    def _list_path(self, split: str) -> Path:
+    # Where a split is: a split list (the VOC tree), or a folder of its own (exports).
+    def _folder(self, split: str) -> "SplitFolder | None":
+        """The split's own folder when there is no split list for it (None otherwise)."""
+        if split not in self._folders:
+            self._folders[split] = None if self._list_file(split) is not None \
+                else SplitFolder.find(self.root, split)
+        return self._folders[split]
+
+    def in_own_folder(self, split: str) -> bool:
+        """The split is a folder ROOT/<split>/ of its own (no split list)."""
+        return self._folder(split) is not None
+
+    def _list_file(self, split: str) -> Path | None:
         """ImageSets/Segmentation/<split>.txt, or ImageSets/Main/<split>.txt where there is no
         Segmentation list, or where the Segmentation list is datumaro's list of the images
-        without any annotation (none of its images has objects or a mask)."""
+        without any annotation (none of its images has objects or a mask); None: neither."""
         seg, main = self.root / SPLIT_DIR / f"{split}.txt", self.root / MAIN_SPLIT_DIR / f"{split}.txt"
         if seg.is_file() and (not main.is_file() or self._a_segmentation_list(seg)):
             return seg
-        if main.is_file():
-            return main
+        return main if main.is_file() else None
+
+    def _list_path(self, split: str) -> Path:
+        path = self._list_file(split)
+        if path is not None:
+            return path
         if not self.root.is_dir():
             raise BanaError(f"DATA.ROOT {self.root} does not exist or is not a folder: "
                             f"{self.missing_files_hint('root')}.")
         found = sorted(p.stem for d in (SPLIT_DIR, MAIN_SPLIT_DIR)
                        for p in (self.root / d).glob("*.txt"))
-        raise BanaError(f"split list {seg} not found (split '{split}'; ImageSets/Main/{split}.txt "
-                        f"neither)" + (f"; the splits there are: {', '.join(found)}" if found
-                                       else "") + f". {self.missing_files_hint('split')}.")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir()
+                         and SplitFolder.find(self.root, p.name) is not None)
+        seg = self.root / SPLIT_DIR / f"{split}.txt"
+        raise BanaError(
+            f"split '{split}' not found under {self.root}: no split list {SPLIT_DIR / split}.txt "
+            f"or {MAIN_SPLIT_DIR / split}.txt, and no folder {split}/ with images and XML files"
+            + (f"; the split lists there are: {', '.join(found)}" if found else "")
+            + (f"; the split folders there are: {', '.join(folders)}" if folders else "")
+            + (f". Set DATA.SPLIT / the split keys to one of them, or write {seg} with one image "
+               f"id per line." if found or folders else f". {self.missing_files_hint('split')}."))
 
     def _a_segmentation_list(self, path: Path) -> bool:
         ids = _read_list(path)
-        return any(self._gt_path(i) is not None or self._has_objects(i) for i in ids)
+        return any(self._gt_path("", i) is not None or self._has_objects(i) for i in ids)
 
     def _has_objects(self, image_id: str) -> bool:
-        xml = self.xml_path(image_id)
+        xml = self.root / "Annotations" / f"{image_id}.xml"
         return xml.is_file() and "<object" in xml.read_text(errors="replace")
 
     def split_ids(self, split: str) -> list[str]:
-        """Image ids of the split's list, in file order. A line may also be a DeepLab-style pair
-        "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png": the id is taken from the first
-        path. A missing or empty list, or an id listed twice -> BanaError naming the file."""
+        """Image ids of the split, in list (or file name) order. A list line may also be a
+        DeepLab-style pair "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png": the id is taken
+        from the first path. A missing or empty list, or an id listed twice -> BanaError naming
+        the file."""
         if split not in self._splits:
-            path = self._list_path(split)
-            ids = _read_list(path)
-            if not ids:
-                raise BanaError(f"split list {path} is empty: expected one image id per line.")
-            twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) \
-                else []
-            if twice:
-                raise BanaError(f"split list {path} lists {len(twice)} image id(s) more than once "
-                                f"({', '.join(twice[:5])}): each would count twice. Remove the "
-                                "repeats.")
-            without = [i for i in ids if not self.xml_path(i).is_file()]
+            folder = self._folder(split)
+            if folder is not None:
+                ids, where = folder.ids(), f"{folder.xml_dir.relative_to(self.root)}/<id>.xml"
+            else:
+                ids, where = self._listed_ids(split), "Annotations/<id>.xml"
+            without = [i for i in ids if not self.xml_path(split, i).is_file()]
             if without:
                 print(f"note: {len(without)} of {len(ids)} images of split '{split}' have no "
-                      f"Annotations/<id>.xml (e.g. {without[0]}): taken as images without "
-                      "objects, all background.", flush=True)
+                      f"{where} (e.g. {without[0]}): taken as images without objects, all "
+                      "background.", flush=True)
             self._splits[split] = ids
             self._without_xml[split] = len(without)
         return self._splits[split]
+
+    def _listed_ids(self, split: str) -> list[str]:
+        path = self._list_path(split)
+        ids = _read_list(path)
+        if not ids:
+            raise BanaError(f"split list {path} is empty: expected one image id per line.")
+        twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+        if twice:
+            raise BanaError(f"split list {path} lists {len(twice)} image id(s) more than once "
+                            f"({', '.join(twice[:5])}): each would count twice. Remove the "
+                            "repeats.")
+        return ids
 
     # Files.
     @cached_property
     def _images(self) -> dict[str, Path]:
         """JPEGImages/ by stem: an export may hold .jpg, .png or another image format."""
-        folder = self.root / "JPEGImages"
-        found = {}
-        if folder.is_dir():
-            for p in sorted(folder.iterdir()):
-                if p.suffix.lower() in IMAGE_SUFFIXES:
-                    found.setdefault(p.stem, p)
-        return found
+        return _images_by_stem(self.root / "JPEGImages")
 
     def image_path(self, split: str, image_id: str) -> Path:
+        folder = self._folder(split) if split else None
+        if folder is not None:
+            return folder.images.get(image_id, folder.image_dir / f"{image_id}.jpg")
         return self._images.get(image_id, self.root / "JPEGImages" / f"{image_id}.jpg")
 
-    def xml_path(self, image_id: str) -> Path:
-        return self.root / "Annotations" / f"{image_id}.xml"
+    def xml_path(self, split: str, image_id: str) -> Path:
+        folder = self._folder(split) if split else None
+        return (folder.xml_dir if folder is not None else self.root / "Annotations") \
+            / f"{image_id}.xml"
 
     def annotation_source(self, split: str, image_id: str) -> Path:
-        return self.xml_path(image_id)
+        return self.xml_path(split, image_id)
 
     def bg_mask_path(self, split: str, image_id: str) -> Path:
-        return self.root / "BgMaskfromBoxes" / f"{image_id}.png"
+        """BgMaskfromBoxes/<id>.png (the authors' place); BgMaskfromBoxes/<split>/<id>.png for a
+        split folder, whose ids may repeat in another split."""
+        folder = self._folder(split) if split else None
+        sub = (split,) if folder is not None else ()
+        return self.root.joinpath("BgMaskfromBoxes", *sub, f"{image_id}.png")
 
     def annotation(self, split: str, image_id: str) -> Annotation:
-        xml = self.xml_path(image_id)
+        xml = self.xml_path(split, image_id)
         if not xml.is_file():
             return no_boxes()
         boxes, classes, size = read_xml(xml, self._classes)
@@ -248,29 +290,86 @@ class VOCData(DatasetFormat):
 
     def annotated_size_hint(self) -> str:
         return ("the <size> of its XML does not match the image: re-export the annotation, or "
-                "check that JPEGImages/ and Annotations/ belong together")
+                "check that the images and the XML files belong together")
 
     # Ground truth.
-    def _gt_path(self, image_id: str) -> Path | None:
+    def _gt_path(self, split: str, image_id: str) -> Path | None:
+        folder = self._folder(split) if split else None
+        base = folder.path if folder is not None else self.root
         for d in GT_DIRS:
-            path = self.root / d / f"{image_id}.png"
+            path = base / d / f"{image_id}.png"
             if path.is_file():
                 return path
         return None
 
     def gt_ids(self, split: str) -> list[str]:
-        return [i for i in self.split_ids(split) if self._gt_path(i) is not None]
+        return [i for i in self.split_ids(split) if self._gt_path(split, i) is not None]
 
     def gt_label(self, split: str, image_id: str) -> np.ndarray | None:
         """The checked ground truth: class values, and the size of its image as shown (so that a
         cropped GT is blamed on the GT, not on the labels compared with it)."""
-        path = self._gt_path(image_id)
+        path = self._gt_path(split, image_id)
         if path is None:
             return None
         image = self.image_path(split, image_id)
         return read_label_png(path, len(self._classes), "ground truth",
                               read_image_size(image, exif=True),
                               "re-create it, or check DATA.NUM_CLASSES", image=f"its image {image}")
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    found = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(p.stem, p)
+    return found
+
+
+# A split folder's image and XML sub-folders, in the order they are tried: supervision writes
+# <split>/images + <split>/labels, globox <split>/images + <split>/Annotations, LabelImg and
+# Roboflow's VOC export put each XML beside its image in <split>/.
+IMAGE_DIRS = ("images", "JPEGImages", ".")
+XML_DIRS = ("Annotations", "annotations", "labels", ".")
+
+
+@dataclass
+class SplitFolder:
+    """A split kept in a folder of its own, ROOT/<split>/, without a split list: its images are
+    every image of the image folder, named by file stem; an image without an XML file has no
+    objects."""
+
+    path: Path
+    image_dir: Path
+    xml_dir: Path
+    images: dict[str, Path]
+
+    @classmethod
+    def find(cls, root: Path, split: str) -> "SplitFolder | None":
+        path = root / split
+        if not split or not path.is_dir():
+            return None
+        image_dir = next((path / d for d in IMAGE_DIRS if _images_by_stem(path / d)), None)
+        xml_dir = next((path / d for d in XML_DIRS if any((path / d).glob("*.xml"))), None)
+        if image_dir is None or xml_dir is None:
+            return None
+        return cls(path, image_dir, xml_dir, _images_by_stem(image_dir))
+
+    def ids(self) -> list[str]:
+        """The image stems. An XML file without its image -> BanaError: its boxes would be lost."""
+        ids = list(self.images)
+        orphans = sorted(p.stem for p in self.xml_dir.glob("*.xml") if p.stem not in self.images)
+        if orphans:
+            raise BanaError(f"{len(orphans)} XML file(s) in {self.xml_dir} have no image in "
+                            f"{self.image_dir} (e.g. {orphans[0]}.xml): restore the images, or "
+                            "remove the annotations of images you left out.")
+        repeats = [p.name for p in sorted(self.image_dir.iterdir())
+                   if p.suffix.lower() in IMAGE_SUFFIXES and self.images[p.stem] != p]
+        if repeats:
+            raise BanaError(f"{self.image_dir} holds {repeats[0]} and "
+                            f"{self.images[Path(repeats[0]).stem].name}, which share the name "
+                            "that labels them: rename one.")
+        return ids
 
 
 def _read_list(path: Path) -> list[str]:

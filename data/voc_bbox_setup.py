@@ -27,8 +27,11 @@ from utils.pool import run_all
 from utils.records import Ledger, fingerprint
 
 
-def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> dict:
-    """Write the masks of `ids` (default: every Annotations/*.xml); returns counts.
+def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True,
+                   split: str = "") -> dict:
+    """Write the masks of `ids` (default: every Annotations/*.xml); returns counts. `split`
+    names the split folder the ids are in, for an export without split lists (data/voc.py);
+    "" is the VOC tree (JPEGImages/, Annotations/).
 
     Returns {"written": n, "skipped": n (already there), "total": n}."""
     root = Path(root)
@@ -39,22 +42,24 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True) -> d
         ann_dir = root / "Annotations"
         if not ann_dir.is_dir():
             raise BanaError(f"{ann_dir} does not exist: a VOC-layout dataset keeps one XML per "
-                            "image there (or name the splits with --splits).")
+                            "image there; for an export with a folder per split (train/, val/), "
+                            "name the splits with --splits.")
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
         if not ids:
             raise BanaError(f"{ann_dir} holds no .xml annotation.")
-    missing = [i for i in ids if not voc.image_path("", i).is_file()]
+    missing = [i for i in ids if not voc.image_path(split, i).is_file()]
     if missing:
         raise BanaError(f"{len(missing)} of {len(ids)} images are missing, e.g. "
-                        f"{voc.image_path('', missing[0])}: the mask takes the image's size; "
-                        "restore JPEGImages/.")
-    annotations = {i: xml_boxes(voc.xml_path(i)) for i in ids}
-    jobs = [(voc.bg_mask_path("", i), annotations[i][0], None, voc.image_path("", i))
+                        f"{voc.image_path(split, missing[0])}: the mask takes the image's size; "
+                        "restore the images.")
+    annotations = {i: xml_boxes(voc.xml_path(split, i)) for i in ids}
+    jobs = [(voc.bg_mask_path(split, i), annotations[i][0], None, voc.image_path(split, i))
             for i in ids]
     done = run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32)
     # The record stages 1 and 2 keep of each mask's boxes (data/base.py ensure_bg_masks).
-    Ledger(root / "BgMaskfromBoxes" / BG_LEDGER).add_many(
-        {i: {"boxes": fingerprint(*annotations[i])} for i, new in zip(ids, done) if new})
+    if jobs:
+        Ledger(jobs[0][0].parent / BG_LEDGER).add_many(
+            {i: {"boxes": fingerprint(*annotations[i])} for i, new in zip(ids, done) if new})
     written = sum(done)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
@@ -73,17 +78,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="parallel processes (default: min(8, CPUs))")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT",
-                        help="only the ids of these split lists (ImageSets/Segmentation or "
-                             "ImageSets/Main) (default: every annotation)")
+                        help="only the images of these splits (ImageSets/Segmentation or "
+                             "ImageSets/Main lists, or split folders ROOT/<split>/) (default: "
+                             "every Annotations/*.xml)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = parser.parse_args(argv)
 
     def go():
-        ids = None
-        if args.splits:
-            voc = VOCData(_AnyClasses(), Path(args.data_root))
-            ids = sorted({i for split in args.splits for i in voc.split_ids(split)})
-        counts = write_bg_masks(args.data_root, ids, workers=args.workers)
+        root = Path(args.data_root)
+        if not args.splits:
+            counts = write_bg_masks(root, workers=args.workers)
+        else:
+            voc = VOCData(_AnyClasses(), root)
+            groups: dict[str, set] = {}  # "" for split lists, the split for split folders
+            for split in args.splits:
+                ids = voc.split_ids(split)
+                groups.setdefault(split if voc.in_own_folder(split) else "", set()).update(ids)
+            counts = {"written": 0, "skipped": 0, "total": 0}
+            for split, ids in groups.items():
+                for key, n in write_bg_masks(root, sorted(ids), args.workers, split=split).items():
+                    counts[key] += n
         print(f"BgMaskfromBoxes: wrote {counts['written']}, kept {counts['skipped']} existing "
               f"({counts['total']} images) in {Path(args.data_root) / 'BgMaskfromBoxes'}")
         return counts

@@ -1,14 +1,18 @@
-"""The YOLO layout: boxes as Ultralytics and Roboflow export them for detection.
+"""The YOLO layout: boxes as Ultralytics, Roboflow, supervision, globox and darknet exporters
+(CVAT "YOLO 1.1", datumaro) write them for detection.
 
 Under DATA.ROOT:
-    data.yaml (or data.yml)          `names:` a list, or an id -> name mapping; class k of YOLO
-                                     is class id k + 1 here (0 is background), so
-                                     DATA.NUM_CLASSES = len(names) + 1. A `<split>:` entry that
-                                     names an existing folder (relative to `path:` or to the
-                                     file) says where the split's images are; `path`, `train`,
-                                     `val`, `nc` are otherwise not needed.
+    class names                      the first of: data.yaml (or data.yml) `names:`, a list or an
+                                     id -> name mapping; obj.names or classes.txt, one name per
+                                     line; DATA.CLASSES (exports without a class file: globox).
+                                     Class k of YOLO is class id k + 1 here (0 is background), so
+                                     DATA.NUM_CLASSES = len(names) + 1. A data.yaml `<split>:`
+                                     entry that names an existing folder (relative to `path:` or
+                                     to the file) says where the split's images are; `path`,
+                                     `train`, `val`, `nc` are otherwise not needed.
     images/<split>/*.<jpg|png|...>   the images of a split (Ultralytics); or <split>/images/
-                                     (Roboflow)
+                                     (Roboflow, supervision, globox); or obj_<split>_data/
+                                     (darknet, the label files beside the images)
     labels/<split>/<stem>.txt        one `class cx cy w h` line per box, normalised to [0, 1] by
                                      the image's width and height; an empty or missing file is an
                                      image without boxes (next to the images: <split>/labels/)
@@ -27,12 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from data.base import Annotation, DatasetFormat, no_boxes
-from data.voc import IMAGE_SUFFIXES, check_num_classes
+from data.voc import IMAGE_SUFFIXES, check_num_classes, read_class_list
 from utils.errors import BanaError
 from utils.io import read_image_size, read_label_png
 
 # A coordinate may leave [0, 1] by this much (float rounding in exporters) before it is an error.
 _TOLERANCE = 1e-4
+
+
+# Class-name files of exports without data.yaml: darknet's (CVAT, datumaro), LabelImg's.
+NAMES_FILES = ("obj.names", "classes.txt")
 
 
 def _yaml_path(root: Path) -> Path | None:
@@ -46,29 +54,27 @@ class YOLOData(DatasetFormat):
 
     def __init__(self, data_cfg, root: Path):
         super().__init__(data_cfg, root)
-        self._classes = ("background", *self._names())
+        names, self.class_source = self._names(list(getattr(data_cfg, "CLASSES", None) or ()))
+        self._classes = ("background", *names)
         check_num_classes(self._classes, getattr(data_cfg, "NUM_CLASSES", None),
-                          f"{_yaml_path(self.root)} (YOLO's names)")
+                          f"{self.class_source} (YOLO's names)")
         self._images: dict[str, dict[str, Path]] = {}
 
     @staticmethod
     def detect(root: Path, split: str) -> bool:
-        return _yaml_path(Path(root)) is not None
+        return _yaml_path(Path(root)) is not None or (Path(root) / "obj.names").is_file()
 
     @cached_property
     def _yaml(self) -> dict:
+        """data.yaml's mapping; {} where there is none (darknet exports, globox)."""
         import yaml
 
         path = _yaml_path(self.root)
         if path is None:
-            darknet = any((self.root / n).is_file() for n in ("obj.names", "obj.data"))
-            raise BanaError(
-                f"{self.root} has no data.yaml: " + (
-                    "it is a darknet YOLO export (obj.names, obj.data, obj_<split>_data/); "
-                    "export as 'Ultralytics YOLO' (data.yaml, images/<split>/, labels/<split>/) "
-                    "or as COCO instead" if darknet else
-                    "a YOLO dataset has data.yaml (with `names:`), images/<split>/ and "
-                    "labels/<split>/ under DATA.ROOT (the Ultralytics and Roboflow exports)") + ".")
+            if not self.root.is_dir():
+                raise BanaError(f"DATA.ROOT {self.root} does not exist or is not a folder: "
+                                f"{self.missing_files_hint('root')}.")
+            return {}
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
@@ -78,8 +84,35 @@ class YOLOData(DatasetFormat):
                             f"{type(data).__name__}.")
         return data
 
-    def _names(self) -> tuple[str, ...]:
-        path, names = _yaml_path(self.root), self._yaml.get("names")
+    def _names(self, given: list) -> tuple[tuple[str, ...], str]:
+        """(class names in YOLO id order, the file or key they came from): data.yaml's
+        `names:`, else a names file (darknet's obj.names, classes.txt), else DATA.CLASSES. Where
+        DATA.CLASSES is set as well, it must agree."""
+        path = _yaml_path(self.root)
+        if path is not None:
+            found, source = self._yaml_names(path), str(path)
+        else:
+            names_file = next((self.root / n for n in NAMES_FILES
+                               if (self.root / n).is_file()), None)
+            found, source = (read_class_list([str(names_file)])[0], str(names_file)) \
+                if names_file is not None else (None, "")
+        if given:
+            names, key = read_class_list(given)
+            if found is not None and tuple(found) != names:
+                raise BanaError(f"DATA.CLASSES ({', '.join(names)}) contradicts {source} "
+                                f"({', '.join(found)}), which numbers the classes of the label "
+                                "files: leave DATA.CLASSES empty, or make the two agree.")
+            return names, source if found is not None else key
+        if found is None:
+            raise BanaError(
+                f"{self.root} names no classes: no data.yaml (`names:`), "
+                f"{' or '.join(NAMES_FILES)}, and DATA.CLASSES is empty. Some exporters (globox) "
+                "write no class file; set DATA.CLASSES to the class names in the order of the "
+                "ids of the label files (id 0 first), e.g. --opts DATA.CLASSES '[cat, dog]'.")
+        return tuple(found), source
+
+    def _yaml_names(self, path: Path) -> tuple[str, ...]:
+        names = self._yaml.get("names")
         if isinstance(names, dict):
             try:
                 ids = sorted(int(k) for k in names)
@@ -105,9 +138,10 @@ class YOLOData(DatasetFormat):
         return self._classes
 
     def missing_files_hint(self, what: str) -> str:
-        return (f"a YOLO dataset keeps images/<split>/ (or <split>/images/), labels/<split>/ and "
-                f"data.yaml under DATA.ROOT ({self.root}); ground truth, optional, in "
-                "masks/<split>/<stem>.png")
+        return (f"a YOLO dataset keeps images/<split>/ and labels/<split>/ (or <split>/images/ "
+                f"and <split>/labels/, or darknet's obj_<split>_data/ with the .txt beside each "
+                f"image) and its class names (data.yaml, obj.names or DATA.CLASSES) under "
+                f"DATA.ROOT ({self.root}); ground truth, optional, in masks/<split>/<stem>.png")
 
     def _image_dir(self, split: str) -> Path:
         entry = self._yaml.get(split)
@@ -115,7 +149,8 @@ class YOLOData(DatasetFormat):
         candidates = []
         if isinstance(entry, str):
             candidates += [base / entry, _yaml_path(self.root).parent / entry]
-        candidates += [self.root / "images" / split, self.root / split / "images"]
+        candidates += [self.root / "images" / split, self.root / split / "images",
+                       self.root / f"obj_{split}_data"]
         found = next((c for c in candidates if c.is_dir()), None)
         if found is None:
             tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
@@ -195,8 +230,8 @@ class YOLOData(DatasetFormat):
         except ValueError:
             raise BanaError(f"{where}: expected an integer class and four numbers.") from None
         if not 0 <= cls < len(self._classes) - 1:
-            raise BanaError(f"{where}: class {cls} is not in data.yaml's names (0.."
-                            f"{len(self._classes) - 2}).")
+            raise BanaError(f"{where}: class {cls} is not in the names of {self.class_source} "
+                            f"(0..{len(self._classes) - 2}).")
         low, high = -_TOLERANCE, 1 + _TOLERANCE
         if not (w > 0 and h > 0 and low <= cx - w / 2 and cx + w / 2 <= high
                 and low <= cy - h / 2 and cy + h / 2 <= high):

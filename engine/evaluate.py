@@ -273,6 +273,8 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
                 if base in modes:
                     state.record(image_id, base, cos.argmax(0).byte().cpu().numpy())
                 if f"{base}+crf" in modes:
+                    # The real RGB image, as SPEC §7 says; the authors' script hands the CRF the
+                    # mean-subtracted input cast to uint8, a bug we do not copy (docs/SPEC.md §8).
                     job = {"crf": crf, "image": rgb, "cos": cos.float().cpu().numpy(),
                            "temperature": cfg.MODEL.TEMPERATURE}
                     record(pool.submit(labels_job, job, tag=(image_id, f"{base}+crf")))

@@ -115,8 +115,9 @@ def test_missing_root(tmp_path):
 
 
 def test_missing_and_empty_split_list(synthetic_voc_copy):
-    with pytest.raises(BanaError, match=r"Segmentation/nosplit.txt not found .*Main/nosplit.txt "
-                                        r"neither.*the splits there are: train, train_aug, val"):
+    with pytest.raises(BanaError, match=r"split 'nosplit' not found .*Segmentation/nosplit.txt "
+                                        r"or .*Main/nosplit.txt, and no folder nosplit/.*the "
+                                        r"split lists there are: train, train_aug, val"):
         VOCMaskDataset(synthetic_voc_copy, "nosplit")
     (synthetic_voc_copy / "ImageSets" / "Segmentation" / "val.txt").write_text("\n\n")
     with pytest.raises(BanaError, match=r"val.txt is empty"):

@@ -61,6 +61,29 @@ def photos(synthetic_voc, folder: Path, n: int = 3, suffix: str = ".png") -> Pat
 
 # --- class 1: outputs written over what they must not touch ---------------------------------------
 
+@pytest.mark.parametrize("scales, flip, crf", [((1.0,), False, False),
+                                                ((0.75, 1.0, 1.25), True, True)])
+def test_segmenter_gives_predict_pys_labels(synthetic_voc, tmp_path, scales, flip, crf):
+    """The Python API and predict.py agree byte for byte when Segmenter's scales / flip / crf
+    are the config's TEST.SCALES / TEST.FLIP / TEST.CRF; the CRF parameters come from the
+    checkpoint alone."""
+    from engine.predict import Segmenter, run
+    from utils.io import read_image
+
+    ckpt = stage3_checkpoint(tmp_path / "m.ckpt", 3)
+    inputs = sorted(photos(synthetic_voc, tmp_path / "in", n=2).iterdir())
+    cfg = load_config(REPO / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(tmp_path / "runs"), "TEST.SCALES",
+        str(list(scales)), "TEST.FLIP", str(flip).lower(), "TEST.CRF", str(crf).lower()])
+    run(cfg, inputs=[str(p) for p in inputs], output=tmp_path / "out", checkpoint=str(ckpt),
+        devices="cpu", workers=0)
+    segment = Segmenter(ckpt, scales=scales, flip=flip, crf=crf)
+    assert segment.classes == VOC_CLASSES
+    for image in inputs:
+        label = segment(read_image(image, exif=True))
+        np.testing.assert_array_equal(label, read_index_png(tmp_path / "out" / f"{image.stem}.png"))
+
+
 def test_predict_never_writes_over_an_input_image(synthetic_voc, tmp_path, models):
     folder = photos(synthetic_voc, tmp_path / "photos")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}

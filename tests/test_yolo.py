@@ -10,8 +10,9 @@ import yaml
 from PIL import Image
 
 from tests.conftest import open_layout
-from tests.exports import (default_splits, make_images, write_roboflow_yolo,
-                           write_supervision_yolo, write_ultralytics_yolo)
+from tests.exports import (default_splits, make_images, write_cvat_yolo, write_datumaro_yolo,
+                           write_globox_yolo, write_roboflow_yolo, write_supervision_yolo,
+                           write_ultralytics_yolo)
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_index_png
 
@@ -45,7 +46,7 @@ def tiny_yolo(tmp_path):
     ("0 0.5 0.5 0.2", r"expected `class cx cy w h` \(five numbers\), found 4 numbers"),
     ("0 0.1 0.1 0.2 0.1 0.3 0.3", r"five numbers\), found a polygon \(segmentation export\)"),
     ("cat 0.5 0.5 0.2 0.2", "expected an integer class and four numbers"),
-    ("7 0.5 0.5 0.2 0.2", r"class 7 is not in data.yaml's names \(0..2\)"),
+    ("7 0.5 0.5 0.2 0.2", r"class 7 is not in the names of .*data.yaml \(0..2\)"),
     ("1 0.95 0.5 0.2 0.2", "empty or leaves the image"),
     ("1 0.5 0.5 0 0.2", "empty or leaves the image"),
 ])
@@ -72,16 +73,37 @@ def test_names_as_list_or_mapping_and_the_class_count(tiny_yolo):
         open_layout("yolo", tiny_yolo, NUM_CLASSES=3)
 
 
-def test_layouts_that_are_not_yolo_are_named(tmp_path):
-    (tmp_path / "obj.names").write_text("a\n")
-    with pytest.raises(BanaError, match="darknet YOLO export"):
+def test_class_names_from_data_yaml_obj_names_or_the_config(tmp_path):
+    """data.yaml, then a names file (darknet's obj.names, classes.txt), then DATA.CLASSES; a
+    DATA.CLASSES that contradicts a file is refused, and no names at all says how to give them."""
+    with pytest.raises(BanaError, match=r"names no classes.*globox.*DATA.CLASSES"):
         open_layout("yolo", tmp_path)
-    (tmp_path / "obj.names").unlink()
-    with pytest.raises(BanaError, match="has no data.yaml"):
-        open_layout("yolo", tmp_path)
-    (tmp_path / "data.yaml").write_text("names: [a]\n")
-    with pytest.raises(BanaError, match="no image folder for split 'train'"):
+    assert open_layout("yolo", tmp_path, CLASSES=["a", "b"]).classes == ("background", "a", "b")
+    (tmp_path / "obj.names").write_text("a\nb\n")
+    assert open_layout("yolo", tmp_path).classes == ("background", "a", "b")
+    with pytest.raises(BanaError, match=r"DATA.CLASSES \(b, a\) contradicts .*obj.names \(a, b\)"):
+        open_layout("yolo", tmp_path, CLASSES=["b", "a"])
+    (tmp_path / "data.yaml").write_text("names: [c]\n")
+    assert open_layout("yolo", tmp_path).classes == ("background", "c")
+    with pytest.raises(BanaError, match="no image folder for split 'train'.*obj_train_data"):
         open_layout("yolo", tmp_path).split_ids("train")
+
+
+@pytest.mark.parametrize("writer", [write_datumaro_yolo, write_cvat_yolo, write_globox_yolo])
+def test_darknet_and_globox_exports_are_read_exactly(tmp_path, writer):
+    """Darknet exports (obj.names, labels beside the images in obj_<split>_data/) and globox's
+    (no class file: DATA.CLASSES in the ids' order) give the boxes and classes the tools wrote."""
+    export = writer(tmp_path / "export", default_splits(make_images(6)))
+    keys = {"CLASSES": list(export.classes)} if writer is write_globox_yolo else {}
+    data = open_layout("yolo", export.root, **keys)
+    assert data.classes == ("background", *export.classes)
+    for split in export.splits:
+        for image in export.images[split]:
+            ann = data.annotation(split, image.path.stem)
+            truth = np.array([[b.x1, b.y1, b.x2, b.y2] for b in image.boxes]).reshape(-1, 4)
+            np.testing.assert_allclose(ann.boxes, truth, atol=1e-3)
+            assert [data.classes[c] for c in ann.classes] == [b.label for b in image.boxes]
+        assert sorted(data.split_ids(split)) == sorted(im.path.stem for im in export.images[split])
 
 
 def voc_as_yolo(voc: Path, out: Path) -> list[str]:

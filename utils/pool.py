@@ -138,7 +138,7 @@ def _apply_each(fn: Callable, jobs: list) -> list:
 def run_all(fn: Callable, jobs, workers: int, desc: str, progress: bool = True,
             initializer: Callable | None = None, chunksize: int = 1) -> list:
     """[fn(job) for job in jobs] over a `WorkerPool` of `workers` processes (in this process
-    when workers <= 1), in order, with a progress bar; jobs go to the workers `chunksize` at a
+    when workers <= 1 or the jobs fit in one chunk), in order, with a progress bar; jobs go to the workers `chunksize` at a
     time (many tiny jobs cost less that way)."""
     from functools import partial
 
@@ -146,6 +146,7 @@ def run_all(fn: Callable, jobs, workers: int, desc: str, progress: bool = True,
 
     jobs = list(jobs)
     chunks = [jobs[k:k + chunksize] for k in range(0, len(jobs), chunksize)]
+    workers = min(workers, len(chunks))  # one chunk: here, without starting processes
     each = partial(_apply_each, fn)
     results = []
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar, \
