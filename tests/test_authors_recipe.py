@@ -16,6 +16,8 @@ from models.backbones import BACKBONES
 from models.zoo import ModelSpec, build
 from utils.errors import BanaError
 
+REPO = Path(__file__).resolve().parents[1]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -531,3 +533,27 @@ def test_a_one_pixel_box_the_round_trip_empties_labels_nothing():
     y_crf, y_ret = make_pseudo_labels(torch.randn(8, 2, 2), torch.randn(21, 8), image, boxes, bg,
                                       1, 0.99, make_crf([4, 55, 3, 3, 3], "pydensecrf"))[:2]
     assert not y_crf.any() and not y_ret.any()
+
+
+def test_a_run_recorded_before_the_new_keys_resumes_as_it_behaved(tmp_path):
+    """A config.yaml written before DATA.BOX_ARITHMETIC and SOLVER.PARAM_GROUPS existed holds
+    the behaviour of that time (pixel edges, four groups): resuming with those values is
+    accepted, resuming with the new defaults is refused, naming the key."""
+    import yaml
+
+    from engine.runs import check_resume_record
+
+    opts = ["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "10", "SOLVER.MILESTONES", "[8]"]
+    old = load_config(REPO / "configs/demo/stage1.yml", opts).to_dict()
+    del old["DATA"]["BOX_ARITHMETIC"], old["SOLVER"]["PARAM_GROUPS"]
+    run_dir = tmp_path / "stage1"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    as_then = load_config(REPO / "configs/demo/stage1.yml",
+                          [*opts, "DATA.BOX_ARITHMETIC", "pixel_edges",
+                           "SOLVER.PARAM_GROUPS", "four"])
+    check_resume_record(as_then, step=5, reconfigure=False)
+    now = load_config(REPO / "configs/demo/stage1.yml", opts)
+    with pytest.raises(BanaError, match=r"DATA.BOX_ARITHMETIC: 'pixel_edges' recorded, "
+                                        r"'reference' now"):
+        check_resume_record(now, step=5, reconfigure=False)
