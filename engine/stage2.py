@@ -253,9 +253,12 @@ def _device_unaries(cfg: Config, job: dict, feats: torch.Tensor, weight: torch.T
 def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: int,
                 pixel_work: str, fingerprints: dict) -> None:
     """One process of a multi-device run on one machine (--gpu-id 0,1): labels ids[rank::n] on
-    its own device."""
+    its own device. SIGTERM (from the run's main process, or to the whole process group) ends it
+    as it ends the main process: after the images its CRF workers are writing."""
     from data.datasets import open_data
+    from utils.cli import handle_termination
 
+    handle_termination()
     data = open_data(cfg)
     dataset = open_dataset(cfg, data)
     ids = dataset.ids[rank::len(device_ids)]
@@ -609,8 +612,21 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         ids_per = devices.devices if isinstance(devices.devices, list) \
             else list(range(devices.devices))
         per_shard = max(1, workers // len(ids_per))
-        mp.spawn(_shard_main, args=(cfg, ids_per, devices.accelerator, per_shard, pixel_work,
-                                    fingerprints), nprocs=len(ids_per), join=True)
+        shards = mp.start_processes(_shard_main, nprocs=len(ids_per), join=False,
+                                    args=(cfg, ids_per, devices.accelerator, per_shard,
+                                          pixel_work))
+        try:
+            while not shards.join():
+                pass
+        except BaseException:
+            # Interrupted (a SIGTERM to this process alone, too): stop the device processes, which
+            # would otherwise label their whole shard before this one could exit.
+            for process in shards.processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in shards.processes:
+                process.join()
+            raise
     elif todo:
         device = devices.device_of(0)
         generate(cfg, net, dataset, ids, device, workers, instances=coco,

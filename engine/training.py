@@ -156,6 +156,38 @@ class LineProgress(pl.callbacks.ProgressBar):
                   + "  ".join(f"{k} {v:.2f}" for k, v in sorted(val.items())), flush=True)
 
 
+class EndOnTerm(pl.Callback):
+    """SIGTERM ends training at once, as Ctrl-C does (`utils.cli`), in every process.
+
+    Once the trainer runs, Lightning calls its own SIGTERM handler first and the entry script's
+    (`utils.cli.guarded`) after it. Under DDP its own broadcasts inside the handler: that waits
+    for processes that may be gone or busy in another collective, and raises when one is gone,
+    so that the script's handler never runs. This makes the script's handler the only one once
+    training starts; like Lightning's, it first passes the signal on to the DDP processes
+    Lightning started itself (--gpu-id 0,1 or cpu:N). Lightning's teardown puts the script's
+    handler back."""
+
+    def on_train_start(self, trainer, pl_module):
+        import os
+        import signal
+        import threading
+
+        from utils.cli import on_terminate, terminating
+
+        if not terminating() or threading.current_thread() is not threading.main_thread():
+            return
+        launcher, owner = trainer.strategy.launcher, os.getpid()
+
+        def handler(signum, frame):
+            if os.getpid() == owner:  # not in a forked DataLoader worker
+                for proc in getattr(launcher, "procs", None) or ():
+                    if proc.poll() is None:
+                        proc.send_signal(signum)
+            on_terminate(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
+
+
 def fit(trainer: pl.Trainer, module, **kwargs) -> None:
     """trainer.fit, with Ctrl-C reported as ours (exit 130, "rerun with --resume"): Lightning
     catches KeyboardInterrupt itself and exits with status 1 and its own message."""
@@ -206,7 +238,7 @@ def make_trainer(cfg, devices, callbacks: list[pl.Callback], *,
         max_steps=cfg.SOLVER.MAX_ITER, max_epochs=-1, logger=loggers,
         log_every_n_steps=cfg.SOLVER.LOG_EVERY, enable_checkpointing=False,
         callbacks=[FiniteCheck(cfg.SOLVER.LOG_EVERY), *callbacks, LearningRateMonitor("step"),
-                   progress],
+                   progress, EndOnTerm()],
         precision=cfg.TRAINER.PRECISION, num_nodes=devices.num_nodes,
         enable_progress_bar=True,
         default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",

@@ -6,15 +6,29 @@ the stage's `run(cfg, **options)` in engine/. A `BanaError` (or another error a 
 an output path that is a file or not writable, a full disk) becomes one paragraph on stderr and
 exit status 2; `--debug` shows the traceback instead. This module and the entry scripts are the
 only ones that know about argparse.
+
+Ending a run: Ctrl-C (SIGINT) and SIGTERM (`kill PID`, SLURM's scancel and time limit, torchrun
+stopping its processes) end it the same way. `guarded` turns SIGTERM into `Terminated`, a
+KeyboardInterrupt, so that the `with` blocks and `finally`s that end a Ctrl-C cleanly end it too:
+the CRF pools wait for the images their workers are writing, the DataLoader workers stop,
+Lightning stops its DDP processes. The run then prints one "interrupted" paragraph and exits with
+128 + the signal (130 for Ctrl-C, 143 for SIGTERM); a second SIGTERM during that teardown is only
+counted. In a run of several processes (torchrun, srun), a process that stops because another
+one did (gloo's error for a lost peer, `utils.distributed.peer_lost`, or torchrun's SIGTERM after
+another process failed) prints one line saying so, naming that process under torchrun, instead
+of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -113,16 +127,132 @@ def os_error_message(error: OSError) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM) raised in the main thread as a KeyboardInterrupt, so that
+    it ends a run as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Termination:
+    """This process's state: the first interrupting signal it got (None: none), and whether it is
+    already ending (a SIGTERM then only counts: the teardown it would cut short is under way)."""
+
+    received: int | None = None
+    ending = False
+    pid: int | None = None  # the process that installed the handlers (not a fork of it)
+    sigchld = None  # SIGCHLD's handler before a SIGTERM set it aside
+
+
+def terminating() -> bool:
+    """Whether SIGTERM raises `Terminated` in this process (an entry script is running)."""
+    return _Termination.pid == os.getpid()
+
+
+def _forked() -> bool:
+    """Whether this is a forked child (a DataLoader worker) of the process that installed the
+    handlers, which inherits them."""
+    return _Termination.pid != os.getpid()
+
+
+# Code that moves a tensor between processes (a DataLoader worker hands the main process a
+# file descriptor over a connection of its own): an exception raised there cuts the transfer,
+# and the worker prints the broken connection's traceback. A signal that arrives there is
+# delivered again a moment later instead.
+_TRANSFER = ("multiprocessing/resource_sharer.py", "multiprocessing/reduction.py",
+             "multiprocessing/reductions.py")
+REDELIVER_S = 0.02
+
+
+def _deferred(signum: int, frame) -> bool:
+    """Whether `frame` (where the signal interrupted this process) is inside a transfer; if so,
+    the signal comes again in REDELIVER_S."""
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_TRANSFER):
+            threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum)).start()
+            return True
+        frame = frame.f_back
+    return False
+
+
+def on_terminate(signum, frame) -> None:
+    """The SIGTERM handler: the first signal raises `Terminated`, a later one only counts.
+
+    From then on a child process that ends is no error: torch's DataLoader checks its workers
+    on SIGCHLD and raises in the main thread, in the middle of the teardown (a pool waiting for
+    its workers), when one was killed, as a SIGTERM to the whole group kills them.
+
+    A forked child that inherits this handler (not torch's DataLoader workers, which install
+    their own) ends as on Ctrl-C: the first signal raises KeyboardInterrupt, a later one kills
+    it as it would without the handler (`multiprocessing` stops with SIGTERM a child that does
+    not end by itself)."""
+    if _forked():
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt
+    if _Termination.ending or _deferred(signum, frame):
+        _Termination.received = _Termination.received or signum
+        return
+    _Termination.received = _Termination.received or signum
+    _Termination.ending = True
+    _Termination.sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C, as Python's own handler (every press raises KeyboardInterrupt), counted."""
+    if not _forked():
+        if _deferred(signum, frame):
+            return
+        _Termination.received = _Termination.received or signum
+        _Termination.ending = True
+    raise KeyboardInterrupt
+
+
+def handle_termination() -> Callable[[], None]:
+    """Make SIGTERM raise `Terminated` in this process (its main thread), and count Ctrl-C;
+    returns the function that puts the previous handlers back. Processes a run starts itself
+    (stage 2's process per device) call it too; pool workers ignore both signals
+    (`utils.pool`)."""
+    _Termination.received, _Termination.ending = None, False
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _Termination.pid = os.getpid()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_terminate)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_interrupt)
+
+    def restore() -> None:
+        _Termination.pid = None
+        if _Termination.sigchld is not None:
+            previous[signal.SIGCHLD] = _Termination.sigchld
+            _Termination.sigchld = None
+        for signum, handler in previous.items():
+            if handler is not None:  # None: not set from Python, left as it is
+                signal.signal(signum, handler)
+
+    return restore
+
+
+INTERRUPTED = ("interrupted{by}; outputs written so far are complete files. Rerun the same command "
+               "to continue (stages 1 and 3: add --resume to continue from the last checkpoint).")
+
+
 def guarded(fn: Callable[[], object], debug: bool) -> object:
-    """Run `fn`; turn user-fixable errors into a message and exit status 2."""
+    """Run `fn`; turn user-fixable errors into a message and exit status 2, interruptions into
+    a message and 128 + the signal."""
+    restore = handle_termination()
     try:
         return _guarded(fn, debug)
     finally:
+        _Termination.ending = True
         # A process group left to the interpreter's exit aborts the process ("terminate called
         # without an active exception") under torchrun / srun.
         from utils.distributed import destroy_process_group
 
         destroy_process_group()
+        restore()
 
 
 def _guarded(fn: Callable[[], object], debug: bool) -> object:
@@ -133,21 +263,47 @@ def _guarded(fn: Callable[[], object], debug: bool) -> object:
         sys.stdout.reconfigure(line_buffering=True, write_through=False)
     try:
         return fn()
-    except BanaError as e:
-        if debug:
+    except SystemExit:
+        raise
+    except BaseException as e:
+        _Termination.ending = True
+        status = _report(e, debug)
+        if status is None:
             raise
-        report_error(error_message(e))
-    except OSError as e:
-        message = os_error_message(e)
-        if debug or message is None:
-            raise
-        report_error(message)
-    except KeyboardInterrupt:
-        report_error("interrupted; outputs written so far are complete files. Rerun the same "
-                     "command to continue (stages 1 and 3: add --resume to continue from the "
-                     "last checkpoint).")
-        sys.exit(130)
-    sys.exit(2)
+        sys.exit(status)
+
+
+def _report(error: BaseException, debug: bool) -> int | None:
+    """Print the message for `error` and return the exit status, or None to let it raise (a
+    traceback)."""
+    from utils import distributed
+
+    interrupted = isinstance(error, KeyboardInterrupt) or _Termination.received is not None
+    lost = distributed.peer_lost(error)
+    if interrupted or (lost and not debug):
+        # Whatever this process was doing when it got the signal (or lost a peer) failed because
+        # of that: the signal, or the other process's error, is what to report.
+        peer = distributed.stopped_peer()
+        if peer is not None or not interrupted:
+            report_error(distributed.peer_message(peer))
+            return 2
+        signum = _Termination.received or signal.SIGINT
+        report_error(INTERRUPTED.format(by=f" by {signal.Signals(signum).name}"
+                                        if signum != signal.SIGINT else ""))
+        return 128 + signum
+    # An error of this process: the others of the run stop with a line that names it.
+    distributed.announce_stop()
+    if debug:
+        return None
+    if isinstance(error, BanaError):
+        report_error(error_message(error))
+        return 2
+    if isinstance(error, OSError):
+        message = os_error_message(error)
+        if message is not None:
+            report_error(message)
+            return 2
+    return None
 
 
 def main(run: Callable[[argparse.Namespace], object], description: str,

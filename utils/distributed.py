@@ -12,6 +12,13 @@ The sharded stages split their images by rank (`shard`), write their own files, 
 `barrier()` before rank 0 sums up (`all_reduce_sum`). The process group is gloo, over TCP: it
 carries a barrier and a confusion matrix, never a tensor on a GPU, so it works the same on
 CPU-only machines and between GPU nodes.
+
+When one process stops (an error, a signal, killed), the others must not wait for it: gloo raises
+in the collective they wait in as soon as the stopped process's connections close (`peer_lost`
+tells those errors from others), and torchrun terminates them (SIGTERM) once one has exited. Each
+of the others then ends with one line (`peer_message`) instead of gloo's traceback; under
+torchrun, whose agent holds the process group's store, the process that stopped with an error
+first writes its rank there (`announce_stop`), and the line names it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ import torch
 # time, but stage 2 on COCO runs for hours and nodes differ; a crashed process ends the whole run
 # through the launcher (torchrun and srun stop the other processes), not through this timeout.
 BARRIER_TIMEOUT = timedelta(hours=24)
+# Where the first process to stop with an error writes its rank (one key per attempt: torchrun
+# --max-restarts starts the processes again with the same store), and how long a process waits
+# for torchrun's agent to answer.
+STOPPED_KEY = "bana/stopped/{attempt}"
+STORE_TIMEOUT = timedelta(seconds=10)
+# What gloo raises in a collective whose peer's connections closed: its process exited or was
+# killed, or it destroyed its process group (gloo/transport/tcp/pair.cc).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 @dataclass(frozen=True)
@@ -153,3 +168,78 @@ def destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _store():
+    """The default process group's key-value store when torchrun's agent holds it, else None
+    (under srun or Lightning's own launcher rank 0 holds it, and may be gone: asking it then
+    fails after C++ warnings). Never imports torch: a process that has not imported it has no
+    process group."""
+    dist = sys.modules.get("torch.distributed")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return None
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(STORE_TIMEOUT)
+        return store
+    except Exception:  # noqa: BLE001 - no store to use is no store
+        return None
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is gloo's report of a process of the
+    run that stopped while this one waited for it in a collective."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if isinstance(error, RuntimeError) and "gloo" in text and any(
+                reason in text for reason in PEER_LOST):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _stopped_key() -> str:
+    return STOPPED_KEY.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def announce_stop() -> None:
+    """Write this process's rank to the store as the one that stopped with an error (unless
+    another one did first); nothing without a process group."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        if not store.check([_stopped_key()]):
+            store.set(_stopped_key(), str(sys.modules["torch.distributed"].get_rank()))
+    except Exception:  # noqa: BLE001 - the others then stop without naming this process
+        pass
+
+
+def stopped_peer() -> int | None:
+    """The rank of the process of this run that stopped with an error, if one did and the store
+    still answers."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if store.check([_stopped_key()]):
+            return int(store.get(_stopped_key()).decode())
+    except Exception:  # noqa: BLE001 - a store that is gone cannot name it
+        pass
+    return None
+
+
+def peer_message(rank: int | None) -> str:
+    """The one line of a process that stops because another one of the run did."""
+    who = (f"process {rank} of this run stopped (its message is above)" if rank is not None else
+           "another process of this run stopped (killed, interrupted, or with a message above)")
+    mine = ""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        mine = f" (process {dist.get_rank()})"
+    return (f"{who}; this process{mine} stops too. Outputs written so far are complete files: "
+            "fix what that message reports, then rerun the same command to continue.")

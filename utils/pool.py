@@ -21,7 +21,9 @@ DenseCRF (stage 2, evaluate.py, predict.py), stage 2's label writing, the backgr
   process group receives a Ctrl-C, or SLURM's SIGTERM); the caller's process stops, and leaving
   the `with` block stops the workers after the jobs they are running (each writes whole files).
   A job's exception is raised by the `submit` / `finish` that hands its result back, after the
-  pool is shut down; a worker that dies is reported as such.
+  pool is shut down; a worker that dies is reported as such. A worker whose caller is gone
+  without shutting it down (killed: SIGKILL, the out-of-memory killer) finishes the job it runs
+  and exits, instead of waiting for jobs forever.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,9 +42,30 @@ from typing import Callable, Iterator
 from utils.errors import BanaError
 
 
-def _quiet_worker(initializer, initargs) -> None:
-    """Runs first in every worker: one thread for the libraries that use them (each worker runs
-    one job at a time; more threads would only fight over the cores), then `initializer`."""
+# Held by a worker while it runs a job: the watch on its caller waits for it before exiting.
+_job_lock = threading.Lock()
+PARENT_POLL_S = 0.5
+
+
+def _watch_parent(parent: int) -> None:
+    """In a worker: exit once `parent` (the caller) is gone, after the job being run."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    with _job_lock:
+        os._exit(1)
+
+
+def _run_job(fn: Callable, job):
+    with _job_lock:
+        return fn(job)
+
+
+def _quiet_worker(parent: int, initializer, initargs) -> None:
+    """Runs first in every worker: the watch on the caller (`parent`), one thread for the
+    libraries that use them (each worker runs one job at a time; more threads would only fight
+    over the cores), then `initializer`."""
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
+                     name="watch-caller").start()
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"
     if initializer is not None:
@@ -76,7 +101,7 @@ class WorkerPool:
         try:
             self._executor = ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_quiet_worker, initargs=(initializer, tuple(initargs)))
+                initializer=_quiet_worker, initargs=(os.getpid(), initializer, tuple(initargs)))
             for _ in range(workers):
                 self._executor.submit(_ready)
         finally:
@@ -88,7 +113,7 @@ class WorkerPool:
         (those the pool had to wait for to stay within `in_flight`)."""
         if self._executor is None:
             return [(tag, fn(job))]
-        self._pending.append((tag, self._executor.submit(fn, job)))
+        self._pending.append((tag, self._executor.submit(_run_job, fn, job)))
         done = []
         while len(self._pending) >= self.in_flight:
             done.append(self._next())
@@ -118,10 +143,17 @@ class WorkerPool:
     def close(self, cancel: bool = False) -> None:
         """Stop the workers: after the jobs they run, and with `cancel` without starting the
         ones still queued."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=cancel)
-            self._executor = None
+        executor, self._executor = self._executor, None
         self._pending.clear()
+        if executor is None:
+            return
+        try:
+            executor.shutdown(wait=True, cancel_futures=cancel)
+        except BaseException:
+            # Interrupted while waiting (a second Ctrl-C): wait once more, or the workers would
+            # outlive this process.
+            executor.shutdown(wait=True, cancel_futures=True)
+            raise
 
     def __enter__(self) -> "WorkerPool":
         return self
