@@ -614,7 +614,7 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         per_shard = max(1, workers // len(ids_per))
         shards = mp.start_processes(_shard_main, nprocs=len(ids_per), join=False,
                                     args=(cfg, ids_per, devices.accelerator, per_shard,
-                                          pixel_work))
+                                          pixel_work, fingerprints))
         try:
             while not shards.join():
                 pass
