@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.boxes import BG_LEDGER, bg_mask_job
 from utils.errors import BanaError
 from utils.io import read_image, read_image_size, read_index_png, read_label_png
 
@@ -401,45 +402,6 @@ def bg_mask_hint(fmt: DatasetFormat) -> str:
             "data/bbox_setup.py --config-file CONFIG` writes them ahead")
 
 
-def write_bg_mask_job(job: tuple) -> bool:
-    """Worker job: write one background mask unless it exists; True when written. job: (path,
-    boxes float32 (A, 4), (H, W) or None, the image whose size (as shown) to take when None)."""
-    from utils.boxes import bg_mask_from_boxes
-    from utils.io import atomic_write_png
-
-    path, boxes, size, image = job
-    if path.is_file():
-        return False
-    if size is None:
-        size = read_image_size(image, exif=True)
-    atomic_write_png(path, bg_mask_from_boxes(boxes, *size))
-    return True
-
-
-BG_LEDGER = "boxes.jsonl"  # beside the masks: the boxes each mask was made from
-
-
-def _mask_job(job: tuple) -> str:
-    """Worker job: make one background mask right; returns "written", or for an existing file
-    found without a record (`check`: the setup scripts' of old, or the authors' release) "kept"
-    when it matches the boxes and "differs" when it does not (it is kept as it is). job: (path,
-    boxes float32 (A, 4), (H, W) or None (then the image's size as shown), the image, check)."""
-    from utils.boxes import bg_mask_from_boxes
-    from utils.io import atomic_write_png
-
-    path, boxes, size, image, check = job
-    if size is None:
-        size = read_image_size(image, exif=True)
-    mask = bg_mask_from_boxes(boxes, *size)
-    if check and path.is_file():
-        try:
-            return "kept" if np.array_equal(read_index_png(path), mask) else "differs"
-        except BanaError:
-            pass  # unreadable: written again
-    atomic_write_png(path, mask)
-    return "written"
-
-
 def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=None,
                     progress: bool = True) -> dict:
     """Make the background masks of `split` match the boxes (SPEC §0: 1 outside every box, 0
@@ -471,7 +433,7 @@ def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=Non
               f"{len(ids)} under {folder}.", flush=True)
     jobs = [(fmt.bg_mask_path(split, i), anns[i].all_boxes, anns[i].size,
              fmt.image_path(split, i), i not in recorded) for i in mine]
-    done = run_all(_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32)
+    done = run_all(bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32)
     ledger.add_many({i: {"boxes": prints[i]} for i in mine})
     deadline = time.monotonic() + 3600
     while distributed and any(ledger.read().get(i, {}).get("boxes") != prints[i] for i in todo):

@@ -20,26 +20,12 @@ if __package__ in (None, ""):  # run as `python data/coco_bbox_setup.py`: make `
 import argparse
 import os
 
-import numpy as np
-
-from data.base import BG_LEDGER
 from data.coco import load_instances
+from utils.boxes import BG_LEDGER, write_bg_mask_job
 from utils.errors import BanaError
-from utils.boxes import bg_mask_from_boxes
 from utils.cli import guarded
-from utils.io import atomic_write_png
 from utils.pool import run_all
 from utils.records import Ledger, fingerprint
-
-
-def _write_one(job: tuple[Path, int, int, np.ndarray]) -> bool:
-    """Write one mask unless it exists; True when written. job: (path, height, width, boxes
-    float32 (A, 4) x1, y1, x2, y2 of every annotation)."""
-    out, height, width, boxes = job
-    if out.is_file():
-        return False
-    atomic_write_png(out, bg_mask_from_boxes(boxes, height, width))
-    return True
 
 
 def find_splits(root) -> list[str]:
@@ -69,15 +55,16 @@ def write_bg_masks(root, splits=None, workers: int = 1, progress: bool = True) -
     jobs, keys = [], []
     for split, inst in zip(splits, all_instances):
         folder = root / "BgMaskfromBoxes" / split
-        jobs += [(folder / f"{image_id}.png", int(inst.heights[n]), int(inst.widths[n]),
-                  inst.boxes[inst.rows(n)]) for n, image_id in enumerate(inst.image_ids.tolist())]
+        jobs += [(folder / f"{image_id}.png", inst.boxes[inst.rows(n)],
+                  (int(inst.heights[n]), int(inst.widths[n])), None)
+                 for n, image_id in enumerate(inst.image_ids.tolist())]
         keys += [(folder, str(image_id)) for image_id in inst.image_ids.tolist()]
     del all_instances
-    done = run_all(_write_one, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64)
+    done = run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64)
     # The record stages 1 and 2 keep of each mask's boxes (data/base.py ensure_bg_masks).
     for folder in dict.fromkeys(f for f, _ in keys):
         Ledger(folder / BG_LEDGER).add_many(
-            {key: {"boxes": fingerprint(job[3], (job[1], job[2]))}
+            {key: {"boxes": fingerprint(job[1], job[2])}
              for (f, key), job, new in zip(keys, jobs, done) if new and f == folder})
     written = sum(done)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}

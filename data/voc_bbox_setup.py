@@ -19,8 +19,8 @@ if __package__ in (None, ""):  # run as `python data/voc_bbox_setup.py`: make `d
 import argparse
 import os
 
-from data.base import BG_LEDGER, write_bg_mask_job
 from data.voc import VOCData, xml_boxes
+from utils.boxes import BG_LEDGER, write_bg_mask_job
 from utils.cli import guarded
 from utils.errors import BanaError
 from utils.pool import run_all

@@ -9,6 +9,9 @@ wrap around the way Python slices would.
 
 import numpy as np
 
+from utils.errors import BanaError
+from utils.io import atomic_write_png, read_image_size, read_index_png
+
 
 def _pixel_ranges(boxes, height: int, width: int) -> np.ndarray:
     """int64 (K, 4) = (col0, row0, col1, row1), the truncated box ranges clipped to the image."""
@@ -47,3 +50,40 @@ def fill_boxes(boxes, height: int, width: int) -> np.ndarray:
         x0, y0, x1, y1 = ranges[k]
         label[y0:y1, x0:x1] = int(boxes[k, 4])
     return label
+
+
+# Worker jobs of the background-mask pools (stages 1 and 2, the setup scripts). They live here,
+# where nothing imports torch, so that a pool's workers stay small (a worker imports the module
+# of its job).
+
+BG_LEDGER = "boxes.jsonl"  # beside the masks: the boxes each mask was made from
+
+
+def write_bg_mask_job(job: tuple) -> bool:
+    """Worker job: write one background mask unless it exists; True when written. job: (path,
+    boxes float32 (A, 4), (H, W) or None, the image whose size (as shown) to take when None)."""
+    path, boxes, size, image = job
+    if path.is_file():
+        return False
+    if size is None:
+        size = read_image_size(image, exif=True)
+    atomic_write_png(path, bg_mask_from_boxes(boxes, *size))
+    return True
+
+
+def bg_mask_job(job: tuple) -> str:
+    """Worker job: make one background mask right; returns "written", or for an existing file
+    found without a record (`check`: the setup scripts' of old, or the authors' release) "kept"
+    when it matches the boxes and "differs" when it does not (it is kept as it is). job: (path,
+    boxes float32 (A, 4), (H, W) or None (then the image's size as shown), the image, check)."""
+    path, boxes, size, image, check = job
+    if size is None:
+        size = read_image_size(image, exif=True)
+    mask = bg_mask_from_boxes(boxes, *size)
+    if check and path.is_file():
+        try:
+            return "kept" if np.array_equal(read_index_png(path), mask) else "differs"
+        except BanaError:
+            pass  # unreadable: written again
+    atomic_write_png(path, mask)
+    return "written"
