@@ -158,6 +158,7 @@ def test_two_stage2_runs_on_one_folder_never_corrupt_a_label(artifacts, clean_la
     assert not (tmp_path / "Generation" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_two_stage3_runs_into_one_folder_one_is_refused(labelled_voc, tmp_path):
     env = Env(tmp_path, labelled_voc, labelled_voc, tmp_path, tmp_path)
     argv = stage3(env, "SOLVER.MAX_ITER", "6", "SOLVER.VAL_EVERY", "6")
@@ -220,6 +221,7 @@ def _copy_run(env: Env, tmp_path: Path) -> Env:
     return Env(tmp_path, env.voc, env.labelled, env.stage1_ckpt, env.stage3_ckpt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts, names", [
     (["SOLVER.MAX_ITER", "2"], ["trained 4 iterations", "SOLVER.MAX_ITER 2"]),
     (["SOLVER.MAX_ITER", "6", "MODEL.LOSS", "ce_crf"], ["MODEL.LOSS: 'nal' recorded, 'ce_crf' now"]),
@@ -238,6 +240,7 @@ def test_resume_with_other_settings_is_refused_and_the_record_kept(trained_stage
     assert record.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_reconfigure_continues_with_new_settings_and_keeps_the_old_record(trained_stage3,
                                                                           tmp_path):
     env = _copy_run(trained_stage3, tmp_path)
@@ -251,6 +254,7 @@ def test_reconfigure_continues_with_new_settings_and_keeps_the_old_record(traine
                       map_location="cpu")["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_a_leftover_temporary_file_is_cleaned_up_on_resume(trained_stage3, tmp_path):
     env = _copy_run(trained_stage3, tmp_path)
     leftover = tmp_path / "runs/stage3/checkpoints/.last.ckpt.tmp"
