@@ -51,7 +51,8 @@ def torch_home_with_vgg16(tmp_path_factory, torchvision_vgg16_state):
 
 
 @pytest.mark.parametrize("name,fc6_dilation,channels", [
-    ("vgg16", 1, 1024), ("vgg16", 12, 1024), ("resnet101", 1, 256), ("tiny", 1, 128)])
+    ("vgg16", 1, 1024), ("vgg16", 12, 1024),
+    pytest.param("resnet101", 1, 256, marks=pytest.mark.slow), ("tiny", 1, 128)])
 def test_forward_backward_at_stride_8(name, fc6_dilation, channels):
     torch.manual_seed(0)
     net = build_backbone(name, fc6_dilation=fc6_dilation)

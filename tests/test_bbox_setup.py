@@ -100,6 +100,7 @@ def test_cli_missing_root_exits_2_without_traceback(tmp_path, run_script):
     assert "absent does not exist" in result.stderr.replace("\n", " ")
 
 
+@pytest.mark.slow
 def test_masks_of_an_export_with_its_own_class_names(synthetic_voc_copy, run_script):
     """The masks do not depend on class names: an export whose objects are named anything gets
     them without a class list, .png images included."""

@@ -1,7 +1,8 @@
-"""--gpu-id parsing and errors as messages."""
+"""--gpu-id parsing and errors as messages (and --debug, which shows the traceback instead)."""
 
 import pytest
 
+from helpers import run_script
 from utils.cli import guarded
 from utils.devices import resolve_devices
 from utils.errors import BanaError
@@ -55,3 +56,43 @@ def test_guarded_debug_reraises():
 
     with pytest.raises(BanaError):
         guarded(fail, debug=True)
+
+
+def test_debug_shows_the_traceback():
+    argv = ["stage1.py", "--config-file", "configs/demo/stage1.yml", "--gpu-id", "cpu", "--debug",
+            "--opts", "SOLVER.MAX_ITER", "ten"]
+    proc = run_script(argv)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "BanaError: --opts SOLVER.MAX_ITER" in proc.stderr
+
+
+def test_a_message_raised_in_a_loader_worker_loses_the_worker_traceback():
+    from torch._utils import ExceptionWrapper
+
+    from utils.cli import error_message
+
+    try:
+        raise BanaError("image x.jpg is corrupt: re-create it.")
+    except BanaError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(BanaError) as info:
+        wrapped.reraise()  # what the DataLoader does in the main process
+    assert "Traceback" in str(info.value)
+    assert error_message(info.value) == "image x.jpg is corrupt: re-create it."
+    assert error_message(BanaError("plain")) == "plain"
+
+
+def test_os_errors_on_output_paths_become_messages_and_others_stay_bugs(tmp_path):
+    from utils.cli import os_error_message
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as info:
+        (blocker / "runs/stage1").mkdir(parents=True, exist_ok=True)
+    assert f"{blocker} is a file, not a folder" in os_error_message(info.value)
+    with pytest.raises(OSError) as info:
+        blocker.mkdir(parents=True, exist_ok=True)
+    assert "a file of that name exists" in os_error_message(info.value)
+    with pytest.raises(OSError) as info:
+        open(tmp_path / "missing.txt")
+    assert os_error_message(info.value) is None

@@ -153,6 +153,7 @@ def test_writer_in_parallel_skips_existing(coco_copy, capsys):
     assert "wrote 4" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_setup_cli_missing_annotations_exits_2(tmp_path, run_script):
     (tmp_path / "annotations").mkdir()
     result = run_script("data/coco_bbox_setup.py", "--data-root", tmp_path, "--workers", "2")

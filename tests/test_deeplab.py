@@ -13,7 +13,8 @@ def build_deeplab(name, num_classes, frozen_bn=False):
                            fc6_dilation=12 if name == "vgg16" else 1))
 
 
-@pytest.mark.parametrize("name,channels", [("vgg16", 1024), ("resnet101", 256)])
+@pytest.mark.parametrize("name,channels", [
+    ("vgg16", 1024), pytest.param("resnet101", 256, marks=pytest.mark.slow)])
 def test_forward_backward_gives_cosines(name, channels):
     torch.manual_seed(0)
     model = build_deeplab(name, 21)
@@ -93,6 +94,7 @@ def test_frozen_bn_keeps_statistics_across_train(frozen):
     assert not torch.equal(conv_before, model.backbone.conv.weight)
 
 
+@pytest.mark.slow
 def test_frozen_bn_on_resnet101():
     torch.manual_seed(3)
     model = build_deeplab("resnet101", 2, frozen_bn=True)

@@ -140,6 +140,7 @@ def torchrun_runs(synthetic_voc, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_stage1_and_stage3_train_under_torchrun(torchrun_runs):
     out = torchrun_runs["out"]
     for stage, steps in (("stage1", 3), ("stage3", 2)):
@@ -152,6 +153,7 @@ def test_stage1_and_stage3_train_under_torchrun(torchrun_runs):
         assert ckpt["global_step"] == steps
 
 
+@pytest.mark.slow
 def test_stage2_under_torchrun_writes_the_files_of_one_process(torchrun_runs, synthetic_voc):
     out = torchrun_runs["out"]
     ids = (synthetic_voc / "ImageSets/Segmentation/train.txt").read_text().split()
@@ -167,6 +169,7 @@ def test_stage2_under_torchrun_writes_the_files_of_one_process(torchrun_runs, sy
     assert reports[0]["miou"] == reports[1]["miou"]
 
 
+@pytest.mark.slow
 def test_a_refused_relabel_under_torchrun_stops_every_process_and_keeps_the_labels(torchrun_runs):
     """Rank 0 checks the label folder's record; its refusal (other settings, no --overwrite)
     reaches the other process, which would otherwise wait at the barrier, and both stop with
@@ -193,6 +196,7 @@ def test_a_refused_relabel_under_torchrun_stops_every_process_and_keeps_the_labe
     assert (labels / "labels.json").read_bytes() == record
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_sums_the_confusion_matrices_of_one_process(torchrun_runs):
     out = torchrun_runs["out"]
     single, both = (json.loads((out / f"eval_{n}/eval/metrics.json").read_text())
@@ -207,6 +211,7 @@ def test_evaluate_under_torchrun_sums_the_confusion_matrices_of_one_process(torc
         "shard 0/2: 3 images", "shard 1/2: 3 images"]
 
 
+@pytest.mark.slow
 def test_predict_under_torchrun_writes_the_labels_of_one_process(torchrun_runs):
     out = torchrun_runs["out"]
     single = _files(out, "predict_single")

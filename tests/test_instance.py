@@ -57,7 +57,7 @@ def build_instance_model(backbone, num_classes, init, min_size, max_size):
                  init)
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "resnet50_fpn"])
+@pytest.mark.parametrize("backbone", ["tiny", pytest.param("resnet50_fpn", marks=pytest.mark.slow)])
 def test_mask_rcnn_trains_and_predicts_on_small_images(backbone):
     torch.manual_seed(0)
     model = build_instance_model(backbone, 4, "none", 64, 96).train()

@@ -153,6 +153,7 @@ def test_bad_exports_are_named(custom_coco, tmp_path, edit, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_missing_image_file_is_named(custom_coco, tmp_path, run_script):
     root = _copy(custom_coco, tmp_path)
     assert run_script("data/coco_bbox_setup.py", "--data-root", root).returncode == 0

@@ -214,6 +214,7 @@ def test_stage3_trains_in_bf16_mixed_like_float32(synthetic_voc, tmp_path):
         loss_of)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
 def test_training_stages_run_in_bf16_mixed_and_refuse_16_mixed_on_the_cpu(synthetic_voc,
                                                                           tmp_path, stage):

@@ -129,6 +129,7 @@ def _reference_features(state, images):
                       for i, r in enumerate(_RATES)))
 
 
+@pytest.mark.slow
 def test_matches_the_authors_network_written_out_with_functional_ops():
     """Full-size network, float64, odd 63×47 input (its stem output 32×24 is even, so the pool's
     rounding matters: 9×7 features here, 8×6 with torchvision's floor)."""

@@ -1,11 +1,9 @@
 """Stage 3 end to end on a tiny synthetic VOC tree with hand-made pseudo labels."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -15,25 +13,8 @@ from engine.optim import lr_factor
 from engine.stage3 import run
 from engine.config import load_config
 from utils.errors import BanaError
-from utils.io import atomic_write_png, read_index_png
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def labelled_voc(synthetic_voc, tmp_path_factory):
-    """The synthetic tree plus pseudo labels: Y_crf = GT, Y_ret = GT with a band relabelled."""
-    root = tmp_path_factory.mktemp("stage3") / "voc"
-    shutil.copytree(synthetic_voc, root)
-    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
-    for i in ids:
-        gt = read_index_png(root / "SegmentationClassAug" / f"{i}.png")
-        y = np.where(gt == 255, 0, gt).astype(np.uint8)
-        atomic_write_png(root / "Generation/Y_crf" / f"{i}.png", y)
-        noisy = y.copy()
-        noisy[: y.shape[0] // 4] = 0
-        atomic_write_png(root / "Generation/Y_ret" / f"{i}.png", noisy)
-    return root
 
 
 def small_cfg(data_root, out, *opts):
