@@ -36,7 +36,9 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True,
     Returns {"written": n, "skipped": n (already there), "total": n}."""
     root = Path(root)
     if not root.is_dir():
-        raise BanaError(f"--data-root {root} does not exist or is not a folder.")
+        raise BanaError(f"--data-root {root} does not exist or is not a folder: give the folder "
+                        "holding the dataset's Annotations/ and JPEGImages/ (or its split "
+                        "folders, with --splits).")
     voc = VOCData(_AnyClasses(), root)
     if ids is None:
         ann_dir = root / "Annotations"

@@ -41,9 +41,10 @@ def run_script():
     """Run a repository script as a user would (`python data/x.py ...` from the repo root)."""
     import subprocess
 
+    from tests.zygote import run_python
+
     def run(script: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+        return run_python([script, *args], cwd=REPO, timeout=120)
 
     return run
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.zygote import run_python
 from utils.io import atomic_write_png, read_index_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,8 +142,8 @@ class Cases(dict):
 
 
 def run_script(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    """`python *argv` from the repository root (through tests/zygote.py's fork server)."""
+    return run_python(argv, cwd=REPO, timeout=timeout)
 
 
 def error_paragraph(proc: subprocess.CompletedProcess) -> str:

@@ -1,5 +1,6 @@
 """Background masks from boxes (hand-drawn cases), the mask writer, its CLI and setup_voc.bash."""
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -119,6 +120,61 @@ def test_masks_of_an_export_with_its_own_class_names(synthetic_voc_copy, run_scr
     expected = np.ones((64, 64), np.uint8)
     expected[1:5, 1:5] = 0  # rows int(1)..int(5.9) = 1..4, columns int(1.5)..int(5) = 1..4
     assert np.array_equal(read_index_png(root / "BgMaskfromBoxes" / "val_00005.png"), expected)
+
+
+# --- stages 1 and 2 make the masks they need (data.base.ensure_bg_masks) -------------------------
+
+def _box_xml(path: Path, box) -> None:
+    x1, y1, x2, y2 = box
+    path.write_text(f"<annotation><object><name>cat</name><bndbox><xmin>{x1}</xmin><ymin>{y1}"
+                    f"</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object></annotation>")
+
+
+def _masks_of(data, split):
+    from data.voc import xml_boxes
+    from utils.io import read_image_size
+
+    return {i: bg_mask_from_boxes(xml_boxes(data.xml_path(split, i))[0],
+                                  *read_image_size(data.image_path(split, i), exif=True))
+            for i in data.split_ids(split)}
+
+
+def test_missing_masks_are_made_once_and_an_edited_box_remakes_its_mask(synthetic_voc_copy):
+    from data.base import ensure_bg_masks
+    from tests.conftest import open_layout
+
+    root = synthetic_voc_copy
+    shutil.rmtree(root / "BgMaskfromBoxes")
+    data = open_layout("voc", root)
+    assert ensure_bg_masks(data, "train", workers=2, progress=False)["written"] == 12
+    for image_id, mask in _masks_of(data, "train").items():
+        np.testing.assert_array_equal(read_index_png(data.bg_mask_path("train", image_id)), mask)
+    assert ensure_bg_masks(data, "train", progress=False)["written"] == 0
+    _box_xml(data.xml_path("train", "train_00003"), (2, 3, 20, 30))
+    assert ensure_bg_masks(data, "train", progress=False) == {"written": 1, "kept": 11,
+                                                              "total": 12}
+    np.testing.assert_array_equal(read_index_png(data.bg_mask_path("train", "train_00003")),
+                                  _masks_of(data, "train")["train_00003"])
+
+
+def test_a_mask_found_without_a_record_is_kept_as_it_is(synthetic_voc_copy, capsys):
+    """Masks this project did not make (the authors' release) are used as they are; one that
+    differs from the boxes is named in a note, not replaced."""
+    from data.base import ensure_bg_masks
+    from tests.conftest import open_layout
+    from utils.boxes import BG_LEDGER
+    from utils.io import atomic_write_png
+
+    root = synthetic_voc_copy
+    (root / "BgMaskfromBoxes" / BG_LEDGER).unlink()
+    foreign = root / "BgMaskfromBoxes" / "train_00002.png"
+    theirs = 1 - read_index_png(foreign)
+    atomic_write_png(foreign, theirs)
+    data = open_layout("voc", root)
+    assert ensure_bg_masks(data, "train", progress=False)["written"] == 0
+    np.testing.assert_array_equal(read_index_png(foreign), theirs)
+    assert "1 background mask(s) found" in capsys.readouterr().out
+    assert ensure_bg_masks(data, "train", progress=False)["written"] == 0  # recorded now
 
 
 def _setup(*args):

@@ -63,11 +63,6 @@ def gpu_3_for_evaluate(env):
     return evaluate(env, gpu="3"), ["--gpu-id 3"], "--gpu-id cpu"
 
 
-@case
-def no_crf_workers_for_stage2(env):
-    return stage2(env, workers=0), ["--workers 0"], "at least 1"
-
-
 # --- issue 16, class 4: paths that leave their place --------------------------------------------
 
 @case
@@ -123,3 +118,13 @@ def test_opts_are_read_as_a_person_means_them(opts, key, expected):
     for part in key.split("."):
         value = getattr(value, part)
     assert value == expected and type(value) is type(expected)
+
+
+def test_no_crf_workers_for_stage2_is_a_usage_error():
+    """--workers 0 is refused by the argument parser, as any malformed argument is: its usage
+    line and the reason, exit status 2, nothing run."""
+    from tests.helpers import run_script
+
+    proc = run_script(["stage2.py", "--config-file", "configs/demo/stage2.yml", "--workers", "0"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --workers: expected an integer >= 1, got 0" in proc.stderr

@@ -37,7 +37,7 @@ case = CASES.add
 @case
 def missing_data_root(env):
     root = env.tmp / "no_dataset"
-    return stage1(env, root=root), [f"DATA.ROOT {root}"], "data/synthetic.py"
+    return stage1(env, root=root), [f"DATA.ROOT {root}"], "--opts DATA.ROOT PATH"
 
 
 @case
@@ -45,13 +45,6 @@ def missing_gt_ids_file(env):
     path = env.tmp / "gt_ids.txt"
     return (stage3(env, "DATA.GT_IDS", str(path)), ["DATA.GT_IDS", str(path)],
             "one image id per line")
-
-
-@case
-def missing_background_masks(env):
-    root = env.copy()
-    shutil.rmtree(root / "BgMaskfromBoxes")
-    return stage1(env, root=root), ["BgMaskfromBoxes"], "python data/voc_bbox_setup.py"
 
 
 @case
@@ -96,7 +89,7 @@ def background_mask_size_mismatch(env):
     root = env.copy()
     path = root / "BgMaskfromBoxes/train_00002.png"
     atomic_write_png(path, np.ones((40, 64), np.uint8))
-    return stage1(env, root=root), [str(path), "64x40"], "python data/voc_bbox_setup.py"
+    return stage1(env, root=root), [str(path), "64x40"], "delete it, and it is made again"
 
 
 @case
@@ -104,7 +97,7 @@ def pseudo_label_size_mismatch(env):
     root = env.copy(env.labelled)
     path = root / "Generation/Y_crf/train_00005.png"
     atomic_write_png(path, np.zeros((64, 50), np.uint8))
-    return stage3(env, root=root), [str(path), "50x64"], "python stage2.py"
+    return stage3(env, root=root), [str(path), "50x64"], "re-create it with stage 2"
 
 
 @case
@@ -112,7 +105,7 @@ def image_size_mismatch_for_evaluate(env):
     root = env.copy()
     path = root / "JPEGImages/val_00003.jpg"
     write_noise_jpeg(path, 60, 64)
-    return evaluate(env, root=root), [str(path), "64x60"], "re-create the label"
+    return evaluate(env, root=root), [str(path), "64x60"], "re-create it"
 
 
 @case
@@ -218,7 +211,7 @@ def unknown_class_for_synthetic(env):
 @case
 def missing_root_for_bbox_setup(env):
     root = env.tmp / "VOC2012"
-    return ["data/voc_bbox_setup.py", "--data-root", str(root)], [str(root)], "setup_voc.bash"
+    return ["data/voc_bbox_setup.py", "--data-root", str(root)], [str(root)], "the folder holding"
 
 
 @case
@@ -228,7 +221,7 @@ def malformed_annotation(env):
     path = root / "Annotations/train_00003.xml"
     path.write_text("<annotation><object><name>cat</name>")
     return (["data/voc_bbox_setup.py", "--data-root", str(root), "--workers", "1"], [str(path)],
-            "re-create or re-download it")
+            "re-create or re-export it")
 
 
 # --- issue 16, class 1: reporting paths read ground truth the code never expected ---------------
@@ -268,7 +261,7 @@ def cropped_gt_in_stage3_validation(env):
     root = env.copy(env.labelled)
     gt = root / "SegmentationClassAug/val_00000.png"
     crop_png(gt)
-    return stage3(env, root=root), [f"ground truth {gt}"], "re-create the label"
+    return stage3(env, root=root), [f"ground truth {gt}"], "re-create it"
 
 
 # --- issue 16, class 5: garbage that used to be accepted without a word -------------------------

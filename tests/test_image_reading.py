@@ -2,8 +2,6 @@
 in every stage as in predict.py, with EXIF named when an annotation was made on the stored
 pixels; the common image formats in a VOC export; config paths that cannot mean what they say."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ from PIL import Image
 
 from engine.config import load_config
 from tests.conftest import open_layout
+from tests.zygote import run_python
 from utils.errors import BanaError
 from utils.io import read_image, read_image_size
 
@@ -93,6 +92,5 @@ def test_a_config_folder_is_named_as_a_folder():
     with pytest.raises(BanaError, match=r"--config-file configs/demo is a folder; give one YAML "
                                         r"file in it, e.g. configs/demo/stage1.yml"):
         load_config("configs/demo")
-    proc = subprocess.run([sys.executable, "stage1.py", "--config-file", "configs/"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_python(["stage1.py", "--config-file", "configs/"], cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr

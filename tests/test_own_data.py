@@ -3,8 +3,6 @@ class list, through every stage, evaluate.py (both modes) and predict.py."""
 
 import json
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from data.synthetic_coco import CUSTOM_CATEGORIES, make_custom_coco
 from data.voc import parse_annotation
 from data.voc import read_class_list as read_classes
 from tests.conftest import REPO
+from tests.zygote import run_python
 from utils.errors import BanaError
 from utils.io import atomic_write_json, atomic_write_png, read_image, read_index_png
 
@@ -220,8 +219,7 @@ def make_custom_voc(src: Path, dst: Path) -> list[str]:
 # --- every entry point, end to end ---------------------------------------------------------------
 
 def _script(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_python(args, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -1,25 +1,21 @@
 """Every stage checks its inputs before the expensive part and names every problem at once."""
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 from engine.preflight import Problems, require_writable
 from tests.conftest import REPO
+from tests.zygote import run_python
 from utils.errors import BanaError
 
 
 def _run(script, config, tmp_path, *opts):
     """The script as a user runs it, with an empty TORCH_HOME: a download attempt would show."""
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, "--config-file", config, "--gpu-id", "cpu",
-                           "--opts", "OUTPUT_DIR", str(tmp_path / "runs"), *opts],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
-    return proc, time.perf_counter() - start
+    return run_python([script, "--config-file", config, "--gpu-id", "cpu", "--opts",
+                       "OUTPUT_DIR", str(tmp_path / "runs"), *opts], cwd=REPO, timeout=120,
+                      env=env)
 
 
 @pytest.mark.parametrize("script,config", [
@@ -28,24 +24,23 @@ def _run(script, config, tmp_path, *opts):
     ("evaluate.py", "configs/stage3_vgg.yml")])
 def test_a_wrong_data_root_is_named_before_anything_is_built_or_downloaded(script, config,
                                                                           tmp_path):
-    proc, seconds = _run(script, config, tmp_path, "DATA.ROOT", "/nowhere")
+    proc = _run(script, config, tmp_path, "DATA.ROOT", "/nowhere")
     assert proc.returncode == 2, proc.stderr
     assert "/nowhere" in proc.stderr and "DATA.ROOT" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "torch_home").exists()  # no weights were fetched
     assert not (tmp_path / "runs").exists()  # nothing was written
-    assert seconds < 60
 
 
 def test_a_wrong_data_root_and_a_missing_stage1_model_are_reported_together(tmp_path):
-    proc, _ = _run("stage2.py", "configs/stage2.yml", tmp_path, "DATA.ROOT", "/nowhere")
+    proc = _run("stage2.py", "configs/stage2.yml", tmp_path, "DATA.ROOT", "/nowhere")
     err = " ".join(proc.stderr.split())
     assert "2 problems" in err
     assert "DATA.ROOT /nowhere" in err and "stage1/checkpoints/final.ckpt" in err
 
 
 def test_stage3_names_missing_labels_init_and_gt_ids_at_once(synthetic_voc, tmp_path):
-    proc, _ = _run("stage3.py", "configs/demo/stage3.yml", tmp_path, "DATA.ROOT",
+    proc = _run("stage3.py", "configs/demo/stage3.yml", tmp_path, "DATA.ROOT",
                    str(synthetic_voc), "DATA.PSEUDO_LABEL_DIR", "NoLabels", "MODEL.INIT",
                    str(tmp_path / "missing.pth"), "DATA.GT_IDS", str(tmp_path / "ids.txt"))
     err = " ".join(proc.stderr.split())
