@@ -1,13 +1,17 @@
 """What every backbone shares: the input normalisation it owns (`InputNorm`) and the interface
-the networks and the zoo use (`Backbone`).
+the networks and the zoo use (`Backbone`); and what the two DeepLab-V2 ResNet-101s share
+(`ResNetDeepLabV2`: body at stride 8, head).
 
 Every backbone takes float RGB images in 0..255 and normalises them itself with an `InputNorm`
 whose constants are buffers: they are saved and loaded with the weights, so a checkpoint always
 carries the normalisation it was trained with.
 """
 
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
+import torchvision
 
 # Per-channel mean in RGB order and 0..255 units, e.g. the colour to pad images with.
 MEAN_RGB = {
@@ -65,3 +69,37 @@ class Backbone(nn.Module):
     def convert_state_dict(self, state_dict):
         """(own-layout state dict without `normalize.*`, norm the weights expect or None)."""
         return state_dict, None
+
+
+class ResNetDeepLabV2(Backbone):
+    """A torchvision ResNet-101 body at output stride 8 plus DeepLab-V2's head: four summed 3×3
+    convs 2048 -> 256 (dilations 6, 12, 18, 24, padding = dilation, no bias, N(0, 0.01)) and a
+    ReLU (SPEC §1). (N,3,H,W) RGB 0..255 -> (N,256,h,w). Subclasses say how the torchvision
+    network is changed before it becomes the body (`adapt`)."""
+
+    out_channels = 256
+    HEAD_DILATIONS = (6, 12, 18, 24)
+
+    def __init__(self, input_norm="imagenet"):
+        super().__init__(input_norm)
+        # DeepLab-V2: layer3 and layer4 at stride 1, dilated; output stride 8.
+        net = torchvision.models.resnet101(weights=None,
+                                           replace_stride_with_dilation=[False, True, True])
+        self.adapt(net)
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        self.body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
+        self.head = nn.ModuleList(nn.Conv2d(2048, 256, 3, padding=d, dilation=d, bias=False)
+                                  for d in self.HEAD_DILATIONS)
+        for conv in self.head:
+            nn.init.normal_(conv.weight, std=0.01)
+
+    def adapt(self, net) -> None:
+        """Change the torchvision ResNet-101 in place before it becomes the body."""
+
+    def forward(self, images):
+        x = self.body(self.normalize(images))
+        return torch.relu(sum(conv(x) for conv in self.head))
+
+    def new_modules(self):
+        return list(self.head)
+

@@ -9,7 +9,6 @@ carries the normalisation it was trained with.
 """
 
 import math
-from collections import OrderedDict
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ import torchvision
 from torchvision.models import ResNet101_Weights, VGG16_Weights
 
 from models.backbone_base import (INPUT_NORMS, MEAN_RGB, Backbone, InputNorm,  # noqa: F401
-                                  norm_buffers)
+                                  ResNetDeepLabV2, norm_buffers)
 from models.resnet_v1 import ResNet101V1DeepLabV2
 from utils.errors import BanaError
 
@@ -72,35 +71,18 @@ class VGG16LargeFOV(Backbone):
         return state_dict, None
 
 
-class ResNet101DeepLabV2(Backbone):
+class ResNet101DeepLabV2(ResNetDeepLabV2):
     """torchvision ResNet-101 at stride 8 plus DeepLab-V2's four summed dilated 3×3 convs (SPEC §1)."""
 
-    out_channels = 256
     IMAGENET_WEIGHTS = ResNet101_Weights.IMAGENET1K_V1
 
-    def __init__(self, input_norm="imagenet"):
-        super().__init__(input_norm)
-        net = torchvision.models.resnet101(weights=None,
-                                           replace_stride_with_dilation=[False, True, True])
+    def adapt(self, net) -> None:
         # torchvision gives the first block of a dilated layer the previous layer's dilation (1
         # in layer3, 2 in layer4); DeepLab-V2 dilates every block of layer3 by 2 and of layer4
         # by 4, the first included. Same weights, so only the 3×3 convolution changes.
         for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
             conv = layer[0].conv2
             conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        self.body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
-        self.head = nn.ModuleList(
-            nn.Conv2d(2048, 256, 3, padding=d, dilation=d, bias=False) for d in (6, 12, 18, 24))
-        for conv in self.head:
-            nn.init.normal_(conv.weight, std=0.01)
-
-    def forward(self, images):
-        x = self.body(self.normalize(images))
-        return F.relu(sum(conv(x) for conv in self.head))
-
-    def new_modules(self):
-        return list(self.head)
 
     def convert_state_dict(self, state_dict):
         if "conv1.weight" in state_dict:

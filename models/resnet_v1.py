@@ -52,18 +52,15 @@ goes with the converted weights so that a strict load keeps it. A Caffe-converte
 plain torchvision naming cannot be told from torchvision's by its keys and reads as "imagenet".
 """
 
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
-from models.backbone_base import Backbone
+from models.backbone_base import ResNetDeepLabV2
 from utils.errors import BanaError
 
 BN_MOMENTUM = 0.999
-HEAD_DILATIONS = (6, 12, 18, 24)
+HEAD_DILATIONS = ResNetDeepLabV2.HEAD_DILATIONS
 
 # Our Bottleneck's conv1/conv2/conv3 (and bn1/2/3) in kazuto1011's naming.
 _KAZUTO_BRANCHES = {"1": "reduce", "2": "conv3x3", "3": "increase"}
@@ -74,21 +71,16 @@ _EXPECTED = ("this module's own layout (body.*, head.*, normalize.*); torchvisio
              "(Scale.conv1.weight, Scale.layer1.0.conv1.weight, ...)")
 
 
-class ResNet101V1DeepLabV2(Backbone):
+class ResNet101V1DeepLabV2(ResNetDeepLabV2):
     """The authors' ResNet-101 v1 at stride 8 plus DeepLab-V2's four summed dilated 3×3 convs.
 
     (N,3,H,W) RGB 0..255 -> (N,256,h,w); names as `ResNet101DeepLabV2` (see the module docstring).
     MODEL.INIT imagenet loads torchvision's ResNet-101 file into it: the same tensors.
     """
 
-    out_channels = 256
     IMAGENET_WEIGHTS = torchvision.models.ResNet101_Weights.IMAGENET1K_V1
 
-    def __init__(self, input_norm="imagenet"):
-        super().__init__(input_norm)
-        # Authors' choice (DeepLab-V2): layer3 and layer4 at stride 1, dilated; output stride 8.
-        net = torchvision.models.resnet101(weights=None,
-                                           replace_stride_with_dilation=[False, True, True])
+    def adapt(self, net) -> None:
         # Authors' choice (DeepLab-V2, as ResNet101DeepLabV2): every block of layer3 dilated by 2
         # and of layer4 by 4, the first included (torchvision gives those first blocks 1 and 2).
         for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
@@ -102,19 +94,6 @@ class ResNet101V1DeepLabV2(Backbone):
             if isinstance(module, nn.BatchNorm2d):
                 # Authors' choice: momentum 0.999 in PyTorch's convention (torchvision: 0.1).
                 module.momentum = BN_MOMENTUM
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        self.body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
-        self.head = nn.ModuleList(
-            nn.Conv2d(2048, 256, 3, padding=d, dilation=d, bias=False) for d in HEAD_DILATIONS)
-        for conv in self.head:
-            nn.init.normal_(conv.weight, std=0.01)
-
-    def forward(self, images):
-        x = self.body(self.normalize(images))
-        return F.relu(sum(conv(x) for conv in self.head))
-
-    def new_modules(self):
-        return list(self.head)
 
     def convert_state_dict(self, state_dict):
         if any(k.startswith(("body.", "head.", "normalize.")) for k in state_dict):
