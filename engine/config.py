@@ -67,8 +67,9 @@ class DataConfig:
                         "(data/voc.py: VOC 2012, or any VOC-format export with DATA.CLASSES or a "
                         "labelmap.txt), COCO JSON (data/coco.py: MS-COCO 2017, or any "
                         "COCO-format export with DATA.CLASS_MAP all) or YOLO txt (data/yolo.py: "
-                        "Ultralytics / Roboflow exports with data.yaml). On COCO, stage 2 also "
-                        "writes one instance mask per box.",
+                        "Ultralytics / Roboflow / darknet exports). The README's 'Exports we "
+                        "read' lists the tools' layouts. On COCO, stage 2 also writes one "
+                        "instance mask per box.",
                         choices=tuple(FORMATS))
     CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
                           "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
@@ -76,13 +77,17 @@ class DataConfig:
                           "every category of your annotation file, numbered 1..K by ascending "
                           "category id (NUM_CLASSES K + 1).",
                           choices=("voc20", "coco80", "all"))
-    CLASSES: list[str] = _key([], "VOC only: your class names, background excluded (class k is the "
-                              "k-th name), or the path of a file with one name per line (CVAT / "
-                              "datumaro / LabelImg labelmap.txt works). Empty = DATA.ROOT/"
-                              "labelmap.txt if there is one, else the 20 PASCAL VOC classes.")
+    CLASSES: list[str] = _key([], "VOC and YOLO: your class names, background excluded (class k "
+                              "is the k-th name), or the path of a file with one name per line "
+                              "(CVAT / datumaro / LabelImg labelmap.txt works). VOC: empty = "
+                              "DATA.ROOT/labelmap.txt if there is one, else the 20 PASCAL VOC "
+                              "classes. YOLO: the names in the order of the label files' ids, "
+                              "for exports without data.yaml, obj.names or classes.txt (globox); "
+                              "where one exists, it must agree. COCO: unused (the JSON names "
+                              "its categories).")
     ROOT: str = _key("datasets/VOC2012", "Dataset root (VOC: JPEGImages/, Annotations/, "
-                     "ImageSets/; COCO: annotation files and image folders; YOLO: data.yaml, "
-                     "images/, labels/). Background masks are written to its BgMaskfromBoxes/ "
+                     "ImageSets/, or one folder per split; COCO: annotation files and image "
+                     "folders; YOLO: data.yaml, images/, labels/). Background masks are written to its BgMaskfromBoxes/ "
                      "on first use.")
     SPLIT: str = _key("train_aug", "The split the stage trains on (stage 1, 3) or labels (stage "
                       "2): VOC's ImageSets/Segmentation (or Main)/<SPLIT>.txt, COCO's "
