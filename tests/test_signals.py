@@ -125,7 +125,8 @@ def flat(log: Path) -> str:
 def tracebacks_of_ours(text: str) -> list[str]:
     """Traceback lines from the run's own code (torchrun's report of a failed process is a
     traceback of torchrun's, which is not the run's to change)."""
-    return re.findall(rf'File "{re.escape(str(REPO))}/[^"]+"', text)
+    found = re.findall(rf'File "{re.escape(str(REPO))}/[^"]+"', text)
+    return [line for line in found if "/site-packages/" not in line]  # a venv inside the clone
 
 
 # --- data ----------------------------------------------------------------------------------
