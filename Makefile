@@ -18,11 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) demo.py $(DEMO_ARGS)
 
+# Test files are spread over TEST_JOBS processes (pytest-xdist; a file's tests stay together, so
+# its fixtures are built once). TEST_JOBS=0 runs everything in this process.
+TEST_JOBS ?= 2
+XDIST = $(if $(filter 0,$(TEST_JOBS)),-p no:xdist,-n $(TEST_JOBS) --dist loadfile)
+
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf runs/demo datasets/synthetic

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="VOC layout with your own classes: a file with one name per line")
     folder.add_argument("--class-map", default="all", choices=("all", "voc20", "coco80"),
                         help="COCO layout: which categories the predictions number (default all)")
+    folder.add_argument("--train-split", metavar="SPLIT",
+                        help="COCO-format exports whose split files number the categories "
+                             "differently: the split the labels were made with (DATA.SPLIT), "
+                             "whose numbering they use")
     folder.add_argument("--out", metavar="DIR", help="also write metrics.json and metrics.md here")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return p
@@ -66,7 +70,7 @@ def main(argv=None):
         return guarded(lambda: run_folder(
             args.pred_dir, args.data_root, split=args.split, num_classes=args.num_classes,
             classes=[args.classes] if args.classes else (), class_map=args.class_map,
-            out=args.out), args.debug)
+            out=args.out, train_split=args.train_split), args.debug)
     if args.config_file is None:
         parser.error("give --config-file CONFIG (evaluate a stage-3 model) or --pred-dir DIR "
                      "--data-root ROOT (score a folder of label PNGs).")

@@ -115,6 +115,14 @@ class DatasetFormat:
         """The fix for missing images / annotations / ground truth, in this layout's terms."""
         return f"check DATA.ROOT ({self.root}) and the layout described in the README"
 
+    def other_numberings(self, split: str) -> dict[Path, tuple[str, ...]]:
+        """Files of this dataset that number the classes in another order than `split`'s
+        (file -> its class names by index). Empty where one class list serves every split; a
+        format whose split files each number their own classes (COCO exports) says which differ,
+        so that label maps without a record of their classes are not scored under the wrong
+        numbering."""
+        return {}
+
     # Shared.
     @staticmethod
     def label_name(image_id: str) -> str:

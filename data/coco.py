@@ -260,6 +260,13 @@ def annotation_candidates(root, split: str) -> list[Path]:
             root / split / "result.json"]
 
 
+def _annotation_files(root) -> list[Path]:
+    """Every file at a place where `annotation_candidates` looks, whatever the split."""
+    root = Path(root)
+    patterns = ("annotations/*.json", "*/_annotations.coco.json", "*.json", "*/result.json")
+    return [p for pattern in patterns for p in root.glob(pattern) if p.is_file()]
+
+
 def annotation_path(root, split: str) -> Path:
     """The split's annotation file: the first of `annotation_candidates` that exists (the first
     one when none does)."""
@@ -514,6 +521,23 @@ class COCOData(DatasetFormat):
                 index = {cat_id: by_name[name] for cat_id, name in inst.categories}
                 self._maps[split] = ClassMap("all", canonical.names, index, source=inst.path)
         return self._maps[split]
+
+    def other_numberings(self, split: str) -> dict[Path, tuple[str, ...]]:
+        if self.coco2017:
+            return {}  # voc20 / coco80 number by name, whatever the file
+        own = make_class_map("all", self.instances(split).categories).names
+        found = {}
+        for path in sorted(set(_annotation_files(self.root)) - {self.annotation_file(split)}):
+            try:
+                doc = json.loads(path.read_text())
+                used = {a["category_id"] for a in doc.get("annotations", ())}
+                categories = _check_categories(path, doc["categories"], False, used)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, BanaError):
+                continue  # not a COCO file of this dataset
+            names = make_class_map("all", categories).names
+            if names != own:
+                found[path] = names
+        return found
 
     def split_ids(self, split: str) -> list[str]:
         return [str(i) for i in self.instances(split).image_ids.tolist()]

@@ -27,14 +27,15 @@ def open_data(cfg) -> DatasetFormat:
 
 
 def detect_data(root, split: str, num_classes: int | None = None, classes=(),
-                class_map: str = "all") -> DatasetFormat:
+                class_map: str = "all", train_split: str | None = None) -> DatasetFormat:
     """The dataset at `root` when no config says which layout it has (evaluate.py's folder
-    mode): the first layout whose `detect(root, split)` recognises it, VOC otherwise."""
+    mode): the first layout whose `detect(root, split)` recognises it, VOC otherwise.
+    train_split: the split whose numbering of the classes counts (DATA.SPLIT; default split)."""
     from types import SimpleNamespace
 
     root = Path(root)
     data_cfg = SimpleNamespace(CLASS_MAP=class_map, NUM_CLASSES=num_classes,
-                               CLASSES=list(classes), SPLIT=split)
+                               CLASSES=list(classes), SPLIT=train_split or split)
     for fmt in FORMATS.values():
         if fmt is not VOCData and fmt.detect(root, split):
             return fmt(data_cfg, root)

@@ -415,12 +415,15 @@ def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, 
 
 
 def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int | None = None,
-                 classes=(), class_map: str = "all", data=None) -> dict:
+                 classes=(), class_map: str = "all", data=None,
+                 train_split: str | None = None) -> dict:
     """Score `<pred_dir>/<id>.png` index PNGs against the ground truth of every image of the
     split (VOC: SegmentationClassAug; COCO layout: rasterised from the instance masks); returns
     `ConfusionMatrix.compute()`'s dict. Every prediction must exist and match its GT's size;
     255 in a prediction is not a class and is an error. data: the `data.datasets` dataset at
-    data_root (default: detected from its layout)."""
+    data_root (default: detected from its layout). train_split: the split whose class numbering
+    the label maps use, where split files number their classes each their own way (COCO
+    exports); without it such a dataset is refused rather than scored under a guess."""
     from data.datasets import detect_data
     from utils.io import read_label_png
 
@@ -429,7 +432,8 @@ def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int |
         raise BanaError(f"--pred-dir {pred_dir} does not exist or is not a folder.")
     if not data_root.is_dir():
         raise BanaError(f"--data-root {data_root} does not exist or is not a folder.")
-    data = data or detect_data(data_root, split, num_classes, classes, class_map)
+    data = data or detect_data(data_root, split, num_classes, classes, class_map, train_split)
+    _check_numbering(data, split, pred_dir, train_split)
     ids = data.gt_ids(split)
     total = len(data.split_ids(split))
     if not ids:
@@ -465,8 +469,29 @@ def score_folder(pred_dir: Path, data_root: Path, split: str, num_classes: int |
     return matrix.compute()
 
 
+def _check_numbering(data, split: str, pred_dir: Path, train_split: str | None) -> None:
+    """Label maps carry no class names: where the dataset's files number the classes in more
+    than one way, the caller must say which numbering the maps use (the training split's)."""
+    if train_split is not None:
+        if train_split != split and not data.split_ids(train_split):
+            raise BanaError(f"--train-split {train_split}: that split of {data.root} has no "
+                            "images.")
+        return
+    others = data.other_numberings(split)
+    if others:
+        path, names = next(iter(others.items()))
+        raise BanaError(
+            f"{data.root}: the annotation files number the classes in different orders (the "
+            f"split '{split}': {', '.join(data.classes[1:])}; {path}: {', '.join(names[1:])}), "
+            f"and the label maps in {pred_dir} do not say which numbering they use. Labels made "
+            "by this project (stage 2, stage 3's predictions) number the classes as the training "
+            "split's file does (DATA.SPLIT of the run): pass --train-split with that split, "
+            "e.g. --train-split train.")
+
+
 def run_folder(pred_dir, data_root, *, split: str = "val", num_classes: int | None = None,
-               classes=(), class_map: str = "all", out=None) -> dict:
+               classes=(), class_map: str = "all", out=None,
+               train_split: str | None = None) -> dict:
     """Folder mode of evaluate.py: score the index PNGs of `pred_dir` against the ground truth
     of `split` at `data_root` (see `score_folder`), print the report (last line `mIoU: XX.XX`),
     and write metrics.json and metrics.md to `out` when given. Returns the metrics dict."""
@@ -476,8 +501,8 @@ def run_folder(pred_dir, data_root, *, split: str = "val", num_classes: int | No
 
     if not Path(data_root).is_dir():
         raise BanaError(f"--data-root {data_root} does not exist or is not a folder.")
-    data = detect_data(data_root, split, num_classes, classes, class_map)
-    metrics = score_folder(pred_dir, data_root, split, data=data)
+    data = detect_data(data_root, split, num_classes, classes, class_map, train_split)
+    metrics = score_folder(pred_dir, data_root, split, data=data, train_split=train_split)
     names = list(data.classes)
     if out:
         summary = {"split": split, "pred_dir": str(pred_dir), "classes": names,

@@ -433,6 +433,36 @@ def _yolo_truth(line_values, W, H, label) -> Box:
     return Box((cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H, label)
 
 
+def _yolo_split_folders(fs: "_Files", splits: Splits, class_ids: Sequence[str], values, ends: str,
+                        rename=lambda name, rgb: name, fmt: str | None = None) -> dict:
+    """``<split>/images/<name>`` and ``<split>/labels/<stem>.txt``, one ``id cx cy w h`` line
+    per box: `values(x1, y1, x2, y2, W, H)` gives the four numbers as the tool prints them;
+    `ends` "\\n" ends every line, "" joins them without a trailing newline."""
+    images = {}
+    for split, imgs in splits.items():
+        recs = []
+        for name, rgb, boxes in imgs:
+            W, H = _size(rgb)
+            stored = rename(name, rgb)
+            path = fs.image((split, "images", stored), rgb, fmt)
+            lines, truth = [], []
+            for x1, y1, x2, y2, label in boxes:
+                strs = values(x1, y1, x2, y2, W, H)
+                lines.append(f"{class_ids.index(label)} " + " ".join(strs))
+                truth.append(_yolo_truth(strs, W, H, label))
+            text = "".join(line + "\n" for line in lines) if ends else "\n".join(lines)
+            txt = fs.text((split, "labels", Path(stored).stem + ".txt"), text)
+            recs.append(ExportImage(split, name, path, W, H, truth, _src(boxes), txt))
+        images[split] = recs
+    return images
+
+
+def _float_cxcywh(x1, y1, x2, y2, W, H) -> list[str]:
+    """Centre and size over W, H from float corners, printed at full precision (repr)."""
+    x1, y1, x2, y2 = float(x1), float(y1), float(x2), float(y2)
+    return [repr(v) for v in ((x1 + x2) / 2 / W, (y1 + y2) / 2 / H, (x2 - x1) / W, (y2 - y1) / H)]
+
+
 def _js_number(v: float):
     """A number as JavaScript's JSON.stringify prints it: integral values without '.0'."""
     v = float(v)
@@ -563,24 +593,13 @@ def write_supervision_yolo(root, splits: Splits, classes: Sequence[str] | None =
     ``data.yaml`` (``nc`` and ``names`` only)."""
     fs = _Files(root)
     classes = _check_classes(splits, classes)
-    images = {}
-    for split, imgs in splits.items():
-        recs = []
-        for name, rgb, boxes in imgs:
-            W, H = _size(rgb)
-            path = fs.image((split, "images", name), rgb)
-            lines, truth = [], []
-            for x1, y1, x2, y2, label in boxes:
-                rel = np.array([x1, y1, x2, y2], np.float32) / np.array([W, H, W, H], np.float32)
-                cx, cy = (rel[0] + rel[2]) / 2, (rel[1] + rel[3]) / 2
-                w, h = rel[2] - rel[0], rel[3] - rel[1]
-                vals = [f"{cx:.5f}", f"{cy:.5f}", f"{w:.5f}", f"{h:.5f}"]
-                lines.append(f"{classes.index(label)} " + " ".join(vals))
-                truth.append(_yolo_truth(vals, W, H, label))
-            txt = fs.text((split, "labels", Path(name).stem + ".txt"),
-                          "".join(line + "\n" for line in lines))
-            recs.append(ExportImage(split, name, path, W, H, truth, _src(boxes), txt))
-        images[split] = recs
+
+    def values(x1, y1, x2, y2, W, H):
+        rel = np.array([x1, y1, x2, y2], np.float32) / np.array([W, H, W, H], np.float32)
+        cxcywh = ((rel[0] + rel[2]) / 2, (rel[1] + rel[3]) / 2, rel[2] - rel[0], rel[3] - rel[1])
+        return [f"{v:.5f}" for v in cxcywh]
+
+    images = _yolo_split_folders(fs, splits, classes, values, "\n")
     data_yaml = fs.text("data.yaml", yaml.dump({"nc": len(classes), "names": list(classes)},
                                                sort_keys=False, default_flow_style=None))
     return Export(fs.root, "supervision_yolo", tuple(splits), classes,
@@ -675,21 +694,7 @@ def write_globox_yolo(root, splits: Splits, classes: Sequence[str] | None = None
     file is written (the ids are the project's class order passed as ``label_to_id``)."""
     fs = _Files(root)
     classes = _check_classes(splits, classes)
-    images = {}
-    for split, imgs in splits.items():
-        recs = []
-        for name, rgb, boxes in imgs:
-            W, H = _size(rgb)
-            path = fs.image((split, "images", name), rgb)
-            lines, truth = [], []
-            for x1, y1, x2, y2, label in boxes:
-                x1, y1, x2, y2 = float(x1), float(y1), float(x2), float(y2)
-                vals = ((x1 + x2) / 2.0 / W, (y1 + y2) / 2.0 / H, (x2 - x1) / W, (y2 - y1) / H)
-                lines.append(" ".join(f"{v}" for v in (classes.index(label), *vals)))
-                truth.append(_yolo_truth(vals, W, H, label))
-            txt = fs.text((split, "labels", Path(name).stem + ".txt"), "\n".join(lines))
-            recs.append(ExportImage(split, name, path, W, H, truth, _src(boxes), txt))
-        images[split] = recs
+    images = _yolo_split_folders(fs, splits, classes, _float_cxcywh, "")
     return Export(fs.root, "globox_yolo", tuple(splits), classes,
                   "no class file: ids are whatever label_to_id the user passed (here the "
                   "project's class list)",
@@ -1144,23 +1149,8 @@ def write_roboflow_yolo(root, splits: Splits, classes: Sequence[str] | None = No
     _check_classes(splits, classes)
     names = sorted({b[4] for imgs in splits.values() for _, _, bs in imgs for b in bs}
                    | set(classes or ()))
-    images = {}
-    for split, imgs in splits.items():
-        recs = []
-        for name, rgb, boxes in imgs:
-            W, H = _size(rgb)
-            rf = _rf_name(name, rgb)
-            path = fs.image((split, "images", rf), rgb, "JPEG")
-            lines, truth = [], []
-            for x1, y1, x2, y2, label in boxes:
-                x1, y1, x2, y2 = float(x1), float(y1), float(x2), float(y2)
-                vals = ((x1 + x2) / 2 / W, (y1 + y2) / 2 / H, (x2 - x1) / W, (y2 - y1) / H)
-                lines.append(f"{names.index(label)} " + " ".join(repr(v) for v in vals))
-                truth.append(_yolo_truth(vals, W, H, label))
-            txt = fs.text((split, "labels", Path(rf).stem + ".txt"),
-                          "".join(line + "\n" for line in lines))
-            recs.append(ExportImage(split, name, path, W, H, truth, _src(boxes), txt))
-        images[split] = recs
+    images = _yolo_split_folders(fs, splits, names, _float_cxcywh, "\n", rename=_rf_name,
+                                 fmt="JPEG")
     key = {"train": "train", "valid": "val", "val": "val", "test": "test"}
     text = "".join(f"{key.get(s, s)}: ../{s}/images\n" for s in splits)
     text += f"\nnc: {len(names)}\nnames: {names!r}\n\nroboflow:\n  workspace: {workspace}\n" \

@@ -139,3 +139,46 @@ def test_coco_split_files_numbering_the_same_names_differently_agree(tmp_path):
         assert {c["name"]: data.classes[index[c["id"]]] for c in cats} == \
             {c["name"]: c["name"] for c in cats}
     assert np.unique([data.classes.index(c["name"]) for c in val]).size == len(val)
+
+
+def test_folder_mode_asks_which_numbering_when_the_coco_files_differ(tmp_path):
+    """Label maps carry no class names: where train.json and val.json number the same names
+    differently (labelme2coco), evaluate.py's folder mode refuses to guess and scores under the
+    numbering --train-split names. The same maps scored under val's own numbering (what it did
+    before) are wrong."""
+    from engine.evaluate import run_folder
+    from tests.conftest import open_layout
+    from tests.exports import make_images, write_labelme2coco
+    from utils.io import atomic_write_png
+
+    images = make_images(9)
+    export = write_labelme2coco(tmp_path / "E", {"train": images[:7], "val": images[7:]},
+                                per_split_runs=True, polygons=True)
+    root = tmp_path / "R"
+    (root / "annotations").mkdir(parents=True)
+    for split in export.splits:
+        shutil.copy(export.annotation_files[split], root / "annotations" / f"{split}.json")
+    as_trained = open_layout("coco", root, SPLIT="train")
+    pred = tmp_path / "pred"
+    for i in as_trained.gt_ids("val"):  # perfect predictions, numbered as train.json numbers
+        atomic_write_png(pred / f"{i}.png", np.where(
+            (gt := as_trained.gt_label("val", i)) == 255, 0, gt).astype(np.uint8))
+    assert open_layout("coco", root, SPLIT="val").other_numberings("val")
+
+    with pytest.raises(BanaError, match=r"number the classes in different orders .* "
+                                        r"--train-split train"):
+        run_folder(pred, root, split="val")
+    assert run_folder(pred, root, split="val", train_split="train")["miou"] == pytest.approx(100)
+
+
+def test_coco_files_of_one_numbering_need_no_train_split(tmp_path):
+    from tests.conftest import open_layout
+    from tests.exports import make_images, write_labelme2coco
+
+    export = write_labelme2coco(tmp_path / "E", {"train": make_images(6)}, polygons=True)
+    root = tmp_path / "R"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copy(next(iter(export.annotation_files.values())),
+                    root / "annotations" / f"{split}.json")
+    assert open_layout("coco", root, SPLIT="val").other_numberings("val") == {}

@@ -138,18 +138,23 @@ def test_bad_input_fails_cleanly(outcomes, name):
     assert_fails_cleanly(*outcomes[name])
 
 
-@pytest.mark.slow
-def test_two_stage2_runs_on_one_folder_never_corrupt_a_label(artifacts, clean_labels, tmp_path):
-    """Started together, one run takes the label folder's lock and the other is refused with a
-    message naming the folder; the labels are those of one clean run."""
-    argv = stage2_argv(artifacts, tmp_path)
+def race(argv: list[str], tmp_path) -> tuple[list[int], list[str]]:
+    """The same command started twice at once: both exit statuses and both outputs."""
     procs = [start(argv, tmp_path / f"run{k}.log") for k in range(2)]
     try:
         codes = [proc.wait(timeout=240) for proc in procs]
     finally:
         for proc in procs:
             stop(proc)
-    logs = [(tmp_path / f"run{k}.log").read_text() for k in range(2)]
+    return codes, [(tmp_path / f"run{k}.log").read_text() for k in range(2)]
+
+
+@pytest.mark.slow
+def test_two_stage2_runs_on_one_folder_never_corrupt_a_label(artifacts, clean_labels, tmp_path):
+    """Started together, one run takes the label folder's lock and the other is refused with a
+    message naming the folder; the labels are those of one clean run."""
+    argv = stage2_argv(artifacts, tmp_path)
+    codes, logs = race(argv, tmp_path)
     assert sorted(codes) == [0, 2], logs
     refused = logs[codes.index(2)]
     assert "in use by another run" in " ".join(refused.split()) and "Traceback" not in refused
@@ -162,13 +167,7 @@ def test_two_stage2_runs_on_one_folder_never_corrupt_a_label(artifacts, clean_la
 def test_two_stage3_runs_into_one_folder_one_is_refused(labelled_voc, tmp_path):
     env = Env(tmp_path, labelled_voc, labelled_voc, tmp_path, tmp_path)
     argv = stage3(env, "SOLVER.MAX_ITER", "6", "SOLVER.VAL_EVERY", "6")
-    procs = [start(argv, tmp_path / f"run{k}.log") for k in range(2)]
-    try:
-        codes = [proc.wait(timeout=240) for proc in procs]
-    finally:
-        for proc in procs:
-            stop(proc)
-    logs = [(tmp_path / f"run{k}.log").read_text() for k in range(2)]
+    codes, logs = race(argv, tmp_path)
     assert sorted(codes) == [0, 2], logs
     assert ("in use by another run" in " ".join(logs[codes.index(2)].split())
             or "already holds a run" in " ".join(logs[codes.index(2)].split()))

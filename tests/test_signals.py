@@ -107,14 +107,19 @@ def terminate(proc: subprocess.Popen, log: Path, to: str,
         proc.wait()
         raise AssertionError(f"still running {timeout} s after SIGTERM:\n"
                              f"{log.read_text()[-3000:]}") from None
-    # A killed caller's workers may take a moment (the DataLoader's notice it within 5 s).
-    deadline = time.monotonic() + 10
+    return status, children, reap(children)
+
+
+def reap(children: list[int], seconds: float = 10) -> list[int]:
+    """The children still alive after `seconds` (a killed caller's workers may take a moment:
+    the DataLoader's notice it within 5 s); those are killed so no test leaves them behind."""
+    deadline = time.monotonic() + seconds
     while alive(children) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = alive(children)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
-    return status, children, left
+    return left
 
 
 def flat(log: Path) -> str:
@@ -332,12 +337,7 @@ def test_a_killed_callers_pool_workers_exit(tmp_path):
     assert len(children) >= 2  # the workers (and the resource tracker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
-    while alive(children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = alive(children)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+    left = reap(children)
     assert not left, f"still running after their caller was killed: {left}"
 
 

@@ -244,8 +244,9 @@ def test_the_device_path_writes_the_instances_of_the_worker_path(coco_root, stag
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
                 if p.is_file() and p.name not in ("labels.json", "inputs.jsonl")}
 
-    def ledger(root):  # one line per image, in the order images finished
-        return sorted((root / "inputs.jsonl").read_text().splitlines())
+    def ledger(root):  # appended as images finish; the last line of an image counts
+        lines = (root / "inputs.jsonl").read_text().splitlines()
+        return {entry["key"]: entry["inputs"] for entry in map(json.loads, lines)}
 
     assert files(device_cfg.pseudo_label_dir) == files(cfg.pseudo_label_dir)
     assert ledger(device_cfg.pseudo_label_dir) == ledger(cfg.pseudo_label_dir)
