@@ -21,7 +21,7 @@ import argparse
 import os
 
 from data.coco import load_instances
-from utils.boxes import BG_LEDGER, write_bg_mask_job
+from utils.boxes import BG_LEDGER, bg_mask_summary, write_bg_mask_job
 from utils.errors import BanaError
 from utils.cli import guarded
 from utils.pool import run_all
@@ -84,8 +84,7 @@ def main(argv=None) -> dict:
 
     def go():
         counts = write_bg_masks(args.data_root, args.splits, workers=args.workers)
-        print(f"BgMaskfromBoxes: wrote {counts['written']}, kept {counts['skipped']} existing "
-              f"({counts['total']} images) in {Path(args.data_root) / 'BgMaskfromBoxes'}")
+        print(bg_mask_summary(counts, Path(args.data_root) / "BgMaskfromBoxes"))
         return counts
 
     return guarded(go, args.debug)

@@ -20,7 +20,7 @@ import argparse
 import os
 
 from data.voc import VOCData, xml_boxes
-from utils.boxes import BG_LEDGER, write_bg_mask_job
+from utils.boxes import BG_LEDGER, bg_mask_summary, write_bg_mask_job
 from utils.cli import guarded
 from utils.errors import BanaError
 from utils.pool import run_all
@@ -100,8 +100,7 @@ def main(argv=None) -> dict:
             for split, ids in groups.items():
                 for key, n in write_bg_masks(root, sorted(ids), args.workers, split=split).items():
                     counts[key] += n
-        print(f"BgMaskfromBoxes: wrote {counts['written']}, kept {counts['skipped']} existing "
-              f"({counts['total']} images) in {Path(args.data_root) / 'BgMaskfromBoxes'}")
+        print(bg_mask_summary(counts, Path(args.data_root) / "BgMaskfromBoxes"))
         return counts
 
     return guarded(go, args.debug)

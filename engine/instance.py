@@ -22,7 +22,8 @@ import torch
 
 from engine.config import Config
 from engine.optim import make_optimizer, parameter_groups
-from engine.runs import CHECKPOINT_DIR, AtomicCheckpoint, model_spec, start_training
+from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, finished_run, model_spec,
+                         start_training)
 from engine.training import BanaLitModule, fit, make_trainer
 from utils.errors import BanaError
 
@@ -113,8 +114,11 @@ def train(cfg: Config, *, devices: str = "0", resume: bool = False, reconfigure:
 def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure, overwrite) -> dict:
     from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
+    devices, ckpt_path, step = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
                                          class_map.names)
+    finished = finished_run(cfg, ckpt_path, step, "Mask R-CNN")
+    if finished is not None:
+        return finished
     model = build(model_spec(cfg, "maskrcnn", class_map.names), init=cfg.MODEL.INIT)
     extra = {"category_ids": [0] + class_map.category_ids_by_index(),
              "masks": cfg.MODEL.INSTANCE_MASKS}

@@ -344,7 +344,7 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
     run left, pick devices, decide fresh vs resume (a resume must match the run's record; see
     `resume_path` for `overwrite`; classes: the data's class names, which a resumed checkpoint
     must have), seed, and save the resolved config. Returns (Devices, checkpoint to resume from
-    or None)."""
+    or None, the iterations it has trained)."""
     from utils.devices import resolve_devices
     from utils.distributed import detect_launch
     from utils.precision import check_precision
@@ -363,4 +363,20 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
     pl.seed_everything(cfg.SEED, workers=True, verbose=False)
     if launch.is_main:
         cfg.save()
-    return resolved, ckpt_path
+    return resolved, ckpt_path, step
+
+
+def finished_run(cfg, ckpt_path, step: int, stage_name: str) -> dict | None:
+    """A resumed run that already trained SOLVER.MAX_ITER iterations and wrote its final.ckpt
+    has nothing left to do: say so (rather than report a score of nothing) and return the
+    stage's result; None when there is training to do."""
+    final = cfg.run_dir / CHECKPOINT_DIR / "final.ckpt"
+    if ckpt_path is None or step < cfg.SOLVER.MAX_ITER or not final.is_file():
+        return None
+    from utils.distributed import detect_launch
+
+    if detect_launch().is_main:
+        print(f"{stage_name}: {cfg.run_dir} already finished its {step} iterations; nothing to "
+              f"train. Its model is {final}. To train longer, raise SOLVER.MAX_ITER and pass "
+              "--resume --reconfigure.")
+    return {"iterations": step, "checkpoint": str(final), "already_finished": True}

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from engine.config import Config
 from engine.optim import make_optimizer, network_groups
-from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, model_spec,
-                         start_training)
+from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, finished_run,
+                         model_spec, start_training)
 from engine.training import BanaLitModule, fit, make_trainer
 from utils.errors import BanaError
 
@@ -120,8 +120,11 @@ def _train(cfg: Config, data, dataset, devices, resume, reconfigure, overwrite) 
     from utils.distributed import detect_launch
 
     ensure_bg_masks(data, cfg.DATA.SPLIT, min(8, os.cpu_count() or 1), detect_launch())
-    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
+    devices, ckpt_path, step = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
                                          data.classes)
+    finished = finished_run(cfg, ckpt_path, step, "Stage 1")
+    if finished is not None:
+        return finished
     per_device = check_steps(len(dataset), cfg.DATA.BATCH_SIZE, devices, cfg.DATA.SPLIT)
     net = build(model_spec(cfg, "labeler", data.classes), init=cfg.MODEL.INIT)
     loader = train_loader(cfg, dataset, per_device, MEAN_RGB[net.backbone.input_norm],

@@ -460,14 +460,19 @@ def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str],
         ledger.add_many({i: {"inputs": prints[i]} for i in written})
         return []
     recorded = ledger.read()
-    changed = [i for i in written if recorded.get(i, {}).get("inputs") != prints[i]]
-    for i in changed:
+    unrecorded = [i for i in written if i not in recorded]
+    changed = [i for i in written if i in recorded and recorded[i].get("inputs") != prints[i]]
+    for i in unrecorded + changed:
         for path in output_paths(out_root, i, instances).values():
             path.unlink(missing_ok=True)
     if changed:
         print(f"{len(changed)} image(s) labelled before from other boxes or another image "
               f"(e.g. {changed[0]}) are labelled again.", flush=True)
-    return changed
+    if unrecorded:
+        print(f"{len(unrecorded)} image(s) whose labels were written but not recorded in "
+              f"{INPUTS} (a run stopped between the two, e.g. {unrecorded[0]}) are labelled "
+              "again.", flush=True)
+    return unrecorded + changed
 
 
 def labelling_record(cfg: Config) -> dict:

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from engine.config import Config
 from engine.optim import make_optimizer, network_groups
-from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, model_spec,
-                         start_training)
+from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, finished_run,
+                         model_spec, start_training)
 from engine.training import BanaLitModule, fit, make_trainer, needs_sync_batchnorm
 from utils.errors import BanaError
 
@@ -178,8 +178,11 @@ def _train(cfg: Config, train, val, classes, devices, resume, reconfigure, overw
     from models.backbones import MEAN_RGB
     from models.zoo import build
 
-    devices, ckpt_path = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
+    devices, ckpt_path, step = start_training(cfg, devices, STAGE, resume, reconfigure, overwrite,
                                          classes)
+    finished = finished_run(cfg, ckpt_path, step, "Stage 3")
+    if finished is not None:
+        return finished
     per_device = check_steps(len(train), cfg.DATA.BATCH_SIZE, devices, cfg.DATA.SPLIT)
     net = build(model_spec(cfg, "deeplab", classes), init=cfg.MODEL.INIT)
     train_loader, val_loader = loaders(cfg, train, val, per_device,

@@ -153,6 +153,22 @@ def test_resume_with_nothing_to_resume_says_what_is_there(synthetic_voc, finishe
         run(stage_cfg(1, synthetic_voc, tmp_path / "empty"), devices="cpu", resume=True)
 
 
+def test_resuming_a_finished_run_says_it_is_finished(synthetic_voc, finished_stage1, tmp_path,
+                                                     capsys):
+    """All iterations trained and final.ckpt written: --resume trains nothing, touches nothing
+    and says where the model is (it reported "0 iterations"-style scores of nothing before)."""
+    from engine.stage1 import run
+
+    out = Path(shutil.copytree(finished_stage1, tmp_path / "copy"))
+    before = {p: p.read_bytes() for p in (out / "stage1/checkpoints").iterdir()}
+    result = run(stage_cfg(1, synthetic_voc, out), devices="cpu", resume=True)
+    assert result["already_finished"] and result["iterations"] == 2
+    assert "already finished its 2 iterations; nothing to train" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (out / "stage1/checkpoints").iterdir()} == before
+    assert run(stage_cfg(1, synthetic_voc, out, "SOLVER.MAX_ITER", "3"), devices="cpu",
+               resume=True, reconfigure=True)["iterations"] == 3
+
+
 def test_overwrite_trains_a_finished_run_again(synthetic_voc, finished_stage1, tmp_path):
     from engine.stage1 import run
 
@@ -222,7 +238,7 @@ def test_predict_with_other_settings_or_a_changed_image_is_not_done(synthetic_vo
 
 
 def test_stage2_labels_again_exactly_the_images_whose_boxes_changed(synthetic_voc, stage1_dir,
-                                                                    tmp_path):
+                                                                    tmp_path, capsys):
     from engine.stage2 import run
 
     root = Path(shutil.copytree(synthetic_voc, tmp_path / "VOC"))
@@ -248,3 +264,12 @@ def test_stage2_labels_again_exactly_the_images_whose_boxes_changed(synthetic_vo
     Image.fromarray(np.asarray(Image.open(image))[:, ::-1].copy()).save(image)
     assert run(cfg, devices="cpu", workers=1)["labelled_now"] == 1
     assert run(cfg, devices="cpu", workers=1)["labelled_now"] == 0
+    # Labels written but not recorded (a run killed between the files and its ledger line):
+    # nothing says what they were made from, so they are made again.
+    ledger = tmp_path / "G" / "inputs.jsonl"
+    ledger.write_text("".join(line + "\n" for line in ledger.read_text().splitlines()
+                              if '"train_00007"' not in line))
+    capsys.readouterr()
+    assert run(cfg, devices="cpu", workers=1)["labelled_now"] == 1
+    assert "1 image(s) whose labels were written but not recorded" in capsys.readouterr().out
+    assert '"train_00007"' in ledger.read_text()

@@ -17,7 +17,7 @@ import torch
 
 from data.base import BoxDataset
 from data.voc import parse_annotation
-from engine.stage2 import (BOX_LABEL, LABELS, format_report, generate, load_labeler,
+from engine.stage2 import (BOX_LABEL, INPUTS, LABELS, format_report, generate, load_labeler,
                            open_dataset, pending_ids, quality_report, run)
 from utils.pool import WorkerPool
 from data.datasets import open_data
@@ -26,6 +26,7 @@ from engine.config import load_config
 from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image, read_index_png
 from utils.palette import colorize
+from utils.records import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,12 +258,17 @@ def test_a_killed_run_resumes_to_identical_files(synthetic_voc, stage1_dir, refe
            "DATA.PSEUDO_LABEL_DIR", str(label_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    def finished() -> int:  # labels written and recorded in the folder's ledger
+        recorded = Ledger(label_dir / INPUTS).read()
+        return sum(i in recorded for i in split_ids(synthetic_voc)
+                   if i not in pending_ids([i], label_dir))
+
     deadline = time.monotonic() + 120
-    while len(list(label_dir.glob("Y_ret/*.png"))) < 3 and time.monotonic() < deadline:
+    while finished() < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = 12 - len(pending_ids(split_ids(synthetic_voc), label_dir))
+    finished = finished()
     assert 3 <= finished < 12, "the run was not killed halfway"
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -59,6 +59,12 @@ def fill_boxes(boxes, height: int, width: int) -> np.ndarray:
 BG_LEDGER = "boxes.jsonl"  # beside the masks: the boxes each mask was made from
 
 
+def bg_mask_summary(counts: dict, folder) -> str:
+    """The setup scripts' last line: what was written and kept, and where."""
+    return (f"BgMaskfromBoxes: wrote {counts['written']}, kept {counts['skipped']} existing "
+            f"({counts['total']} images) in {folder}")
+
+
 def write_bg_mask_job(job: tuple) -> bool:
     """Worker job: write one background mask unless it exists; True when written. job: (path,
     boxes float32 (A, 4), (H, W) or None, the image whose size (as shown) to take when None)."""
