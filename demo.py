@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent
 # pipeline at the smallest size that still exercises every step (the test suite runs it).
 PRESETS = {
     "default": {"n_train": 200, "n_val": 50, "size": 96, "crop": 80, "batch": 8,
-                "stage1_iter": 600, "stage3_iter": 1500, "workers": 2, "panels": 4},
+                "stage1_iter": 600, "stage3_iter": 1000, "workers": 2, "panels": 4},
     "test": {"n_train": 10, "n_val": 4, "size": 64, "crop": 48, "batch": 4,
              "stage1_iter": 4, "stage3_iter": 4, "workers": 1, "panels": 2},
 }

@@ -260,6 +260,9 @@ def annotation_candidates(root, split: str) -> list[Path]:
             root / split / "result.json"]
 
 
+NUMBERING_MAX_BYTES = 50 * 2**20
+
+
 def _annotation_files(root) -> list[Path]:
     """Every file at a place where `annotation_candidates` looks, whatever the split."""
     root = Path(root)
@@ -513,7 +516,8 @@ class COCOData(DatasetFormat):
                 if extra:
                     raise BanaError(
                         f"{inst.path} lists the categories {', '.join(map(repr, extra))}, which "
-                        f"{canonical.source} (DATA.SPLIT, whose classes the model learns) does "
+                        f"{canonical.source} (DATA.SPLIT, whose classes the model learns; "
+                        f"evaluate.py --train-split) does "
                         f"not; its classes are {', '.join(canonical.names[1:])}. Categories are "
                         "matched by name across the split files (their ids may differ): add "
                         "the missing ones to the training split's file, or remove those "
@@ -523,11 +527,17 @@ class COCOData(DatasetFormat):
         return self._maps[split]
 
     def other_numberings(self, split: str) -> dict[Path, tuple[str, ...]]:
+        """Files beside `split`'s that give a category name it shares another class index
+        (labelme2coco and globox number each file on its own). A file of fewer categories that
+        keeps the shared names where they are (a keypoints file) is no other numbering; files
+        over NUMBERING_MAX_BYTES (MS-COCO's train files, numbered as val) are not read."""
         if self.coco2017:
             return {}  # voc20 / coco80 number by name, whatever the file
         own = make_class_map("all", self.instances(split).categories).names
         found = {}
         for path in sorted(set(_annotation_files(self.root)) - {self.annotation_file(split)}):
+            if path.stat().st_size > NUMBERING_MAX_BYTES:
+                continue
             try:
                 doc = json.loads(path.read_text())
                 used = {a["category_id"] for a in doc.get("annotations", ())}
@@ -535,7 +545,7 @@ class COCOData(DatasetFormat):
             except (OSError, ValueError, KeyError, TypeError, AttributeError, BanaError):
                 continue  # not a COCO file of this dataset
             names = make_class_map("all", categories).names
-            if names != own:
+            if any(name in own and own.index(name) != k for k, name in enumerate(names) if k):
                 found[path] = names
         return found
 

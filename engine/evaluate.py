@@ -473,20 +473,24 @@ def _check_numbering(data, split: str, pred_dir: Path, train_split: str | None) 
     """Label maps carry no class names: where the dataset's files number the classes in more
     than one way, the caller must say which numbering the maps use (the training split's)."""
     if train_split is not None:
-        if train_split != split and not data.split_ids(train_split):
-            raise BanaError(f"--train-split {train_split}: that split of {data.root} has no "
-                            "images.")
+        try:
+            data.split_ids(train_split)
+        except BanaError as err:
+            raise BanaError(f"--train-split {train_split}: {err}") from None
         return
     others = data.other_numberings(split)
     if others:
-        path, names = next(iter(others.items()))
+        def listed(names):
+            return ", ".join(names[1:9]) + (", ..." if len(names) > 9 else "")
+
+        files = "; ".join(f"{path}: {listed(names)}" for path, names in others.items())
         raise BanaError(
-            f"{data.root}: the annotation files number the classes in different orders (the "
-            f"split '{split}': {', '.join(data.classes[1:])}; {path}: {', '.join(names[1:])}), "
-            f"and the label maps in {pred_dir} do not say which numbering they use. Labels made "
-            "by this project (stage 2, stage 3's predictions) number the classes as the training "
-            "split's file does (DATA.SPLIT of the run): pass --train-split with that split, "
-            "e.g. --train-split train.")
+            f"{data.root}: the annotation files give the same class names other numbers (split "
+            f"'{split}': {listed(data.classes)}; {files}), and the label maps in {pred_dir} do "
+            "not say which numbering they use. Labels made by this project (stage 2, stage 3's "
+            "predictions) number the classes as the training split's file does (DATA.SPLIT of "
+            "the run): pass --train-split with that split (the split name of one of the files "
+            "above).")
 
 
 def run_folder(pred_dir, data_root, *, split: str = "val", num_classes: int | None = None,

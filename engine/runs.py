@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -357,6 +358,8 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
         print(resolved.note)
         clean_temporary_files(cfg.run_dir)
     ckpt_path, step = resume_path(cfg, resume, stage, overwrite, launch.is_main, classes)
+    if ckpt_path is not None and step == cfg.SOLVER.MAX_ITER:
+        return resolved, ckpt_path, step  # finished (`finished_run`): its record stays as it is
     if ckpt_path is not None and launch.is_main:
         check_resume_record(cfg, step, reconfigure)
     # python's, numpy's and torch's generators, and the data loaders' workers.
@@ -367,16 +370,32 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
 
 
 def finished_run(cfg, ckpt_path, step: int, stage_name: str) -> dict | None:
-    """A resumed run that already trained SOLVER.MAX_ITER iterations and wrote its final.ckpt
-    has nothing left to do: say so (rather than report a score of nothing) and return the
-    stage's result; None when there is training to do."""
-    final = cfg.run_dir / CHECKPOINT_DIR / "final.ckpt"
-    if ckpt_path is None or step < cfg.SOLVER.MAX_ITER or not final.is_file():
+    """A resumed run whose last.ckpt already trained SOLVER.MAX_ITER iterations has nothing left
+    to do: say so (rather than report a score of nothing) and return the stage's result; None
+    when there is training to do. A final.ckpt missing or older than last.ckpt (the run stopped
+    between writing the two) is written from last.ckpt, which holds the same at the end."""
+    if ckpt_path is None or step != cfg.SOLVER.MAX_ITER:
         return None
     from utils.distributed import detect_launch
 
+    final = cfg.run_dir / CHECKPOINT_DIR / "final.ckpt"
     if detect_launch().is_main:
+        if not final.is_file() or _checkpoint_step(final) != step:
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.copyfile(ckpt_path, tmp)
+            os.replace(tmp, final)
+            print(f"{stage_name}: wrote {final} from last.ckpt (the run had stopped between "
+                  "saving the two).")
         print(f"{stage_name}: {cfg.run_dir} already finished its {step} iterations; nothing to "
               f"train. Its model is {final}. To train longer, raise SOLVER.MAX_ITER and pass "
               "--resume --reconfigure.")
     return {"iterations": step, "checkpoint": str(final), "already_finished": True}
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    from models.zoo import read_checkpoint
+
+    try:
+        return read_checkpoint(path).step
+    except BanaError:
+        return None

@@ -165,15 +165,39 @@ def test_folder_mode_asks_which_numbering_when_the_coco_files_differ(tmp_path):
             (gt := as_trained.gt_label("val", i)) == 255, 0, gt).astype(np.uint8))
     assert open_layout("coco", root, SPLIT="val").other_numberings("val")
 
-    with pytest.raises(BanaError, match=r"number the classes in different orders .* "
-                                        r"--train-split train"):
+    with pytest.raises(BanaError, match=r"give the same class names other numbers .*"
+                                        r"train.json: .* --train-split"):
         run_folder(pred, root, split="val")
     assert run_folder(pred, root, split="val", train_split="train")["miou"] == pytest.approx(100)
+    with pytest.raises(BanaError, match="which are no class"):  # val.json knows fewer classes
+        run_folder(pred, root, split="val", train_split="val")
+    with pytest.raises(BanaError, match=r"--train-split trian: .*trian"):
+        run_folder(pred, root, split="val", train_split="trian")
+
+
+def test_a_file_of_fewer_categories_in_their_places_is_no_other_numbering(tmp_path):
+    """A keypoints-style file listing only the first category numbers it as the split does."""
+    from tests.conftest import open_layout
+
+    root = tmp_path / "R"
+    (root / "annotations").mkdir(parents=True)
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    image = {"id": 1, "file_name": "a.jpg", "height": 20, "width": 20}
+    renumbered = [{"id": 5, "name": "dog"}, {"id": 9, "name": "cat"}]
+    for name, cats in (("instances_val", categories), ("person_keypoints_val", categories[:1]),
+                       ("instances_train", renumbered)):
+        (root / "annotations" / f"{name}.json").write_text(json.dumps(
+            {"images": [image], "annotations": [], "categories": cats}))
+    (root / "annotations" / "notes.json").write_text("[1, 2, 3]")  # not COCO: skipped
+    others = open_layout("coco", root, SPLIT="val").other_numberings("val")
+    assert [p.name for p in others] == ["instances_train.json"]
 
 
 def test_coco_files_of_one_numbering_need_no_train_split(tmp_path):
+    from engine.evaluate import run_folder
     from tests.conftest import open_layout
     from tests.exports import make_images, write_labelme2coco
+    from utils.io import atomic_write_png
 
     export = write_labelme2coco(tmp_path / "E", {"train": make_images(6)}, polygons=True)
     root = tmp_path / "R"
@@ -181,4 +205,10 @@ def test_coco_files_of_one_numbering_need_no_train_split(tmp_path):
     for split in ("train", "val"):
         shutil.copy(next(iter(export.annotation_files.values())),
                     root / "annotations" / f"{split}.json")
-    assert open_layout("coco", root, SPLIT="val").other_numberings("val") == {}
+    data = open_layout("coco", root, SPLIT="val")
+    assert data.other_numberings("val") == {}
+    pred = tmp_path / "pred"
+    for i in data.gt_ids("val"):
+        atomic_write_png(pred / f"{i}.png", np.where(
+            (gt := data.gt_label("val", i)) == 255, 0, gt).astype(np.uint8))
+    assert run_folder(pred, root, split="val")["miou"] == pytest.approx(100)

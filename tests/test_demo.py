@@ -1,14 +1,26 @@
 """The end-to-end demo at its smallest size: every artefact appears, every number is a percentage."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 import demo
+from tests.zygote import run_python
+
+
+def through_the_fork_server(cmd, cwd):
+    """demo.py's `subprocess.run([python, script, ...], cwd=...)`, each step still its own
+    process, without importing torch again for each (tests/zygote.py)."""
+    result = run_python(cmd[1:], cwd=cwd, timeout=600)
+    if result.returncode:
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+    return result
 
 
 @pytest.mark.slow
-def test_demo_pipeline_produces_every_artefact(tmp_path):
+def test_demo_pipeline_produces_every_artefact(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "subprocess", SimpleNamespace(run=through_the_fork_server))
     out, data = tmp_path / "runs", tmp_path / "data"
     results = demo.main(["--preset", "test", "--out", str(out), "--data", str(data)])
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.zygote import run_python
 from utils.devices import resolve_devices
 from utils.distributed import Launch, detect_launch, shard
 from utils.errors import BanaError
@@ -85,10 +86,13 @@ def _environment() -> dict:
 def _run(argv: list[str], processes: int = 0, check: bool = True) -> subprocess.CompletedProcess:
     """`python SCRIPT ...`, or under `torchrun --nproc_per_node processes` (standalone: a free
     port on this machine); check: the run must succeed."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                 "--nproc_per_node", str(processes)] if processes else [sys.executable])
-    result = subprocess.run([*launcher, *argv], cwd=REPO, env=_environment(), capture_output=True,
-                            text=True, timeout=600)
+    if processes or any(k in os.environ for k in LAUNCH_VARS):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes",
+                    "1", "--nproc_per_node", str(processes)] if processes else [sys.executable]
+        result = subprocess.run([*launcher, *argv], cwd=REPO, env=_environment(),
+                                capture_output=True, text=True, timeout=600)
+    else:  # one plain process: through the fork server (tests/zygote.py)
+        result = run_python(argv, cwd=REPO, timeout=600)
     assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -165,6 +165,17 @@ def test_resuming_a_finished_run_says_it_is_finished(synthetic_voc, finished_sta
     assert result["already_finished"] and result["iterations"] == 2
     assert "already finished its 2 iterations; nothing to train" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in (out / "stage1/checkpoints").iterdir()} == before
+    # Nor is its record rewritten by a --reconfigure that trains nothing.
+    record = (out / "stage1/config.yaml").read_bytes()
+    assert run(stage_cfg(1, synthetic_voc, out, "SOLVER.LR", "0.5"), devices="cpu", resume=True,
+               reconfigure=True)["already_finished"]
+    assert (out / "stage1/config.yaml").read_bytes() == record
+    assert not list((out / "stage1").glob("config.*.yaml"))
+    # Stopped between last.ckpt and final.ckpt: final.ckpt is written from last.ckpt.
+    final = out / "stage1/checkpoints/final.ckpt"
+    final.unlink()
+    assert run(stage_cfg(1, synthetic_voc, out), devices="cpu", resume=True)["already_finished"]
+    assert final.read_bytes() == (out / "stage1/checkpoints/last.ckpt").read_bytes()
     assert run(stage_cfg(1, synthetic_voc, out, "SOLVER.MAX_ITER", "3"), devices="cpu",
                resume=True, reconfigure=True)["iterations"] == 3
 
