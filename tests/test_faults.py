@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from engine.optim import lr_factor
+from engine.stage2 import INPUTS
 from engine.config import load_config
 from helpers import (FAST, REPO, Env, assert_same_labels, kill_when, read_labels, run_script,
                      stage2_argv, stage3, start)
 from utils.errors import BanaError
 from utils.io import read_index_png
+from utils.records import Ledger
 
 
 def sha256(path: Path) -> str:
@@ -162,11 +164,13 @@ def test_stage2_killed_mid_run_leaves_whole_labels_and_resumes(artifacts, clean_
     assert 2 <= len(partial) < len(clean_labels)
     assert_same_labels(partial, {k: clean_labels[k] for k in partial})
 
+    # Done = every label file of the image written (Y_crf, Y_ret, then Y_box) and recorded in
+    # the folder's ledger (a label killed before its line is labelled again).
+    names = [k.split("/")[1] for k in partial]
+    recorded = {f"{key}.png" for key in Ledger(labels / INPUTS).read()}
+    done_before = sum(names.count(n) == 3 and n in recorded for n in set(names))
     proc = run_script(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Done = every label file of the image written (Y_crf, Y_ret, then Y_box).
-    names = [k.split("/")[1] for k in partial]
-    done_before = sum(names.count(n) == 3 for n in set(names))
     assert f"{done_before} already labelled" in proc.stdout
     assert_same_labels(read_labels(labels), clean_labels)
 
