@@ -218,6 +218,38 @@ guarded(run, debug=False)
 """
 
 
+PENDING_SIGCHLD = """
+import os, signal
+from utils.cli import Terminated, handle_termination
+
+both = {signal.SIGTERM, signal.SIGCHLD}
+signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # as torch's DataLoader does
+handle_termination()
+signal.pthread_sigmask(signal.SIG_BLOCK, both)
+os.kill(os.getpid(), signal.SIGCHLD)
+os.kill(os.getpid(), signal.SIGTERM)
+try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # SIGTERM's handler runs first
+    sum(range(1000))
+except Terminated:
+    print("terminated")
+sum(range(1000))  # the pending SIGCHLD is delivered by now
+print("teardown done")
+"""
+
+
+def test_a_child_that_ended_just_before_the_sigterm_is_no_error():
+    """SIGTERM to the group kills a DataLoader worker too: its SIGCHLD can be pending, for
+    torch's handler, when the SIGTERM handler swaps SIGCHLD's handler for the teardown. Python
+    then delivers that SIGCHLD to the new handler; SIG_DFL there raised "Signal 17 ignored due
+    to race condition", with a traceback, wherever the main thread was."""
+    result = subprocess.run([sys.executable, "-c", PENDING_SIGCHLD], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["terminated", "teardown", "done"]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("first, status, by", [("SIGTERM", 143, " by SIGTERM"),
                                                ("SIGINT", 130, "")])
 def test_a_signal_exits_with_128_plus_it_after_the_teardown(tmp_path, first, status, by):

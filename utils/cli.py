@@ -196,8 +196,15 @@ def on_terminate(signum, frame) -> None:
         return
     _Termination.received = _Termination.received or signum
     _Termination.ending = True
-    _Termination.sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _Termination.sigchld = signal.signal(signal.SIGCHLD, _child_ended)
     raise Terminated(signum)
+
+
+def _child_ended(signum, frame) -> None:
+    """SIGCHLD during the teardown: nothing to do. A Python function, not SIG_DFL: a SIGCHLD
+    that arrived just before the switch is still delivered to the handler in place, and Python
+    raises "Signal 17 ignored due to race condition" wherever the main thread is when that
+    handler is no function."""
 
 
 def _on_interrupt(signum, frame) -> None:
