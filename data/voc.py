@@ -167,6 +167,10 @@ class VOCData(DatasetFormat):
             return ("create the PASCAL VOC tree with `bash data/setup_voc.bash DATA_DIR`, or, "
                     "for your own data, set DATA.CLASSES (or ROOT/labelmap.txt)")
         layout = {"images": "JPEGImages/<id>.<jpg|png|...>",
+                  "split": "a split list ImageSets/Main/<split>.txt (one image id per line; "
+                           "write one for an export that has none) or the split's own folder "
+                           "<split>/ of images and XML files",
+                  "root": "Annotations/, JPEGImages/ and ImageSets/",
                   "ground truth": "SegmentationClassAug/<id>.png (or SegmentationClass/), "
                                   "optional: without it, train without validation and score "
                                   "with evaluate.py on a split that has it"}

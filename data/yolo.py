@@ -108,7 +108,8 @@ class YOLOData(DatasetFormat):
                 f"{self.root} names no classes: no data.yaml (`names:`), "
                 f"{' or '.join(NAMES_FILES)}, and DATA.CLASSES is empty. Some exporters (globox) "
                 "write no class file; set DATA.CLASSES to the class names in the order of the "
-                "ids of the label files (id 0 first), e.g. --opts DATA.CLASSES '[cat, dog]'.")
+                "ids of the label files (id 0 first), e.g. --opts DATA.CLASSES '[cat, dog]', or "
+                "to a file of one name per line (a makesense.ai labels.txt).")
         return tuple(found), source
 
     def _yaml_names(self, path: Path) -> tuple[str, ...]:

@@ -294,3 +294,17 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_voc_export_without_split_lists_is_told_how_to_write_one(tmp_path):
+    """Label Studio's VOC export has Annotations/ and images but no ImageSets: the message says
+    what a split list is (it read "keeps split under DATA.ROOT")."""
+    from tests.conftest import open_layout
+    from utils.errors import BanaError
+
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    data = open_layout("voc", tmp_path, CLASSES=["apple", "pear"])
+    with pytest.raises(BanaError, match=r"split 'train' not found.*a split list "
+                                        r"ImageSets/Main/<split>.txt \(one image id per line"):
+        data.split_ids("train")
