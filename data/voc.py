@@ -2,7 +2,8 @@
 (LabelImg, CVAT "Pascal VOC 1.1", datumaro, supervision, globox) with their own classes.
 
 Under DATA.ROOT (SPEC §0):
-    JPEGImages/<id>.<ext>           any common image extension (.jpg, .png, ...)
+    JPEGImages/<id>.<ext>           any common image extension (.jpg, .png, ...); images/ where
+                                    JPEGImages/ holds none (Label Studio's VOC export)
     Annotations/<id>.xml            <object><name>, <bndbox> xmin ymin xmax ymax; an image whose
                                     XML is absent has no objects (LabelImg writes none for them)
     ImageSets/Segmentation/<split>.txt, or ImageSets/Main/<split>.txt: the image ids of a split
@@ -166,7 +167,7 @@ class VOCData(DatasetFormat):
         if self.benchmark:
             return ("create the PASCAL VOC tree with `bash data/setup_voc.bash DATA_DIR`, or, "
                     "for your own data, set DATA.CLASSES (or ROOT/labelmap.txt)")
-        layout = {"images": "JPEGImages/<id>.<jpg|png|...>",
+        layout = {"images": "JPEGImages/<id>.<jpg|png|...> (or images/<id>.<...>)",
                   "split": "a split list ImageSets/Main/<split>.txt (one image id per line; "
                            "write one for an export that has none) or the split's own folder "
                            "<split>/ of images and XML files",
@@ -260,15 +261,24 @@ class VOCData(DatasetFormat):
 
     # Files.
     @cached_property
+    def _image_dir(self) -> Path:
+        """JPEGImages/, or images/ where an export keeps its images there (Label Studio's VOC
+        export) and JPEGImages/ holds none."""
+        for name in ("JPEGImages", "images"):
+            if _images_by_stem(self.root / name):
+                return self.root / name
+        return self.root / "JPEGImages"
+
+    @cached_property
     def _images(self) -> dict[str, Path]:
-        """JPEGImages/ by stem: an export may hold .jpg, .png or another image format."""
-        return _images_by_stem(self.root / "JPEGImages")
+        """The image folder by stem: an export may hold .jpg, .png or another image format."""
+        return _images_by_stem(self._image_dir)
 
     def image_path(self, split: str, image_id: str) -> Path:
         folder = self._folder(split) if split else None
         if folder is not None:
             return folder.images.get(image_id, folder.image_dir / f"{image_id}.jpg")
-        return self._images.get(image_id, self.root / "JPEGImages" / f"{image_id}.jpg")
+        return self._images.get(image_id, self._image_dir / f"{image_id}.jpg")
 
     def xml_path(self, split: str, image_id: str) -> Path:
         folder = self._folder(split) if split else None

@@ -308,3 +308,25 @@ def test_a_voc_export_without_split_lists_is_told_how_to_write_one(tmp_path):
     with pytest.raises(BanaError, match=r"split 'train' not found.*a split list "
                                         r"ImageSets/Main/<split>.txt \(one image id per line"):
         data.split_ids("train")
+
+
+def test_a_voc_export_with_images_in_images_is_read_there(tmp_path):
+    """Label Studio's "Pascal VOC XML" export: Annotations/ and images/, float coordinates."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import open_layout
+
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "ImageSets/Main").mkdir(parents=True)
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "images" / "a1b2-fruit.jpg")
+    (tmp_path / "Annotations" / "a1b2-fruit.xml").write_text(
+        "<annotation><size><width>40</width><height>30</height><depth>3</depth></size>"
+        "<object><name>pear</name><bndbox><xmin>2.5</xmin><ymin>3.25</ymin><xmax>20.75</xmax>"
+        "<ymax>18.5</ymax></bndbox></object></annotation>")
+    (tmp_path / "ImageSets/Main/train.txt").write_text("a1b2-fruit\n")
+    data = open_layout("voc", tmp_path, CLASSES=["apple", "pear"])
+    assert data.image_path("train", "a1b2-fruit") == tmp_path / "images" / "a1b2-fruit.jpg"
+    ann = data.annotation("train", "a1b2-fruit")
+    assert ann.boxes.tolist() == [[2.5, 3.25, 20.75, 18.5]] and ann.classes.tolist() == [2]
