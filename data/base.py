@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,9 @@ def no_boxes() -> Annotation:
     return Annotation(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
 
 
-class DatasetFormat:
-    """A dataset on disk in one layout (see the module doc for what a subclass implements)."""
+class DatasetFormat(ABC):
+    """A dataset on disk in one layout (see the module doc for what a subclass implements; a
+    subclass that lacks one of the abstract methods cannot be created)."""
 
     name = "?"
     writes_instances = False  # stage 2 also writes one instance mask per box (COCO)
@@ -90,26 +92,33 @@ class DatasetFormat:
 
     # What a layout implements.
     @property
+    @abstractmethod
     def classes(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        """Class names by index, background first."""
 
+    @abstractmethod
     def split_ids(self, split: str) -> list[str]:
-        raise NotImplementedError
+        """The image ids of a split, in its order."""
 
+    @abstractmethod
     def image_path(self, split: str, image_id: str) -> Path:
-        raise NotImplementedError
+        """Where an image of the split is."""
 
+    @abstractmethod
     def annotation(self, split: str, image_id: str) -> Annotation:
-        raise NotImplementedError
+        """The image's boxes and classes, as read from its annotation."""
 
+    @abstractmethod
     def bg_mask_path(self, split: str, image_id: str) -> Path:
-        raise NotImplementedError
+        """Where the image's background mask is (written on first use)."""
 
+    @abstractmethod
     def gt_label(self, split: str, image_id: str) -> np.ndarray | None:
-        raise NotImplementedError
+        """The image's ground-truth label map, None where it has none."""
 
+    @abstractmethod
     def gt_ids(self, split: str) -> list[str]:
-        raise NotImplementedError
+        """The ids of the split's images that have a ground truth."""
 
     def missing_files_hint(self, what: str) -> str:
         """The fix for missing images / annotations / ground truth, in this layout's terms."""

@@ -330,3 +330,18 @@ def test_a_voc_export_with_images_in_images_is_read_there(tmp_path):
     assert data.image_path("train", "a1b2-fruit") == tmp_path / "images" / "a1b2-fruit.jpg"
     ann = data.annotation("train", "a1b2-fruit")
     assert ann.boxes.tolist() == [[2.5, 3.25, 20.75, 18.5]] and ann.classes.tolist() == [2]
+
+
+def test_a_format_that_lacks_part_of_the_interface_cannot_be_created(tmp_path):
+    """A new layout that forgets a method fails when it is opened, naming the method, not in
+    the middle of a stage."""
+    from data.base import DatasetFormat
+    from data.voc import VOCData
+
+    class Partial(DatasetFormat):
+        def split_ids(self, split):
+            return []
+
+    with pytest.raises(TypeError, match="abstract method.*annotation"):
+        Partial(None, tmp_path)
+    assert not VOCData.__abstractmethods__
