@@ -21,11 +21,10 @@ import argparse
 import os
 
 from data.coco import load_instances
-from utils.boxes import BG_LEDGER, bg_mask_summary, write_bg_mask_job
+from utils.boxes import bg_mask_summary, write_new_bg_masks
 from utils.errors import BanaError
 from utils.cli import guarded
-from utils.pool import run_all
-from utils.records import Ledger, fingerprint
+from utils.records import fingerprint
 
 
 def find_splits(root) -> list[str]:
@@ -52,21 +51,15 @@ def write_bg_masks(root, splits=None, workers: int = 1, progress: bool = True) -
     root = Path(root)
     splits = list(splits) if splits else find_splits(root)
     all_instances = [load_instances(root, split, coco2017=False) for split in splits]
-    jobs, keys = [], []
+    jobs = []
     for split, inst in zip(splits, all_instances):
         folder = root / "BgMaskfromBoxes" / split
         jobs += [(folder / f"{image_id}.png", inst.boxes[inst.rows(n)],
                   (int(inst.heights[n]), int(inst.widths[n])), None)
                  for n, image_id in enumerate(inst.image_ids.tolist())]
-        keys += [(folder, str(image_id)) for image_id in inst.image_ids.tolist()]
     del all_instances
-    done = run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=64)
-    # The record stages 1 and 2 keep of each mask's boxes (data/base.py ensure_bg_masks).
-    for folder in dict.fromkeys(f for f, _ in keys):
-        Ledger(folder / BG_LEDGER).add_many(
-            {key: {"boxes": fingerprint(job[1], job[2])}
-             for (f, key), job, new in zip(keys, jobs, done) if new and f == folder})
-    written = sum(done)
+    records = [(job[0].stem, fingerprint(job[1], job[2])) for job in jobs]
+    written = write_new_bg_masks(jobs, records, workers, progress, chunksize=64)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

@@ -20,11 +20,10 @@ import argparse
 import os
 
 from data.voc import VOCData, xml_boxes
-from utils.boxes import BG_LEDGER, bg_mask_summary, write_bg_mask_job
+from utils.boxes import bg_mask_summary, write_new_bg_masks
 from utils.cli import guarded
 from utils.errors import BanaError
-from utils.pool import run_all
-from utils.records import Ledger, fingerprint
+from utils.records import fingerprint
 
 
 def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True,
@@ -57,12 +56,8 @@ def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True,
     annotations = {i: xml_boxes(voc.xml_path(split, i)) for i in ids}
     jobs = [(voc.bg_mask_path(split, i), annotations[i][0], None, voc.image_path(split, i))
             for i in ids]
-    done = run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress, chunksize=32)
-    # The record stages 1 and 2 keep of each mask's boxes (data/base.py ensure_bg_masks).
-    if jobs:
-        Ledger(jobs[0][0].parent / BG_LEDGER).add_many(
-            {i: {"boxes": fingerprint(*annotations[i])} for i, new in zip(ids, done) if new})
-    written = sum(done)
+    written = write_new_bg_masks(jobs, [(i, fingerprint(*annotations[i])) for i in ids], workers,
+                                 progress)
     return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 

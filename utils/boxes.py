@@ -65,6 +65,26 @@ def bg_mask_summary(counts: dict, folder) -> str:
             f"({counts['total']} images) in {folder}")
 
 
+def write_new_bg_masks(jobs: list, records: list, workers: int, progress: bool = True,
+                       chunksize: int = 32) -> int:
+    """The setup scripts' step: write the masks of `jobs` (`write_bg_mask_job`'s) that do not
+    exist yet, in `workers` processes, and record each one written in its folder's ledger
+    (BG_LEDGER, the record stages 1 and 2 keep: data/base.py ensure_bg_masks). records: per job,
+    (image id, fingerprint of the boxes and size it is made from). Returns how many it wrote."""
+    from utils.pool import run_all
+    from utils.records import Ledger
+
+    done = run_all(write_bg_mask_job, jobs, workers, "BgMaskfromBoxes", progress,
+                   chunksize=chunksize)
+    lines: dict = {}
+    for job, (key, boxes), new in zip(jobs, records, done):
+        if new:
+            lines.setdefault(job[0].parent, {})[key] = {"boxes": boxes}
+    for folder, entries in lines.items():
+        Ledger(folder / BG_LEDGER).add_many(entries)
+    return sum(done)
+
+
 def write_bg_mask_job(job: tuple) -> bool:
     """Worker job: write one background mask unless it exists; True when written. job: (path,
     boxes float32 (A, 4), (H, W) or None, the image whose size (as shown) to take when None)."""
