@@ -124,7 +124,7 @@ def _per_image_costs(cfg, net, dataset, ids, out: Path) -> tuple[float, float]:
                    "image": np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy()),
                    "boxes": item["boxes"].numpy().astype(np.int64),
                    "bg_mask": (item["bg_mask"][0].numpy() == 1).astype(np.uint8),
-                   "out": output_paths(out, image_id, instances=False)}
+                   "file_name": image_id, "out": output_paths(out, image_id)}
             start = time.perf_counter()
             label_one(job)
             worker_s.append(time.perf_counter() - start)

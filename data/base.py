@@ -82,7 +82,6 @@ class DatasetFormat(ABC):
     subclass that lacks one of the abstract methods cannot be created)."""
 
     name = "?"
-    writes_instances = False  # stage 2 also writes one instance mask per box (COCO)
     test_split = None  # a split without ground truth whose predictions go to a server
     warn_dropped = True  # warn when boxes without area after clipping are dropped
 
@@ -131,6 +130,17 @@ class DatasetFormat(ABC):
         so that label maps without a record of their classes are not scored under the wrong
         numbering."""
         return {}
+
+    def category_ids(self, split: str) -> list[int]:
+        """The id each class index has in the dataset's own files (index 0, background: 0),
+        which exports write: the class index itself where the files number classes that way
+        (VOC, YOLO); a COCO file's category ids."""
+        return list(range(len(self.classes)))
+
+    def instance_ground_truth(self, split: str):
+        """The split's instance masks as a pycocotools COCO (image ids: the integer ids), to
+        score stage 2's instance masks; None where the layout has no instance masks."""
+        return None
 
     # Shared.
     @staticmethod
@@ -263,6 +273,13 @@ class BoxDataset(Dataset):
 
     def image_path(self, image_id: str) -> Path:
         return self.fmt.image_path(self.split, image_id)
+
+    def file_name(self, image_id: str) -> str:
+        """The image's path relative to DATA.ROOT (absolute where it lies outside), as label
+        records keep it."""
+        from data.labelset import relative_name
+
+        return relative_name(self.image_path(image_id), self.fmt.root)
 
     def bg_mask_path(self, image_id: str) -> Path:
         return self.fmt.bg_mask_path(self.split, image_id)

@@ -451,7 +451,6 @@ class COCOData(DatasetFormat):
     split files)."""
 
     name = "coco"
-    writes_instances = True
     warn_dropped = False  # COCO has a few empty boxes; dropping them is not news
 
     def __init__(self, data_cfg, root: Path):
@@ -525,6 +524,18 @@ class COCOData(DatasetFormat):
                 index = {cat_id: by_name[name] for cat_id, name in inst.categories}
                 self._maps[split] = ClassMap("all", canonical.names, index, source=inst.path)
         return self._maps[split]
+
+    def category_ids(self, split: str) -> list[int]:
+        """Each class index's category id in `split`'s file (a class that file lacks: its id in
+        the training split's file)."""
+        own = {k: c for c, k in self.class_map(split).index.items()}
+        canonical = {k: c for c, k in self.canonical.index.items()}
+        return [0] + [own.get(k, canonical.get(k, k)) for k in range(1, len(self.classes))]
+
+    def instance_ground_truth(self, split: str):
+        from utils.coco_eval import load_ground_truth
+
+        return load_ground_truth(self.annotation_file(split))
 
     def other_numberings(self, split: str) -> dict[Path, tuple[str, ...]]:
         """Files beside `split`'s that give a category name it shares another class index

@@ -27,6 +27,7 @@ import yaml
 # The choices of the keys below are defined where they are implemented, one dict each.
 from data.datasets import FORMATS
 from data.transforms import BOX_ARITHMETICS
+from exporters import EXPORTERS
 from engine.optim import PARAM_GROUPS
 from models.backbones import BACKBONES as SEMANTIC_BACKBONES
 from models.instance import MASK_RCNN_BACKBONES
@@ -36,6 +37,7 @@ from utils.crf import CRF_BACKENDS
 from utils.errors import BanaError
 
 # Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
+EXPORT_FORMATS = tuple(EXPORTERS)
 TASK_BACKBONES = {"semantic": tuple(SEMANTIC_BACKBONES), "instance": tuple(MASK_RCNN_BACKBONES)}
 BACKBONES = tuple(dict.fromkeys(b for names in TASK_BACKBONES.values() for b in names))
 
@@ -130,6 +132,19 @@ class DataConfig:
                                     "2 also writes: the box baseline).",
                                     check=lambda v: len(v) == 2 and all(v),
                                     rule="two folder names")
+    EXPORTS: list[str] = _key([], "Stage 2: after labelling, export the masks into "
+                              "PSEUDO_LABEL_DIR/exports/<format>/ for each format listed: coco "
+                              "(instances JSON), yolo_seg (Ultralytics segment layout), voc "
+                              "(SegmentationClass/Object PNGs); `python labels.py export` does "
+                              "the same on any label folder.",
+                              check=lambda v: all(x in EXPORT_FORMATS for x in v),
+                              rule=f"a list of {', '.join(EXPORT_FORMATS)}")
+    EXPORT_VARIANT: str = _key("Y_crf", "Stage 2: which masks DATA.EXPORTS writes: Y_crf (the "
+                               "best pseudo label in the paper's and our measurements), Y_ret, "
+                               "Y_box (the filled boxes) or agreement (Y_crf where Y_ret "
+                               "agrees).", choices=("Y_crf", "Y_ret", "Y_box", "agreement"))
+    EXCLUDE: str = _key("", "Stage 3: a file of image ids (one per line, '#' comments; the "
+                        "review page's download) to leave out of training. Empty = none.")
     GT_IDS: str = _key("", "Semi-supervised setting: a list file of image ids whose GT masks "
                        "(SegmentationClassAug) replace the pseudo labels. Empty = none.")
 

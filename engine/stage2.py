@@ -7,18 +7,16 @@ so memory stays bounded whatever the split size. Every file is written atomicall
 whose outputs all exist is skipped, so a killed run restarted finishes with the same files as an
 uninterrupted one, and two runs pointed at the same folder never leave a corrupt label.
 
-On MS-COCO (`DATA.DATASET coco`) each image also gets one instance mask per box, from Y_crf and
-from Y_ret (`utils.instances`): the worker writes them, RLE-encoded, to `instances/<id>.json`
-next to the label folders, so they survive a restart like the PNGs; the run then merges them into
-COCO results files and scores them with COCOeval (segm). Files under DATA.PSEUDO_LABEL_DIR:
-    Y_crf/<id>.png, Y_ret/<id>.png          label maps (class ids of the class map, VOC palette)
-    instances/<id>.json                     COCO: {"Y_crf": [...], "Y_ret": [...],
-                                            "box_baseline": [...]} results entries of one image
-    instances_Y_crf.json, instances_Y_ret.json        COCO: results lists (image_id, category_id,
-                                            segmentation, score) for COCOeval / `COCO.loadRes`
-    annotations_Y_crf.json, annotations_Y_ret.json    COCO: the same masks as an instances
-                                            annotation file, to train an instance-segmentation
-                                            model in place of instances_<split>.json
+Every image also gets a record (data/labelset.py): its boxes, one instance mask per box from each
+label (the box's pixels of its class; where boxes of one class overlap, the box whose CAM is
+highest), and per-box signals. At the end the folder gets its manifest, labelset.json, with the
+no-ground-truth quality signals (engine/label_quality.py) that stage 2 prints and warns on, and
+the exports DATA.EXPORTS lists (exporters/). Files under DATA.PSEUDO_LABEL_DIR:
+    Y_crf/<id>.png, Y_ret/<id>.png, Y_box/<id>.png   label maps (class ids, VOC palette)
+    records/<id>.json                                the image's record
+    labelset.json                                    the manifest (written when all are done)
+    inputs.jsonl                                     what each image's labels were made from
+    exports/<format>/                                DATA.EXPORTS
 """
 
 from __future__ import annotations
@@ -38,8 +36,9 @@ from utils.errors import BanaError
 if TYPE_CHECKING:
     from engine.config import Config
 
-from engine.stage2_jobs import (BOX_LABEL, INSTANCE_SOURCES, INSTANCES, LABELS, label_one,
-                                output_paths, pending_ids, preload_pixel_work, write_job)
+from engine.stage2_jobs import (VARIANTS, label_one, output_paths, pending_ids,
+                                preload_pixel_work, write_job)
+from data.labelset import MANIFEST, RECORDS
 from utils.records import Ledger, file_sha256, fingerprint
 
 # The ledger of what each image's labels were made from (utils/records.py).
@@ -121,11 +120,10 @@ def pixel_work_on_device(choice: str, device: torch.device) -> bool:
 
 
 def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, workers: int,
-             position: int = 0, progress: bool = True, instances: bool = False,
-             pixel_work: str = "auto", pool=None, fingerprints: dict | None = None) -> int:
+             position: int = 0, progress: bool = True, pixel_work: str = "auto", pool=None,
+             fingerprints: dict | None = None) -> int:
     """Label `ids` of `dataset` (skipping finished ones) with `workers` CRF processes; returns
-    how many images were labelled. instances: also write each image's instance masks (the
-    dataset's items carry category_ids). pixel_work: see `pixel_work_on_device`. pool: a
+    how many images were labelled. pixel_work: see `pixel_work_on_device`. pool: a
     `utils.pool.WorkerPool` of `workers` processes to use (default: one of its own).
     fingerprints: {id: fingerprint of what shapes its labels} (`input_fingerprints`), added to
     the folder's ledger as each image's files are complete.
@@ -141,11 +139,11 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
     from utils.precision import full, inference_autocast
 
     out_root = cfg.pseudo_label_dir
-    todo = pending_ids(ids, out_root, instances)
+    todo = pending_ids(ids, out_root)
     if not todo:
         return 0
     ledger = Ledger(out_root / INPUTS) if fingerprints is not None else None
-    for d in (*LABELS, BOX_LABEL, *((INSTANCES,) if instances else ())):
+    for d in VARIANTS:
         (out_root / d).mkdir(parents=True, exist_ok=True)
     on_device = pixel_work_on_device(pixel_work, device)
     cuda = device.type == "cuda"
@@ -181,7 +179,7 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
                 bar.update(1)
                 continue
             job, state = tag
-            labels = retrieval(state, result, return_box_scores=instances)
+            labels = retrieval(state, result, return_box_scores=True)
             for key in ("probs", "class_regions", "image", "crf"):
                 del job[key]  # the writer needs none of them: do not pickle them again
             job.update(zip(("y_crf", "y_ret", "box_scores"), labels))
@@ -210,10 +208,9 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
                 image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
                 job = dict(common, id=item["id"], image=image,
                            boxes=box_pixels(boxes, *image.shape[:2], cfg.DATA.BOX_ARITHMETIC),
-                           out=output_paths(out_root, item["id"], instances))
+                           file_name=dataset.file_name(item["id"]),
+                           out=output_paths(out_root, item["id"]))
                 bg_mask = (item["bg_mask"][0] == 1).to(torch.uint8)
-                if instances:
-                    job["category_ids"] = item["category_ids"].numpy()
                 if not on_device:
                     job.update(features=feats.cpu().numpy(), bg_mask=bg_mask.numpy())
                     handle(pool.submit(label_one, job), pool)
@@ -264,135 +261,7 @@ def _shard_main(rank: int, cfg: Config, device_ids, accelerator: str, workers: i
     ids = dataset.ids[rank::len(device_ids)]
     device = torch.device(f"cuda:{device_ids[rank]}" if accelerator == "gpu" else "cpu")
     generate(cfg, load_labeler(cfg, data.classes), dataset, ids, device, workers, position=rank,
-             instances=data.writes_instances, pixel_work=pixel_work, fingerprints=fingerprints)
-
-
-def quality_report(cfg: Config, data, ids: list[str]) -> dict | None:
-    """mIoU of the box-filling baseline, Y_crf, Y_ret and their combination against the semantic
-    ground truth of `data` (a `data.base.DatasetFormat`), over the images of `ids` that have one;
-    None when none has (e.g. VOC's train_aug, or a box-only export).
-
-    "Y_crf & Y_ret" is Y_crf where the two agree; a pixel where they disagree is scored as
-    background (stage 3 ignores such pixels; here an object pixel among them counts as missed,
-    a background pixel as right). "agreement" scores the agreeing pixels alone (the disagreeing
-    ones are not counted), and `agreement_coverage` is the share of labelled pixels where the two
-    agree. The box baseline is stage 2's Y_box (each box filled, smaller boxes on top)."""
-    from utils.io import read_label_png
-    from utils.metrics import ConfusionMatrix
-
-    split, out_root = cfg.DATA.SPLIT, cfg.pseudo_label_dir
-    with_gt = set(data.gt_ids(split))
-    scored = [i for i in ids if i in with_gt]
-    if not scored:
-        return None
-    n = cfg.DATA.NUM_CLASSES
-    mats = {k: ConfusionMatrix(n) for k in REPORT_ROWS}
-    agree_px = valid_px = 0
-    for i in scored:
-        gt = data.gt_label(split, i)
-        name = data.label_name(i)
-        y_crf, y_ret, filled = (
-            read_label_png(out_root / d / name, n, f"{d} label", gt.shape,
-                           f"delete it and rerun stage 2 (or check that {out_root} holds this "
-                           "dataset's labels)") for d in (*LABELS, BOX_LABEL))
-        agree = y_crf == y_ret
-        mats["box_baseline"].update(filled, gt)
-        mats["Y_crf"].update(y_crf, gt)
-        mats["Y_ret"].update(y_ret, gt)
-        mats["Y_crf&Y_ret"].update(np.where(agree, y_crf, 0), gt)
-        mats["agreement"].update(y_crf, np.where(agree, gt, 255))
-        valid = gt != 255
-        agree_px += int((agree & valid).sum())
-        valid_px += int(valid.sum())
-    report = {k: m.compute() for k, m in mats.items()}
-    summary = {k: round(float(v["miou"]), 2) for k, v in report.items()}
-    summary["agreement_coverage"] = round(100.0 * agree_px / max(valid_px, 1), 2)
-    return {"split": split, "images": len(scored), "labelled_images": len(ids), "miou": summary,
-            "per_class_iou": {k: dict(zip(data.classes, map(float, v["iou"])))
-                              for k, v in report.items()}}
-
-
-REPORT_ROWS = ("box_baseline", "Y_crf", "Y_ret", "Y_crf&Y_ret", "agreement")
-
-
-def format_report(report: dict) -> str:
-    m = report["miou"]
-    scored = (f"{report['images']} images" if report["images"] == report["labelled_images"] else
-              f"the {report['images']} of {report['labelled_images']} images that have a "
-              "ground-truth mask")
-    return "\n".join([
-        f"Pseudo-label quality on '{report['split']}' ({scored}), mIoU %:",
-        f"  box baseline          {m['box_baseline']:6.2f}",
-        f"  Y_crf                 {m['Y_crf']:6.2f}",
-        f"  Y_ret                 {m['Y_ret']:6.2f}",
-        f"  Y_crf & Y_ret         {m['Y_crf&Y_ret']:6.2f}  (where they disagree: background)",
-        f"  Y_crf = Y_ret region  {m['agreement']:6.2f}  (agreeing pixels only; they cover "
-        f"{m['agreement_coverage']:.2f}% of labelled pixels)"])
-
-
-def merge_instances(cfg: Config, gt, ids: list[str], category_ids) -> dict[str, list[dict]]:
-    """COCO: the per-image instance files of `ids` merged into one results list per source;
-    writes instances_<label>.json (results) and annotations_<label>.json (annotation format, with
-    the images of `ids` and the categories of the class map) for Y_crf and Y_ret. gt: the split's
-    annotations as a pycocotools COCO. Returns {source: results} for every INSTANCE_SOURCES
-    entry. category_ids: the categories the class map predicts."""
-    from utils.instances import results_as_dataset
-    from utils.io import atomic_write_json
-
-    out_root = cfg.pseudo_label_dir
-    merged = {k: [] for k in INSTANCE_SOURCES}
-    for i in ids:
-        record = json.loads((out_root / INSTANCES / f"{i}.json").read_text())
-        for k in INSTANCE_SOURCES:
-            merged[k] += record[k]
-    labelled = {int(i) for i in ids}
-    images = [im for im in gt.dataset["images"] if im["id"] in labelled]
-    wanted = set(category_ids)
-    categories = [c for c in gt.dataset["categories"] if c["id"] in wanted]
-    for k in LABELS:
-        atomic_write_json(out_root / f"instances_{k}.json", merged[k])
-        atomic_write_json(out_root / f"annotations_{k}.json",
-                          results_as_dataset(merged[k], images, categories))
-    return merged
-
-
-def instance_report(cfg: Config, gt, ids: list[str], merged: dict[str, list[dict]],
-                    categories) -> dict:
-    """COCO segm AP (%) of the instance masks of every INSTANCE_SOURCES entry over `ids`, on the
-    categories the class map can predict (`categories`); gt: the split's annotations as a
-    pycocotools COCO."""
-    from utils.coco_eval import evaluate_instances
-
-    image_ids = [int(i) for i in ids]
-    return {"split": cfg.DATA.SPLIT, "images": len(ids), "class_map": cfg.DATA.CLASS_MAP,
-            "ap": {k: evaluate_instances(gt, merged[k], image_ids=image_ids,
-                                         category_ids=categories) for k in INSTANCE_SOURCES}}
-
-
-def format_instance_report(report: dict) -> str:
-    from utils.coco_eval import format_ap
-
-    names = {"box_baseline": "box baseline", "Y_crf": "Y_crf", "Y_ret": "Y_ret"}
-    return "\n".join(
-        [f"Instance masks on '{report['split']}' ({report['images']} images, {report['class_map']} "
-         "categories), COCO segm AP %:"]
-        + [f"  {names[k]:13s} {format_ap(stats)}  ({stats['instances']} instances)"
-           for k, stats in report["ap"].items()])
-
-
-def save_panels(cfg: Config, data, dataset, ids: list[str], out_dir: Path) -> None:
-    """image | GT | Y_crf | Y_ret panels, for looking at pseudo labels before trusting them. The
-    GT panel is void (the palette's 255 colour) where the split has no semantic GT."""
-    from utils.io import atomic_write_png, read_image, read_index_png
-    from utils.palette import panel
-
-    out_root = cfg.pseudo_label_dir
-    for i in ids:
-        image = read_image(dataset.image_path(i), exif=True)
-        gt = data.gt_label(cfg.DATA.SPLIT, i)
-        maps = [gt if gt is not None else np.full(image.shape[:2], 255, np.uint8)]
-        maps += [read_index_png(out_root / d / data.label_name(i)) for d in LABELS]
-        atomic_write_png(out_dir / f"{i}.png", panel(image, maps))
+             pixel_work=pixel_work, fingerprints=fingerprints)
 
 
 def check_inputs(cfg: Config):
@@ -443,14 +312,13 @@ def input_fingerprints(data, split: str, ids: list[str]) -> dict[str, str]:
     return prints
 
 
-def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str],
-                        instances: bool) -> list[str]:
+def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str]) -> list[str]:
     """Images whose labels exist but were made from other inputs than today's (their boxes or
     their image changed since; the ledger DATA.PSEUDO_LABEL_DIR/inputs.jsonl says what each label
     was made from): their files are deleted, so that this run labels them again; says how many.
     A label folder written before the ledger existed keeps its labels, with a note."""
     ledger = Ledger(out_root / INPUTS)
-    written = [i for i in ids if i not in set(pending_ids(ids, out_root, instances))]
+    written = [i for i in ids if i not in set(pending_ids(ids, out_root))]
     if not written:
         return []
     if not ledger.exists():
@@ -463,7 +331,7 @@ def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str],
     unrecorded = [i for i in written if i not in recorded]
     changed = [i for i in written if i in recorded and recorded[i].get("inputs") != prints[i]]
     for i in unrecorded + changed:
-        for path in output_paths(out_root, i, instances).values():
+        for path in output_paths(out_root, i).values():
             path.unlink(missing_ok=True)
     if changed:
         print(f"{len(changed)} image(s) labelled before from other boxes or another image "
@@ -498,7 +366,8 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
     out_root = cfg.pseudo_label_dir
     path = out_root / RECORD
     new = labelling_record(cfg)
-    labels = [d for d in (*LABELS, BOX_LABEL, INSTANCES) if (out_root / d).is_dir()]
+    # "instances": the per-image files of label folders written before records existed.
+    labels = [d for d in (*VARIANTS, RECORDS, "instances", "exports") if (out_root / d).is_dir()]
     if path.is_file():
         old = json.loads(path.read_text())
         old = {**RECORD_DEFAULTS, **old}
@@ -517,6 +386,7 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
         for d in labels:
             shutil.rmtree(out_root / d)
         (out_root / INPUTS).unlink(missing_ok=True)
+        (out_root / MANIFEST).unlink(missing_ok=True)
         for stale in out_root.glob("*_Y_*.json"):
             stale.unlink()
         print(f"--overwrite: deleted the labels in {out_root}.")
@@ -576,11 +446,9 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
            pixel_work: str, save_vis: int) -> dict:
     from data.base import ensure_bg_masks
     from utils.distributed import all_reduce_sum, announce_shard, shard
-    from utils.io import atomic_write_json
 
     if launch.distributed:  # the processes of one node share its cores
         workers = max(1, workers // launch.local_world_size)
-    coco = data.writes_instances
     if launch.is_main:
         print(devices.note)
     _prepare_folder(cfg, overwrite, launch)
@@ -590,18 +458,19 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
     announce_shard(launch, len(mine))
     out_root = cfg.pseudo_label_dir
     fingerprints = input_fingerprints(data, cfg.DATA.SPLIT, mine)
-    redo_changed_inputs(out_root, mine, fingerprints, coco)
-    todo = len(pending_ids(mine, out_root, coco))
-    outputs = "{Y_crf,Y_ret,Y_box,instances}" if coco else "{Y_crf,Y_ret,Y_box}"
+    redo_changed_inputs(out_root, mine, fingerprints)
+    todo = len(pending_ids(mine, out_root))
+    if todo and launch.is_main:  # the folder is unfinished until every record is written
+        (out_root / MANIFEST).unlink(missing_ok=True)
     where = f"shard {launch.rank}/{launch.world_size} of " if launch.distributed else ""
     print(f"Stage 2: {where}{len(mine)} images in '{cfg.DATA.SPLIT}', {len(mine) - todo} already "
-          f"labelled, {todo} to go; writing to {out_root}/{outputs} with {workers} CRF "
+          f"labelled, {todo} to go; writing to {out_root} with {workers} CRF "
           "worker(s).", flush=True)
     start = time.perf_counter()
     if launch.distributed:
         if todo:
             device = devices.device_of(launch.local_rank)
-            generate(cfg, net, dataset, mine, device, workers, instances=coco,
+            generate(cfg, net, dataset, mine, device, workers,
                      position=launch.local_rank, pixel_work=pixel_work,
                      fingerprints=fingerprints)
         seconds = time.perf_counter() - start
@@ -634,10 +503,10 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
             raise
     elif todo:
         device = devices.device_of(0)
-        generate(cfg, net, dataset, ids, device, workers, instances=coco,
-                 pixel_work=pixel_work, fingerprints=fingerprints)
+        generate(cfg, net, dataset, ids, device, workers, pixel_work=pixel_work,
+                 fingerprints=fingerprints)
     seconds = time.perf_counter() - start
-    missing = pending_ids(ids, out_root, coco)
+    missing = pending_ids(ids, out_root)
     if missing:
         raise BanaError(f"{len(missing)} images still lack labels (first: {missing[:3]}); rerun "
                         "the same command to finish them.")
@@ -645,37 +514,53 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
               "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
               "label_dir": str(out_root)}
     if save_vis:
+        from engine.label_quality import save_panels
+
         save_panels(cfg, data, dataset, ids[:save_vis], cfg.run_dir / "vis")
         print(f"Panels image | GT | Y_crf | Y_ret: {cfg.run_dir / 'vis'}")
-    # quality.json: the semantic report where the split has GT, the instance AP (COCO layout)
-    # where its annotations have masks.
-    quality = {}
+    result.update(finish_label_set(cfg, data, ids))
+    return result
+
+
+def finish_label_set(cfg: Config, data, ids: list[str]) -> dict:
+    """Once every image is labelled: the signals (printed, with warnings), the manifest, the
+    reports against ground truth where the split has some (quality.json), DATA.EXPORTS.
+    Returns what the run's result adds."""
+    from data.labelset import LabelSet, write_manifest
+    from engine.label_quality import (format_instance_report, format_report, format_signals,
+                                      format_warnings, instance_report, label_warnings,
+                                      quality_report, signals)
+    from utils.io import atomic_write_json
+
+    split, out_root = cfg.DATA.SPLIT, cfg.pseudo_label_dir
+    manifest = dict(classes=data.classes, category_ids=data.category_ids(split), split=split,
+                    root=data.root, variants=VARIANTS, ids=ids, made_by="stage 2")
+    labels = LabelSet(write_manifest(out_root, **manifest).parent)  # the records, read once
+    sig = signals(labels.records(), data.classes)
+    warnings = label_warnings(sig)
+    write_manifest(out_root, **manifest, quality={"signals": sig, "warnings": warnings})
+    print(format_signals(sig))
+    quality, result = {"signals": sig, "warnings": warnings}, {"warnings": warnings}
     report = quality_report(cfg, data, ids)
     if report is not None:
         print(format_report(report))
         quality.update(report)
         result["quality"] = report["miou"]
     else:
-        print(f"Split '{cfg.DATA.SPLIT}' has no ground-truth masks: the labels are written; the "
-              "pseudo-label quality report needs masks for some of its images, so it is "
-              "skipped.")
-    if coco:
-        from utils.coco_eval import load_ground_truth
+        print(f"Split '{split}' has no ground-truth masks: the labels are written and the "
+              "mIoU report, which needs masks, is skipped; the signals above need none.")
+    gt = data.instance_ground_truth(split) if report is not None else None
+    if gt is not None:
+        with_gt = set(data.gt_ids(split))
+        instance = instance_report(labels, gt, [i for i in ids if i in with_gt])
+        print(format_instance_report(instance))
+        quality.update(instance)
+        result["instance_quality"] = {k: v["AP"] for k, v in instance["ap"].items()}
+    atomic_write_json(cfg.run_dir / "quality.json", quality)
+    if cfg.DATA.EXPORTS:
+        from exporters import run_exports
 
-        split = cfg.DATA.SPLIT
-        gt = load_ground_truth(data.annotation_file(split))  # once: train2017 takes a while
-        categories = data.class_map(split).category_ids
-        merged = merge_instances(cfg, gt, ids, categories)
-        print(f"Instance masks: {out_root}/instances_{{Y_crf,Y_ret}}.json (COCO results), "
-              f"{out_root}/annotations_{{Y_crf,Y_ret}}.json (COCO annotation files).")
-        if report is not None:
-            with_gt = set(data.gt_ids(split))
-            instance = instance_report(cfg, gt, [i for i in ids if i in with_gt], merged,
-                                       categories)
-            instance["class_map"] = cfg.DATA.CLASS_MAP
-            print(format_instance_report(instance))
-            quality.update(instance)
-            result["instance_quality"] = {k: v["AP"] for k, v in instance["ap"].items()}
-    if quality:
-        atomic_write_json(cfg.run_dir / "quality.json", quality)
+        run_exports(labels, cfg.DATA.EXPORTS, cfg.DATA.EXPORT_VARIANT, out_root / "exports")
+    if warnings:
+        print(format_warnings(warnings, str(out_root)), flush=True)
     return result

@@ -17,8 +17,9 @@ import torch
 
 from data.base import BoxDataset
 from data.voc import parse_annotation
-from engine.stage2 import (BOX_LABEL, INPUTS, LABELS, format_report, generate, load_labeler,
-                           open_dataset, pending_ids, quality_report, run)
+from engine.label_quality import format_report, quality_report
+from engine.stage2 import INPUTS, generate, load_labeler, open_dataset, run
+from engine.stage2_jobs import BOX_LABEL, LABELS, pending_ids
 from utils.pool import WorkerPool
 from data.datasets import open_data
 from utils.boxes import fill_boxes
@@ -91,7 +92,8 @@ def test_box_label_set_is_the_filled_boxes(synthetic_voc, reference):
 def test_quality_report_is_printed_and_saved(reference):
     cfg, result, printed, _ = reference
     saved = json.loads((cfg.run_dir / "quality.json").read_text())
-    assert set(saved) == {"split", "images", "labelled_images", "miou", "per_class_iou"}
+    assert set(saved) == {"split", "images", "labelled_images", "miou", "per_class_iou",
+                          "signals", "warnings"}
     keys = {"box_baseline", "Y_crf", "Y_ret", "Y_crf&Y_ret", "agreement"}
     assert set(saved["miou"]) == keys | {"agreement_coverage"}
     assert all(0 <= v <= 100 for v in saved["miou"].values())
@@ -229,7 +231,7 @@ def test_crf_workers_import_neither_torch_nor_lightning():
     modules of stage 2's device path, evaluate.py and predict.py): no torch, no Lightning; the
     CPU path's job module loads torch only when its job runs."""
     code = ("import sys, stage2, evaluate, predict, utils.pool, utils.crf, engine.stage2_jobs, "
-            "utils.io, utils.boxes, utils.palette, utils.instances; "
+            "utils.io, utils.boxes, utils.palette, utils.instances, data.labelset, exporters; "
             "print(sorted(m for m in ('torch', 'pytorch_lightning', 'lightning_fabric', "
             "'torchvision') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
