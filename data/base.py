@@ -156,8 +156,8 @@ class DatasetFormat(ABC):
         return BoxDataset(self, split, transform)
 
     def mask_dataset(self, split: str, label_dirs=(), gt_ids=None, transform=None,
-                     only_gt: bool = False) -> "MaskDataset":
-        return MaskDataset(self, split, label_dirs, gt_ids, transform, only_gt)
+                     only_gt: bool = False, exclude=()) -> "MaskDataset":
+        return MaskDataset(self, split, label_dirs, gt_ids, transform, only_gt, exclude)
 
     def image_dataset(self, split: str) -> "ImageDataset":
         return ImageDataset(self, split)
@@ -332,12 +332,12 @@ class MaskDataset(Dataset):
     """
 
     def __init__(self, fmt: DatasetFormat, split: str, label_dirs=(), gt_ids=None,
-                 transform=None, only_gt: bool = False):
+                 transform=None, only_gt: bool = False, exclude=()):
         self.fmt, self.split, self.transform = fmt, split, transform
         self.label_dirs = [fmt.root / d for d in label_dirs]  # an absolute d replaces the root
         self.gt_ids = frozenset(gt_ids or ())
         self.num_classes = len(fmt.classes)
-        ids = list(fmt.split_ids(split))
+        ids = [i for i in fmt.split_ids(split) if i not in set(exclude)]
         if not self.label_dirs or self.gt_ids or only_gt:
             with_gt = set(fmt.gt_ids(split))
             if only_gt:

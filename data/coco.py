@@ -660,26 +660,27 @@ class COCOInstanceDataset(Dataset):
     """Images with instance targets for Mask R-CNN, from a COCO instances file.
 
     annotation_file: the split's own file (masks "gt": its segmentations; "box": each box
-    filled) or stage 2's annotations_<Y_crf|Y_ret>.json (its pseudo masks). Crowd annotations,
+    filled) or the COCO export of stage 2's labels (exporters/coco.py: its pseudo masks). Crowd annotations,
     categories outside the class map and empty masks are left out. Items: id, image uint8
     (3, H, W), boxes float32 (N, 4) x1, y1, x2, y2, labels int64 (N,) class indices, masks uint8
-    (N, H, W). flip: mirror image and targets with probability 0.5 (training).
+    (N, H, W). flip: mirror image and targets with probability 0.5 (training). exclude: image ids
+    left out (DATA.EXCLUDE).
     """
 
     def __init__(self, data: COCOData, split: str, annotation_file, masks: str = "gt",
-                 flip: bool = False):
+                 flip: bool = False, exclude=()):
         from utils.coco_eval import load_ground_truth
 
         self.data, self.split, self.masks, self.flip = data, split, masks, flip
         self.class_map = data.class_map(split)
         self.annotation_file = Path(annotation_file)
         if not self.annotation_file.is_file():
-            raise BanaError(f"instance masks {self.annotation_file} not found: stage 2 writes "
-                            "annotations_Y_crf.json and annotations_Y_ret.json on a COCO-layout "
-                            "split (`python stage2.py --config-file CONFIG` with the same "
-                            "DATA.ROOT, DATA.SPLIT and DATA.PSEUDO_LABEL_DIR).")
+            raise BanaError(f"instance masks {self.annotation_file} not found: they are the "
+                            "COCO export of stage 2's labels (`python stage2.py --config-file "
+                            "CONFIG` with the same DATA.ROOT, DATA.SPLIT and "
+                            "DATA.PSEUDO_LABEL_DIR writes the label set they are made from).")
         self.coco = load_ground_truth(self.annotation_file)
-        self.ids = [str(i) for i in sorted(self.coco.getImgIds())]
+        self.ids = [str(i) for i in sorted(self.coco.getImgIds()) if str(i) not in set(exclude)]
         if masks == "gt":
             anns = [a for a in self.coco.dataset.get("annotations", []) if not a.get("iscrowd")]
             if not anns or any(not a.get("segmentation") for a in anns):

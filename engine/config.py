@@ -220,7 +220,7 @@ class ModelConfig:
                      "backbone, coco = COCO detection (Faster R-CNN, no mask) weights, none, or "
                      "a path).", choices=("semantic", "instance"))
     INSTANCE_MASKS: str = _key("Y_crf", "Instance task: the masks Mask R-CNN trains on: stage 2's "
-                               "Y_crf or Y_ret (DATA.PSEUDO_LABEL_DIR/annotations_<name>.json), "
+                               "Y_crf or Y_ret (the COCO export of DATA.PSEUDO_LABEL_DIR's labels), "
                                "box (each box filled: the baseline) or gt (the split's own "
                                "segmentations: the upper bound).",
                                choices=("Y_crf", "Y_ret", "box", "gt"))

@@ -4,7 +4,7 @@
     python evaluate.py --config-file configs/stage3_maskrcnn_coco.yml --gpu-id 0 [--save-vis N]
 
 `MODEL.INSTANCE_MASKS` picks the masks of DATA.SPLIT it trains on: stage 2's Y_crf or Y_ret
-(DATA.ROOT/DATA.PSEUDO_LABEL_DIR/annotations_<name>.json), `box` (each GT box filled) or `gt`
+(the COCO export of DATA.ROOT/DATA.PSEUDO_LABEL_DIR's label set), `box` (each GT box filled) or `gt`
 (the split's own segmentations). The same YAML / --opts / --gpu-id / --resume conventions,
 Lightning trainer, DDP and atomic checkpoints as stages 1 and 3. Evaluation runs the final model
 on TEST.SPLIT, writes COCO results files (results_segm.json, results_bbox.json: what the test-dev
@@ -31,10 +31,21 @@ STAGE = 3
 
 
 def mask_annotation(cfg: Config, data) -> Path:
-    """The annotation file whose masks training uses (MODEL.INSTANCE_MASKS)."""
+    """The annotation file whose masks training uses (MODEL.INSTANCE_MASKS): the split's own, or
+    the COCO export of stage 2's label set (exporters/coco.py), written from the records when it
+    is missing or older than the label set."""
     if cfg.MODEL.INSTANCE_MASKS in ("box", "gt"):
         return data.annotation_file(cfg.DATA.SPLIT)
-    return cfg.pseudo_label_dir / f"annotations_{cfg.MODEL.INSTANCE_MASKS}.json"
+    from data.labelset import MANIFEST, LabelSet
+    from exporters.coco import export
+
+    folder, variant = cfg.pseudo_label_dir, cfg.MODEL.INSTANCE_MASKS
+    path = folder / "exports" / "coco" / f"instances_{cfg.DATA.SPLIT}_{variant}.json"
+    manifest = folder / MANIFEST
+    if manifest.is_file() and (not path.is_file()
+                               or path.stat().st_mtime < manifest.stat().st_mtime):
+        export(LabelSet(folder), variant, path.parent)
+    return path
 
 
 def class_map_of(data, split: str):
@@ -90,9 +101,12 @@ def check_train_inputs(cfg: Config):
         class_map = problems.check(lambda: class_map_of(data, cfg.DATA.SPLIT))
         if class_map is not None:
             masks = {"box": "box", "gt": "gt"}.get(cfg.MODEL.INSTANCE_MASKS, "segm")
+            from engine.stage3 import excluded_images
+
             dataset = problems.check(lambda: COCOInstanceDataset(
                 data, cfg.DATA.SPLIT, mask_annotation(cfg, data), masks=masks,
-                flip=cfg.DATA.FLIP))
+                flip=cfg.DATA.FLIP,
+                exclude=excluded_images(cfg, data.split_ids(cfg.DATA.SPLIT))))
     problems.check(lambda: require_init(cfg.MODEL.INIT, named=("none", "imagenet", "coco"),
                                         what="a Mask R-CNN state dict"))
     problems.check(lambda: require_writable(cfg.run_dir, "OUTPUT_DIR"))

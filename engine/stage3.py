@@ -89,6 +89,35 @@ def pseudo_label_dirs(cfg: Config) -> tuple[str, str]:
     return str(dirs[0]), str(dirs[1])
 
 
+def excluded_images(cfg: Config, split_ids) -> set[str]:
+    """The images DATA.EXCLUDE leaves out of training (said how many); empty without it."""
+    from engine.labels import excluded_ids, read_exclusions
+
+    if not cfg.DATA.EXCLUDE:
+        return set()
+    exclusions = read_exclusions(cfg.DATA.EXCLUDE, split_ids)
+    boxes = sum(1 for v in exclusions.values() if v is not None)
+    print(f"DATA.EXCLUDE {cfg.DATA.EXCLUDE}: {len(exclusions)} of {len(split_ids)} images of "
+          f"'{cfg.DATA.SPLIT}' left out of training" + (f" ({boxes} of them for a marked box)"
+                                                       if boxes else "") + ".", flush=True)
+    return excluded_ids(exclusions)
+
+
+def warn_on_labels(cfg: Config) -> None:
+    """Stage 2's warnings about the labels this run trains on, again (they are in the label
+    folder's manifest); only those about the variants DATA.PSEUDO_LABELS names."""
+    from data.labelset import MANIFEST, LabelSet
+    from engine.label_quality import format_warnings
+
+    if not (cfg.pseudo_label_dir / MANIFEST).is_file():
+        return
+    used = set(cfg.DATA.PSEUDO_LABELS)
+    found = [w for w in LabelSet(cfg.pseudo_label_dir).quality.get("warnings", [])
+             if any(w.startswith(v) for v in used)]
+    if found:
+        print(format_warnings(found, str(cfg.pseudo_label_dir)), flush=True)
+
+
 def open_datasets(cfg: Config):
     """(train, val, class names): the split with its pseudo labels (or GT for DATA.GT_IDS), and
     the images of DATA.VAL_SPLIT that have a ground truth, both without transforms; val is None
@@ -106,7 +135,10 @@ def open_datasets(cfg: Config):
             warnings.warn(f"DATA.GT_IDS {cfg.DATA.GT_IDS}: {len(outside)} of {len(gt_ids)} ids "
                           f"are not in the split '{cfg.DATA.SPLIT}' and are ignored (e.g. "
                           f"{', '.join(outside[:3])}).", stacklevel=2)
-    train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=label_dirs, gt_ids=gt_ids)
+    excluded = excluded_images(cfg, data.split_ids(cfg.DATA.SPLIT))
+    train = data.mask_dataset(cfg.DATA.SPLIT, label_dirs=label_dirs, gt_ids=gt_ids,
+                              exclude=excluded)
+    warn_on_labels(cfg)
     val = None
     if cfg.DATA.VAL_SPLIT:
         val = data.mask_dataset(cfg.DATA.VAL_SPLIT, only_gt=True)

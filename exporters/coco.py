@@ -88,7 +88,7 @@ def export(labels, variant: str, out: Path, segmentation: str = "rle") -> Path:
                   for cid, name in labels.category_names.items()]
     path = Path(out) / f"instances_{labels.split}_{variant}.json"
     atomic_write_json(path, {
-        "info": {"description": f"BANA pseudo labels ({variant}) of {labels.folder}",
+        "info": {"description": f"BANA pseudo labels ({variant}) of split {labels.split}",
                  "image_root": str(labels.root), "variant": variant},
         "images": images, "annotations": annotations, "categories": categories})
     return path

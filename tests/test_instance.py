@@ -161,7 +161,7 @@ def instance_tree(tmp_path_factory):
             if m.any():
                 results.append({"image_id": a["image_id"], "category_id": a["category_id"],
                                 "segmentation": encode_masks(m[None])[0], "score": 1.0})
-        atomic_write_json(root / "Generation" / f"annotations_{name}.json",
+        atomic_write_json(root / "Generation/exports/coco" / f"instances_train_{name}.json",
                           results_as_dataset(results, gt.dataset["images"],
                                              gt.dataset["categories"]))
     assert mask_utils is not None
@@ -175,7 +175,7 @@ def test_mask_sources_give_the_expected_targets(instance_tree):
     split = instance_tree / "annotations/instances_train.json"
     box = COCOInstanceDataset(data, "train", split, masks="box")
     gt = COCOInstanceDataset(data, "train", split, masks="gt")
-    pseudo = COCOInstanceDataset(data, "train", instance_tree / "Generation/annotations_Y_crf.json")
+    pseudo = COCOInstanceDataset(data, "train", instance_tree / "Generation/exports/coco/instances_train_Y_crf.json")
     item_box, item_gt, item_pseudo = box[2], gt[2], pseudo[2]
     assert len(item_box["boxes"]) == len(item_gt["boxes"]) > 0
     for k, (x1, y1, x2, y2) in enumerate(item_box["boxes"].tolist()):

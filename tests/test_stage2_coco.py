@@ -1,7 +1,9 @@
-"""Stage 2 on the COCO layout (voc20): label maps, one instance mask per box as COCO results and
-annotation files, their COCO segm AP, resume, and the class-map checks."""
+"""Stage 2 on the COCO layout (voc20): label maps, one instance mask per box in the records, the
+COCO export and their COCO segm AP against the split's own masks, resume, and the class-map
+checks."""
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -13,7 +15,10 @@ from pycocotools.coco import COCO
 
 from data.coco import VOC20_FROM_COCO, evaluated_category_ids
 from engine.stage2 import load_labeler, run
-from engine.stage2_jobs import INSTANCE_SOURCES, LABELS, image_instances, pending_ids
+from data.labelset import LabelSet, image_record
+from engine.label_quality import INSTANCE_ROWS
+from engine.stage2_jobs import LABELS, pending_ids
+from exporters.coco import image_ids, results as coco_results
 from utils.coco_eval import AP_KEYS, evaluate_instances
 from engine.config import load_config
 from utils.errors import BanaError
@@ -37,7 +42,13 @@ def coco_cfg(root, out, label_dir, *opts):
     return load_config(ROOT / "configs/demo/stage2.yml", [
         "DATA.ROOT", str(root), "OUTPUT_DIR", str(out), "NAME", "stage2_coco",
         "DATA.DATASET", "coco", "DATA.CLASS_MAP", "voc20", "DATA.SPLIT", "train2017",
-        "DATA.NUM_WORKERS", "0", "DATA.PSEUDO_LABEL_DIR", str(label_dir), *opts])
+        "DATA.NUM_WORKERS", "0", "DATA.PSEUDO_LABEL_DIR", str(label_dir),
+        "DATA.EXPORTS", "[coco]", *opts])
+
+
+def instance_results(label_dir, variant="Y_crf"):
+    labels = LabelSet(label_dir)
+    return coco_results(labels, variant, labels.ids, image_ids(labels.ids))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +77,8 @@ def test_coco_run_writes_label_maps_and_instances_inside_their_boxes(coco_root, 
     out = cfg.pseudo_label_dir
     boxes = gt_boxes(coco_root)
     assert result["images"] == result["labelled_now"] == len(boxes) == 6
-    assert pending_ids([str(i) for i in boxes], out, instances=True) == []
-    results = json.loads((out / "instances_Y_crf.json").read_text())
+    assert pending_ids([str(i) for i in boxes], out) == []
+    results = instance_results(out)
     assert results and {r["image_id"] for r in results} <= set(boxes)
     assert GIRAFFE not in {r["category_id"] for r in results}
     for image_id, image_boxes in boxes.items():
@@ -91,17 +102,17 @@ def test_coco_results_load_in_pycocotools_and_the_ap_report_matches_them(coco_ro
     out = cfg.pseudo_label_dir
     gt = COCO(str(coco_root / "annotations/instances_train2017.json"))
     report = json.loads((cfg.run_dir / "quality.json").read_text())
-    assert report["class_map"] == "voc20" and report["images"] == 6
-    assert set(report["ap"]) == set(INSTANCE_SOURCES)
+    assert report["images"] == 6
+    assert set(report["ap"]) == set(INSTANCE_ROWS)
     for name in LABELS:
-        loaded = gt.loadRes(str(out / f"instances_{name}.json"))
-        assert len(loaded.getAnnIds()) == len(json.loads((out / f"instances_{name}.json")
-                                                         .read_text()))
-        trainable = COCO(str(out / f"annotations_{name}.json"))
-        assert len(trainable.getAnnIds()) == len(loaded.getAnnIds())
-        assert set(trainable.getCatIds()) == set(evaluated_category_ids("voc20"))
-        stats = evaluate_instances(gt, str(out / f"instances_{name}.json"),
-                                   image_ids=gt.getImgIds(),
+        results = instance_results(out, name)
+        loaded = gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the entries
+        assert len(loaded.getAnnIds()) == len(results)
+        if name == "Y_crf":  # DATA.EXPORT_VARIANT
+            trainable = COCO(str(out / "exports/coco/instances_train2017_Y_crf.json"))
+            assert len(trainable.getAnnIds()) == len(loaded.getAnnIds())
+            assert set(trainable.getCatIds()) == set(evaluated_category_ids("voc20"))
+        stats = evaluate_instances(gt, results, image_ids=gt.getImgIds(),
                                    category_ids=evaluated_category_ids("voc20"))
         assert report["ap"][name] == pytest.approx(stats)
         assert result["instance_quality"][name] == pytest.approx(stats["AP"])
@@ -115,13 +126,13 @@ def test_coco_results_load_in_pycocotools_and_the_ap_report_matches_them(coco_ro
 def test_coco_run_resumes_from_its_per_image_files(coco_root, stage1_dir, coco_run):
     cfg, *_ = coco_run
     out = cfg.pseudo_label_dir
-    merged = {p.name: p.read_bytes() for p in out.glob("*.json")}
-    ids = sorted(p.stem for p in (out / "instances").glob("*.json"))
-    (out / "instances" / f"{ids[1]}.json").unlink()
+    merged = {p.name: p.read_bytes() for p in out.rglob("*.json")}
+    ids = sorted(p.stem for p in (out / "records").glob("*.json"))
+    (out / "records" / f"{ids[1]}.json").unlink()
     (out / "Y_ret" / f"{ids[4]}.png").unlink()
     result = run(cfg, devices="cpu", workers=1)
     assert result["labelled_now"] == 2
-    assert {p.name: p.read_bytes() for p in out.glob("*.json")} == merged
+    assert {p.name: p.read_bytes() for p in out.rglob("*.json")} == merged
 
 
 def test_instances_of_one_image_from_a_hand_made_label_map():
@@ -137,26 +148,31 @@ def test_instances_of_one_image_from_a_hand_made_label_map():
     inside = box_pixel_masks(boxes, 10, 10)
     scores = np.stack([0.9 * inside[0], 0.5 * inside[1], 0.7 * inside[2]]).astype(np.float32)
     scores[1, 5, 5] = 1.0
-    job = {"id": "42", "boxes": boxes, "category_ids": np.array([cat, cat, dog])}
-    record = image_instances(job, label, label, scores)
-    assert set(record) == set(INSTANCE_SOURCES)
+    record = image_record("42", "42.jpg", boxes[:, :4], boxes[:, 4],
+                          {"Y_crf": label, "Y_ret": label, "Y_box": label},
+                          {v: f"{v}/42.png" for v in ("Y_crf", "Y_ret", "Y_box")}, scores)
     expected_a = inside[0] & (label == 8)
     expected_a[5, 5] = False
     expected_b = inside[1] & (label == 8) & ~expected_a
     expected_c = inside[2] & (label == 12)
+
+    def decode(entries):
+        return np.stack([mask_utils.decode({"size": e["size"], "counts": e["counts"].encode()})
+                         for e in entries]) > 0
+
     for name in LABELS:
-        entries = record[name]
-        assert [(e["image_id"], e["category_id"]) for e in entries] == \
-            [(42, cat), (42, cat), (42, dog)]
-        masks = mask_utils.decode([e["segmentation"] for e in entries]).transpose(2, 0, 1) > 0
+        masks = decode(record["instances"][name])
         np.testing.assert_array_equal(masks[0], expected_a)
         np.testing.assert_array_equal(masks[1], expected_b)
         np.testing.assert_array_equal(masks[2], expected_c)
         n = expected_b.sum()  # B's pixels score 0.5, except (5, 5) which scores 1
-        assert [e["score"] for e in entries] == pytest.approx([0.9, (0.5 * (n - 1) + 1) / n, 0.7])
-    boxes_only = mask_utils.decode([e["segmentation"] for e in record["box_baseline"]])
-    np.testing.assert_array_equal(boxes_only.transpose(2, 0, 1) > 0, inside)
-    assert [e["score"] for e in record["box_baseline"]] == [1.0, 1.0, 1.0]
+        assert record["scores"][name] == pytest.approx([0.9, (0.5 * (n - 1) + 1) / n, 0.7],
+                                                       abs=1e-4)
+    np.testing.assert_array_equal(decode(record["instances"]["Y_box"]), inside)
+    assert record["scores"]["Y_box"] == [1.0, 1.0, 1.0]
+    # fill: A's 36 pixels are all cat; B's 49 hold 25 cat ones; C's 16 hold 8 dog ones.
+    assert record["fill"]["Y_crf"] == pytest.approx([1.0, 25 / 49, 8 / 16], abs=1e-4)
+    assert record["agreement"] == [1.0, 1.0, 1.0]
 
 
 def test_coco80_labels_carry_the_80_class_numbering(coco_root, tmp_path):
@@ -186,12 +202,11 @@ def test_coco80_labels_carry_the_80_class_numbering(coco_root, tmp_path):
     for image_id, cats in categories.items():
         label = read_index_png(out / "Y_crf" / f"{image_id}.png")
         assert set(np.unique(label)) <= {0} | {COCO80_INDEX[c] for c in cats}
-    baseline = json.loads((out / "instances" / "1.json").read_text())["box_baseline"]
-    assert {r["category_id"] for r in baseline} == categories[1]
-    results = json.loads((out / "instances_Y_crf.json").read_text())
+    baseline = instance_results(out, "Y_box")
+    assert {r["category_id"] for r in baseline if r["image_id"] == 1} == categories[1]
+    results = instance_results(out)
     assert all(r["category_id"] in categories[r["image_id"]] for r in results)
-    report = json.loads((cfg.run_dir / "quality.json").read_text())
-    assert report["class_map"] == "coco80"
+    assert LabelSet(out).category_ids == [0, *sorted(COCO80_INDEX)]
 
 
 def test_class_map_and_classifier_size_must_agree(coco_root, stage1_dir, tmp_path):
