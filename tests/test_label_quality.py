@@ -1,0 +1,157 @@
+"""No-ground-truth signals of a label set, the warnings they raise (stage 2's closing summary, and
+stage 3 again when it starts on those labels), and DATA.EXCLUDE (the review page's list)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.labelset import LabelSet, image_record, record_path, write_manifest
+from engine.config import load_config
+from engine.label_quality import (MIN_FILL, format_signals, label_warnings, signals)
+from engine.labels import read_exclusions
+from utils.errors import BanaError
+from utils.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("background", "person", "car")
+
+
+def record(fills_crf, fills_ret, classes, agreement=None):
+    """A record whose signals are given (the rest of a record does not matter here)."""
+    return {"classes": list(classes), "fill": {"Y_crf": list(fills_crf), "Y_ret": list(fills_ret),
+                                               "Y_box": [1.0] * len(classes)},
+            "agreement": list(agreement) if agreement is not None else None}
+
+
+def test_signals_per_variant_and_class_against_numpy():
+    rng = np.random.default_rng(0)
+    recs, crf, ret, cls, agree = [], [], [], [], []
+    for _ in range(30):
+        k = int(rng.integers(0, 4))
+        c, r, cl, a = rng.random(k), rng.random(k), rng.integers(1, 3, k), rng.random(k)
+        recs.append(record(c, r, cl, a))
+        crf += list(c)
+        ret += list(r)
+        cls += list(cl)
+        agree += list(a)
+    sig = signals(recs, CLASSES)
+    crf, cls = np.array(crf), np.array(cls)
+    assert sig["images"] == 30 and sig["boxes"] == len(cls)
+    person = sig["variants"]["Y_crf"]["per_class"]["person"]
+    assert person["boxes"] == (cls == 1).sum()
+    assert person["fill_mean"] == pytest.approx(crf[cls == 1].mean(), abs=1e-4)
+    assert person["fill_p10"] == pytest.approx(np.percentile(crf[cls == 1], 10), abs=1e-4)
+    assert person["lost"] == (crf[cls == 1] < 0.05).sum()
+    assert sig["variants"]["Y_crf"]["overall"]["fill_mean"] == pytest.approx(crf.mean(), abs=1e-4)
+    assert sig["agreement"]["overall"]["mean"] == pytest.approx(np.mean(agree), abs=1e-4)
+    assert "person" in format_signals(sig) and "Y_ret" in format_signals(sig)
+
+
+def test_warning_fires_on_labels_that_leave_boxes_background():
+    """Penn-Fudan's failure (issue 26): Y_crf gives a pedestrian 15 % of its box, many boxes
+    nothing at all; Y_ret is plausible."""
+    rng = np.random.default_rng(1)
+    recs = [record(np.clip(rng.normal(0.15, 0.1, 3), 0, 1), rng.uniform(0.3, 0.6, 3), [1, 1, 1],
+                   rng.uniform(0.6, 0.9, 3)) for _ in range(40)]
+    warnings = label_warnings(signals(recs, CLASSES))
+    assert len(warnings) == 2
+    assert warnings[0].startswith("Y_crf: boxes are mostly background") and "person" in warnings[0]
+    assert warnings[1].startswith("Y_crf: objects lost")
+    assert not any(w.startswith("Y_ret") for w in warnings)
+
+
+def test_no_warning_on_plausible_labels_and_rare_classes_are_judged_together():
+    rng = np.random.default_rng(2)
+    recs = [record(rng.uniform(0.45, 0.9, 2), rng.uniform(0.4, 0.9, 2), [1, 2],
+                   rng.uniform(0.7, 1, 2)) for _ in range(20)]
+    assert label_warnings(signals(recs, CLASSES)) == []
+    # 3 car boxes with nothing labelled: too few to judge alone, and the whole set is fine
+    few = recs + [record([0.0], [0.5], [2], [0.5]) for _ in range(3)]
+    assert label_warnings(signals(few, CLASSES)) == []
+    # ...but 3 of 4 boxes of a set that small are judged together, and are lost
+    tiny = [record([0.0], [0.5], [2], [0.5]) for _ in range(3)] + [record([0.6], [0.6], [1])]
+    warned = label_warnings(signals(tiny, CLASSES))
+    assert any("all classes" in w for w in warned)
+
+
+def test_warning_threshold_is_where_the_docs_say():
+    at = [record([MIN_FILL + 0.01] * 5, [0.5] * 5, [1] * 5, [0.9] * 5)]
+    below = [record([MIN_FILL - 0.01] * 5, [0.5] * 5, [1] * 5, [0.9] * 5)]
+    assert label_warnings(signals(at, CLASSES)) == []
+    assert len(label_warnings(signals(below, CLASSES))) == 1
+
+
+def labelled_set(folder: Path, warnings: list[str]) -> None:
+    """A one-image label set whose manifest carries `warnings`."""
+    label = np.zeros((8, 8), np.uint8)
+    rec = image_record("0", "0.jpg", np.array([[0, 0, 4, 4]]), [1], {"Y_crf": label},
+                       {"Y_crf": "Y_crf/0.png"})
+    atomic_write_json(record_path(folder, "0"), rec)
+    write_manifest(folder, classes=CLASSES, category_ids=[0, 1, 2], split="train", root=folder,
+                   variants=("Y_crf",), ids=["0"], made_by="test",
+                   quality={"signals": {}, "warnings": warnings})
+
+
+def test_stage3_prints_the_warnings_of_the_labels_it_trains_on(labelled_voc, tmp_path):
+    """stage 3's input check prints stage 2's warnings (those of the variants it trains on)."""
+    import shutil
+
+    from engine.stage3 import open_datasets
+
+    root = Path(shutil.copytree(labelled_voc, tmp_path / "VOC"))
+    labelled_set(root / "Generation", ["Y_crf: boxes are mostly background — mean box fill "
+                                       "person 12.0 %", "Y_box: never shown"])
+    cfg = load_config(ROOT / "configs/demo/stage3.yml", ["DATA.ROOT", str(root),
+                                                         "OUTPUT_DIR", str(tmp_path / "runs")])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        open_datasets(cfg)
+    assert "WARNING: the labels in" in printed.getvalue()
+    assert "person 12.0 %" in printed.getvalue() and "MODEL.USE_U0 false" in printed.getvalue()
+    assert "never shown" not in printed.getvalue()
+    cfg = load_config(ROOT / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(root), "OUTPUT_DIR", str(tmp_path / "runs"),
+        "DATA.PSEUDO_LABELS", "[Y_box, Y_box]"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        open_datasets(cfg)
+    assert "WARNING" not in printed.getvalue()
+
+
+def test_stage3_trains_on_exactly_the_images_not_excluded(labelled_voc, tmp_path):
+    from engine.stage3 import open_datasets
+
+    ids = (labelled_voc / "ImageSets/Segmentation/train.txt").read_text().split()
+    listed = tmp_path / "exclude.txt"
+    listed.write_text(f"# marked on the review page\n{ids[0]}\n{ids[3]} 0 2\n\n{ids[0]}\n")
+    cfg = load_config(ROOT / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(labelled_voc), "OUTPUT_DIR", str(tmp_path / "runs"),
+        "DATA.EXCLUDE", str(listed)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train, _, _ = open_datasets(cfg)
+    assert train.ids == [i for i in ids if i not in (ids[0], ids[3])]
+    assert f"2 of {len(ids)} images of 'train' left out" in printed.getvalue()
+    assert LabelSet is not None
+
+
+def test_exclusion_list_errors_name_the_line():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "x.txt"
+        path.write_text("a\nzzz\n")
+        with pytest.raises(BanaError, match=r"line 2: 'zzz'.*another split"):
+            read_exclusions(path, ["a", "b"])
+        path.write_text("a 1 x\n")
+        with pytest.raises(BanaError, match="line 1.*box indices"):
+            read_exclusions(path, ["a"])
+        with pytest.raises(BanaError, match="file not found"):
+            read_exclusions(Path(d) / "none.txt", ["a"])
+        path.write_text("a 1\na 3\nb\n")
+        assert read_exclusions(path, ["a", "b"]) == {"a": [1, 3], "b": None}
