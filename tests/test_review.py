@@ -3,7 +3,8 @@ tree's ground truth, and the page itself in headless Chromium (skipped, saying w
 chromedriver or selenium is absent).
 
 The label set: Y_crf = GT with the void band as background, then damaged by image (image k loses
-the lower k/12 of its object rows, so the images' lowest box fills differ); Y_ret = Y_crf with its top quarter erased; Y_box the filled boxes."""
+the lower k/12 of its object rows, so the images' lowest box fills differ); Y_ret = Y_crf with its
+top quarter erased; Y_box the filled boxes."""
 
 from __future__ import annotations
 
@@ -315,12 +316,12 @@ def test_the_page_in_headless_chromium(labels, synthetic_voc, tmp_path):
                               ".dispatchEvent(new Event('input'))")
         assert len(cards()) == 12
 
-        # Mark the worst image whole and box 0 of the second (by clicking it on the image).
+        # Mark the worst image whole and box 0 of the second (by clicking its number on the image).
         first, second = cards()[:2]
         bad_id, box_id = ids()[:2]
         first.find_element(By.CSS_SELECTOR, "input.bad-image").click()
-        second.find_element(By.CSS_SELECTOR, ".strip .box").click()
-        assert second.find_element(By.CSS_SELECTOR, "input.bad-box").is_selected()
+        second.find_element(By.CSS_SELECTOR, ".strip .box[data-box='0'] span").click()
+        assert second.find_element(By.CSS_SELECTOR, "input.bad-box[data-box='0']").is_selected()
         # The marks survive a reload (localStorage).
         driver.refresh()
         Select(driver.find_element(By.ID, "sort")).select_by_value("fill_min")
