@@ -16,8 +16,8 @@ filters by class, searches ids and shows one page of cards at a time, so 10,000 
 seconds.
 
 A thumbnail's name holds a hash of what it shows (the record, the label files, the image file's size
-and time, the ground truth), so a rebuild reuses the thumbnails of unchanged images, redraws those
-of relabelled ones and deletes the stale ones. Every file is written to a temporary file and
+and time, the ground truth), so a rebuild reuses the thumbnails of unchanged images (and those a
+stopped build drew), redraws those of relabelled ones and deletes the stale ones. Every file is written to a temporary file and
 renamed; the page switches to the new data by one rename of index.html, and nothing the old page
 uses is deleted before that, so a killed build leaves the previous page whole.
 
@@ -250,6 +250,7 @@ def build_review(labels: LabelSet, out_dir: Path | None = None,
     review/) and return the path of its index.html. `gt(image_id)` gives an image's ground-truth
     label map (uint8 (H, W), 255 = void) or None; with it, cards show the ground truth and the
     IoU of each variant, and the page opens sorted by the IoU of Y_crf."""
+    from PIL import Image
     from tqdm import tqdm
 
     from utils.io import atomic_write_jpeg, atomic_write_text, read_image
@@ -266,8 +267,14 @@ def build_review(labels: LabelSet, out_dir: Path | None = None,
         key = _content_key(labels, record, shown, gt_map)
         thumb = f"{THUMBS}/{_safe_name(record['id'])}-{key}.jpg"
         old = previous.get(thumb)
-        if old is not None and old["id"] == record["id"] and (out_dir / thumb).is_file():
-            cards.append(old)
+        if (out_dir / thumb).is_file():
+            if old is not None and old["id"] == record["id"]:
+                cards.append(old)
+                continue
+            # Drawn by a build that was stopped before it wrote its page: keep the drawing.
+            with Image.open(out_dir / thumb) as done:
+                shape = done.height, done.width
+            cards.append(_card(labels, record, shown, gt_map, thumb, shape))
             continue
         image = read_image(labels.image_path(record), exif=True)
         maps = [labels.label(record, v) for v in shown]

@@ -153,7 +153,7 @@ def test_rebuild_redraws_only_the_relabelled_image(labels):
     assert len(list(page.parent.glob("cards-*.js"))) == 1
 
 
-def test_a_killed_build_leaves_the_previous_page_whole(labels, monkeypatch):
+def test_a_killed_build_leaves_the_previous_page_whole(labels, monkeypatch, tmp_path):
     import engine.review
 
     page = build_review(labels, progress=False)
@@ -179,10 +179,17 @@ def test_a_killed_build_leaves_the_previous_page_whole(labels, monkeypatch):
         assert (page.parent / card["thumb"]).is_file()
     assert not list(page.parent.rglob("*.tmp"))
 
+    # The rerun resumes: the four thumbnails drawn before the kill are kept, not redrawn.
+    kept = {p.name: p.stat().st_mtime_ns for p in (page.parent / THUMBS).iterdir()}
+    assert len(kept) == len(labels.ids) + 4
     monkeypatch.setattr(engine.review, "render_strip", render_strip)
     new = page_data(build_review(LabelSet(labels.folder), progress=False))
     assert all(c["agreement"] == [0.5] * len(c["boxes"]) for c in new["cards"])
-    assert len(list((page.parent / THUMBS).iterdir())) == len(labels.ids)
+    now = {p.name: p.stat().st_mtime_ns for p in (page.parent / THUMBS).iterdir()}
+    assert len(now) == len(labels.ids) and len(set(now) - set(kept)) == len(labels.ids) - 4
+    assert all(kept[name] == now[name] for name in set(now) & set(kept))
+    fresh = build_review(LabelSet(labels.folder), tmp_path / "fresh", progress=False)
+    assert new["cards"] == page_data(fresh)["cards"]  # as an uninterrupted build makes them
 
 
 def test_odd_ids_get_safe_thumbnail_names(synthetic_voc, tmp_path):
