@@ -17,9 +17,10 @@ seconds.
 
 A thumbnail's name holds a hash of what it shows (the record, the label files, the image file's size
 and time, the ground truth), so a rebuild reuses the thumbnails of unchanged images (and those a
-stopped build drew), redraws those of relabelled ones and deletes the stale ones. Every file is written to a temporary file and
-renamed; the page switches to the new data by one rename of index.html, and nothing the old page
-uses is deleted before that, so a killed build leaves the previous page whole.
+stopped build drew), redraws those of relabelled ones and deletes the stale ones. Every file is
+written to a temporary file and renamed; the page switches to the new data by one rename of
+index.html, and nothing the old page uses is deleted before that, so a killed build leaves the
+previous page whole.
 
 The exclusion list (the page's "Download" button; stage 3 reads it as DATA.EXCLUDE)
 -----------------------------------------------------------------------------------------
