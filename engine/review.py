@@ -31,7 +31,8 @@ UTF-8 text, one line per excluded image or set of boxes:
                               `boxes`, as the page numbers them): their pixels are ignored
 The id is the image id exactly as in the label folder's records. The page separates the id from the
 box indices with a TAB, because ids may hold spaces; a person writing the file by hand may use any
-whitespace when the id has none. `read_exclusions` is the reference reader.
+whitespace when the id has none. Lines of one id add up; a whole-image line wins over box lines.
+`read_exclusions` is the reference reader.
 """
 
 from __future__ import annotations
