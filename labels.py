@@ -12,7 +12,6 @@ DIR/review/index.html (CONFIG adds the ground truth where the split has some).
 """
 
 import argparse
-import sys
 
 
 def parse(argv=None) -> argparse.Namespace:

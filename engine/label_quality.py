@@ -57,7 +57,7 @@ def _stats(fills: np.ndarray) -> dict:
 def signals(records, classes) -> dict:
     """The no-ground-truth signals of a label set's `records` (an iterable of record dicts),
     per variant and per class (`classes`: names by index)."""
-    fills, agree, cls = {}, [], []
+    fills, agree, cls, agree_cls = {}, [], [], []
     images = 0
     for rec in records:
         images += 1
@@ -66,7 +66,8 @@ def signals(records, classes) -> dict:
             fills.setdefault(variant, []).extend(values)
         if rec.get("agreement") is not None:
             agree += rec["agreement"]
-    cls = np.asarray(cls, dtype=np.int64)
+            agree_cls += rec["classes"]
+    cls, agree_cls = np.asarray(cls, dtype=np.int64), np.asarray(agree_cls, dtype=np.int64)
     out = {"images": images, "boxes": int(len(cls)), "lost_fill": LOST_FILL, "variants": {}}
     present = [c for c in range(1, len(classes)) if (cls == c).any()]
     for variant, values in fills.items():
@@ -79,8 +80,8 @@ def signals(records, classes) -> dict:
         out["agreement"] = {
             "overall": {"boxes": len(values), "mean": round(float(values.mean()), 4),
                         "p10": round(float(np.percentile(values, 10)), 4)},
-            "per_class": {classes[c]: round(float(values[cls == c].mean()), 4)
-                          for c in present}}
+            "per_class": {classes[c]: round(float(values[agree_cls == c].mean()), 4)
+                          for c in present if (agree_cls == c).any()}}
     return out
 
 

@@ -94,38 +94,22 @@ def gt_reader(cfg: Config | None, split: str):
 
 
 def read_exclusions(path, known_ids) -> dict[str, list[int] | None]:
-    """The exclusion list of DATA.EXCLUDE (the review page's download): {image id: None (the
-    whole image) or the box indices marked}. One image per line, `<id>` or `<id> <box> ...`;
-    blank lines and lines starting with '#' are skipped. An id the split does not have is an
-    error that names it (a list from another split or dataset)."""
+    """The exclusion list of DATA.EXCLUDE (the review page's download, format in
+    engine/review.py): {image id: None (the whole image) or the box indices marked}. An id the
+    split does not have is an error that names it (a list from another split or dataset)."""
+    from engine.review import read_exclusions as parse
+
     path = Path(path)
     if not path.is_file():
         raise BanaError(f"DATA.EXCLUDE {path}: file not found (the review page's 'Download "
-                        "list' writes one; set DATA.EXCLUDE '' to train on every image).")
-    known = set(known_ids)
-    out, unknown = {}, []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        image_id, *boxes = line.split()
-        if image_id not in known:
-            unknown.append(f"line {n}: {image_id!r}")
-            continue
-        try:
-            marked = [int(b) for b in boxes]
-        except ValueError:
-            raise BanaError(f"DATA.EXCLUDE {path} line {n}: {line!r}: after the image id come "
-                            "box indices (integers), if any.") from None
-        if not marked:
-            out[image_id] = None
-        elif out.get(image_id, []) is not None:
-            out[image_id] = sorted(set(out.get(image_id, [])) | set(marked))
-    if unknown:
-        raise BanaError(f"DATA.EXCLUDE {path} names {len(unknown)} image(s) that the training "
-                        f"split does not have ({', '.join(unknown[:3])}): is it the list of "
-                        "another split or dataset?")
-    return out
+                        "exclusion list' writes one; set DATA.EXCLUDE '' to train on every "
+                        "image).")
+    try:
+        listed = parse(path, list(known_ids))
+    except ValueError as err:
+        raise BanaError(f"DATA.EXCLUDE: {err}. Is it the list of another split or dataset? "
+                        "Fix or remove that line.") from None
+    return {k: None if v is None else sorted(v) for k, v in listed.items()}
 
 
 def excluded_ids(exclusions: dict) -> set[str]:

@@ -15,6 +15,7 @@ the exports DATA.EXPORTS lists (exporters/). Files under DATA.PSEUDO_LABEL_DIR:
     Y_crf/<id>.png, Y_ret/<id>.png, Y_box/<id>.png   label maps (class ids, VOC palette)
     records/<id>.json                                the image's record
     labelset.json                                    the manifest (written when all are done)
+    review/index.html                                the review page (engine/review.py)
     inputs.jsonl                                     what each image's labels were made from
     exports/<format>/                                DATA.EXPORTS
 """
@@ -367,7 +368,8 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
     path = out_root / RECORD
     new = labelling_record(cfg)
     # "instances": the per-image files of label folders written before records existed.
-    labels = [d for d in (*VARIANTS, RECORDS, "instances", "exports") if (out_root / d).is_dir()]
+    labels = [d for d in (*VARIANTS, RECORDS, "instances", "exports", "review")
+              if (out_root / d).is_dir()]
     if path.is_file():
         old = json.loads(path.read_text())
         old = {**RECORD_DEFAULTS, **old}
@@ -524,7 +526,8 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
 
 def finish_label_set(cfg: Config, data, ids: list[str]) -> dict:
     """Once every image is labelled: the signals (printed, with warnings), the manifest, the
-    reports against ground truth where the split has some (quality.json), DATA.EXPORTS.
+    reports against ground truth where the split has some (quality.json), the review page,
+    DATA.EXPORTS.
     Returns what the run's result adds."""
     from data.labelset import LabelSet, write_manifest
     from engine.label_quality import (format_instance_report, format_report, format_signals,
@@ -557,6 +560,11 @@ def finish_label_set(cfg: Config, data, ids: list[str]) -> dict:
         quality.update(instance)
         result["instance_quality"] = {k: v["AP"] for k, v in instance["ap"].items()}
     atomic_write_json(cfg.run_dir / "quality.json", quality)
+    from engine.review import build_review
+
+    with_gt = set(data.gt_ids(split))
+    build_review(labels, gt=lambda i: data.gt_label(split, i) if i in with_gt else None,
+                 progress=len(ids) >= 200)
     if cfg.DATA.EXPORTS:
         from exporters import run_exports
 

@@ -18,7 +18,7 @@ from utils.errors import BanaError
 from utils.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("background", "person", "car")
+CLASSES = ("background", "person", "car", "bike")
 
 
 def record(fills_crf, fills_ret, classes, agreement=None):
@@ -70,8 +70,8 @@ def test_no_warning_on_plausible_labels_and_rare_classes_are_judged_together():
     recs = [record(rng.uniform(0.45, 0.9, 2), rng.uniform(0.4, 0.9, 2), [1, 2],
                    rng.uniform(0.7, 1, 2)) for _ in range(20)]
     assert label_warnings(signals(recs, CLASSES)) == []
-    # 3 car boxes with nothing labelled: too few to judge alone, and the whole set is fine
-    few = recs + [record([0.0], [0.5], [2], [0.5]) for _ in range(3)]
+    # 3 bike boxes with nothing labelled: too few to judge alone, and the whole set is fine
+    few = recs + [record([0.0], [0.5], [3], [0.5]) for _ in range(3)]
     assert label_warnings(signals(few, CLASSES)) == []
     # ...but 3 of 4 boxes of a set that small are judged together, and are lost
     tiny = [record([0.0], [0.5], [2], [0.5]) for _ in range(3)] + [record([0.6], [0.6], [1])]
@@ -92,7 +92,7 @@ def labelled_set(folder: Path, warnings: list[str]) -> None:
     rec = image_record("0", "0.jpg", np.array([[0, 0, 4, 4]]), [1], {"Y_crf": label},
                        {"Y_crf": "Y_crf/0.png"})
     atomic_write_json(record_path(folder, "0"), rec)
-    write_manifest(folder, classes=CLASSES, category_ids=[0, 1, 2], split="train", root=folder,
+    write_manifest(folder, classes=CLASSES, category_ids=[0, 1, 2, 3], split="train", root=folder,
                    variants=("Y_crf",), ids=["0"], made_by="test",
                    quality={"signals": {}, "warnings": warnings})
 
@@ -116,7 +116,7 @@ def test_stage3_prints_the_warnings_of_the_labels_it_trains_on(labelled_voc, tmp
     assert "never shown" not in printed.getvalue()
     cfg = load_config(ROOT / "configs/demo/stage3.yml", [
         "DATA.ROOT", str(root), "OUTPUT_DIR", str(tmp_path / "runs"),
-        "DATA.PSEUDO_LABELS", "[Y_box, Y_box]"])
+        "DATA.PSEUDO_LABELS", "[Y_ret, Y_ret]"])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         open_datasets(cfg)
@@ -128,7 +128,7 @@ def test_stage3_trains_on_exactly_the_images_not_excluded(labelled_voc, tmp_path
 
     ids = (labelled_voc / "ImageSets/Segmentation/train.txt").read_text().split()
     listed = tmp_path / "exclude.txt"
-    listed.write_text(f"# marked on the review page\n{ids[0]}\n{ids[3]} 0 2\n\n{ids[0]}\n")
+    listed.write_text(f"# marked on the review page\n{ids[0]}\n{ids[3]}\t0 2\n\n{ids[0]}\n")
     cfg = load_config(ROOT / "configs/demo/stage3.yml", [
         "DATA.ROOT", str(labelled_voc), "OUTPUT_DIR", str(tmp_path / "runs"),
         "DATA.EXCLUDE", str(listed)])
@@ -146,10 +146,10 @@ def test_exclusion_list_errors_name_the_line():
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "x.txt"
         path.write_text("a\nzzz\n")
-        with pytest.raises(BanaError, match=r"line 2: 'zzz'.*another split"):
+        with pytest.raises(BanaError, match=r"line 2: image id 'zzz'.*another split"):
             read_exclusions(path, ["a", "b"])
-        path.write_text("a 1 x\n")
-        with pytest.raises(BanaError, match="line 1.*box indices"):
+        path.write_text("a\t1 x\n")
+        with pytest.raises(BanaError, match="line 1: box indices"):
             read_exclusions(path, ["a"])
         with pytest.raises(BanaError, match="file not found"):
             read_exclusions(Path(d) / "none.txt", ["a"])
