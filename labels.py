@@ -3,7 +3,7 @@
     python labels.py export --labels DIR --format coco yolo_seg voc [--variant Y_crf] [--out DIR]
                             [--polygons] [--copy-images] [--voc-border]
     python labels.py index  --labels DIR --config-file CONFIG [--opts KEY VALUE ...]
-    python labels.py review --labels DIR [--config-file CONFIG]
+    python labels.py review --labels DIR [--out DIR] [--config-file CONFIG]
 
 export: the masks in the formats other tools train on (exporters/); index: make a folder of
 predict.py label maps a label set, joining them with the boxes of CONFIG's dataset (DATA.ROOT,
@@ -30,6 +30,8 @@ def parse(argv=None) -> argparse.Namespace:
                        help="the dataset's config (DATA.* keys: its boxes, classes, split)")
         s.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                        help="config overrides, as for the stages")
+    review.add_argument("--out", default=None, metavar="DIR",
+                        help="where to write the page (default: <labels>/review)")
     export.add_argument("--format", nargs="+", required=True, metavar="NAME",
                         help="coco, yolo_seg and/or voc")
     export.add_argument("--variant", default=None, metavar="NAME",
@@ -71,7 +73,8 @@ def run(args):
             from engine.config import load_config
 
             cfg = load_config(args.config_file, args.opts)
-        return build_review(labels, gt=gt_reader(cfg, labels.split))
+        return build_review(labels, Path(args.out) if args.out else None,
+                            gt=gt_reader(cfg, labels.split))
     from exporters import run_exports
 
     variant = args.variant or ("Y_crf" if "Y_crf" in labels.variants else labels.variants[0])

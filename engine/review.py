@@ -307,22 +307,6 @@ def build_review(labels: LabelSet, out_dir: Path | None = None,
     for path in out_dir.glob("cards-*.js"):
         if path.name != data_name:
             path.unlink()
-    if progress:
-        print(f"Review page ({len(cards)} images, {drawn} thumbnails drawn, "
-              f"{len(cards) - drawn} reused): {page}")
+    print(f"Review page ({len(cards)} images, {drawn} thumbnails drawn, "
+          f"{len(cards) - drawn} reused): {page}", flush=True)
     return page
-
-
-def review_main(argv=None) -> Path:
-    """`python labels.py review --labels DIR [--out DIR]`: build the review page."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write the review page of a label folder.")
-    parser.add_argument("--labels", required=True, metavar="DIR",
-                        help="a label folder (DATA.PSEUDO_LABEL_DIR) that holds labelset.json")
-    parser.add_argument("--out", metavar="DIR", help="where to write it (default: DIR/review)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    return build_review(LabelSet(args.labels), Path(args.out) if args.out else None,
-                        progress=not args.no_progress)
-

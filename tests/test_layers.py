@@ -1,8 +1,8 @@
 """The shape of the code: imports run down the layers, never in a circle.
 
-Layers, lowest first: utils/ (I/O, CRF, metrics, pools: knows nothing of the others), then data/
-and models/ (datasets; networks and their math), then engine/ (the stages, the config schema),
-then the entry scripts (stage*.py, evaluate.py, predict.py, demo.py, benchmarks/). Imports
+Layers, lowest first: utils/ (I/O, CRF, metrics, pools: knows nothing of the others), then data/,
+models/ and exporters/ (datasets and label sets; networks and their math; mask formats), then
+engine/ (the stages, the config schema), then the entry scripts (stage*.py, evaluate.py, predict.py, demo.py, benchmarks/). Imports
 inside functions count as much as those at the top.
 """
 
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LAYERS = {"utils": 0, "data": 1, "models": 1, "engine": 2}
+LAYERS = {"utils": 0, "data": 1, "models": 1, "exporters": 1, "engine": 2}
 
 
 def project_modules() -> dict[str, Path]:
