@@ -91,6 +91,8 @@ class Demo:
                        "NAME", f"stage2_{name}", "MODEL.WEIGHTS",
                        f"{stage1_run}/checkpoints/final.ckpt", "MODEL.USE_U0", str(u0).lower(),
                        "DATA.PSEUDO_LABEL_DIR", f"Generation/{name}")
+        self.step("masks out (COCO, YOLO-seg, VOC)", "labels.py", "export", "--labels",
+                  str(self.data / "Generation/bap"), "--format", "coco", "yolo_seg", "voc")
         it3 = p["stage3_iter"]
         # Stage 3 starts from the stage-1 BAP backbone: the CPU demo has no ImageNet weights for
         # its `tiny` backbone, and stage 1 is its pretraining (the paper: ImageNet; SPEC §8).
@@ -124,7 +126,9 @@ class Demo:
             stage3[row] = {mode: round(float(m["miou"]), 2)
                            for mode, m in metrics["modes"].items()}
         stage3["untrained (random init)"] = {"single": untrained_miou(self.data)}
-        return {"pseudo_labels": pseudo, "stage3": stage3,
+        warnings = {name: json.loads((self.out / f"stage2_{name}" / "quality.json").read_text())
+                    ["warnings"] for name in PSEUDO_LABELS}
+        return {"pseudo_labels": pseudo, "stage3": stage3, "label_warnings": warnings,
                 "seconds": {t: round(s, 1) for t, s in self.timings}}
 
 
@@ -161,6 +165,10 @@ def results_markdown(results: dict, preset_name: str, preset: dict) -> str:
               "| trained on | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     lines += [f"| {loss} | " + " | ".join(f"{m[k]:.2f}" if k in m else "" for k in modes) + " |"
               for loss, m in results["stage3"].items()]
+    warned = {k: v for k, v in results["label_warnings"].items() if v}
+    lines += ["", "Stage 2's no-ground-truth warnings: " + (
+        "; ".join(f"{k}: {' '.join(v)}" for k, v in warned.items()) if warned else
+        "none (every label set's box fill, lost boxes and agreement are plausible).")]
     total = sum(results["seconds"].values())
     lines += ["", f"Wall time of the steps: {total:.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())})."]
@@ -185,13 +193,46 @@ def figure(out: Path, data: Path, n: int, path: Path) -> None:
     atomic_write_png(path, stack_rows(rows, gap=3))
 
 
+def exports_figure(data: Path, n: int, path: Path) -> None:
+    """Rows of image | COCO export (each instance its colour) | YOLO-seg polygons | VOC
+    SegmentationObject, read back from the files `labels.py export` wrote for Generation/bap."""
+    import cv2
+    import numpy as np
+    from pycocotools.coco import COCO
+
+    from utils.io import atomic_write_png, read_image, read_index_png
+    from utils.palette import colorize, stack_rows
+
+    exports = data / "Generation/bap/exports"
+    coco = COCO(str(exports / "coco/instances_train_Y_crf.json"))
+    by_name = {im["file_name"]: im["id"] for im in coco.dataset["images"]}
+    rows = []
+    for i in (data / "ImageSets/Segmentation/train.txt").read_text().split()[:n]:
+        image = read_image(data / "JPEGImages" / f"{i}.jpg")
+        h, w = image.shape[:2]
+        instances = np.zeros((h, w), np.uint8)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=by_name[f"JPEGImages/{i}.jpg"]))
+        for k, ann in enumerate(anns):
+            instances[coco.annToMask(ann) > 0] = k + 1
+        drawn = image.copy()
+        for line in (exports / "yolo_seg/labels/train" / f"{i}.txt").read_text().splitlines():
+            xy = np.array(line.split()[1:], float).reshape(-1, 2) * [w, h]
+            cv2.polylines(drawn, [np.round(xy).astype(np.int32)], True, (255, 255, 0), 1)
+        objects = read_index_png(exports / "voc/SegmentationObject" / f"{i}.png")
+        gap = np.full((h, 3, 3), 255, np.uint8)
+        rows.append(np.concatenate([image, gap, colorize(instances), gap, drawn, gap,
+                                    colorize(objects)], 1))
+    atomic_write_png(path, stack_rows(rows, gap=3))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--data", type=Path, default=Path("datasets/synthetic"))
     parser.add_argument("--write-docs", action="store_true",
-                        help="also write docs/demo_results.md and docs/demo.png")
+                        help="also write docs/demo_results.md, docs/demo.png and "
+                             "docs/exports.png")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out, data = args.out.resolve(), args.data.resolve()
@@ -204,6 +245,7 @@ def main(argv=None) -> dict:
     text = results_markdown(results, args.preset, preset)
     fig = out / "demo.png"
     figure(out, data, preset["panels"], fig)
+    exports_figure(data, preset["panels"], out / "exports.png")
     (out / "demo_results.md").write_text(text)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + text)
@@ -214,7 +256,9 @@ def main(argv=None) -> dict:
         docs.mkdir(exist_ok=True)
         (docs / "demo_results.md").write_text(text)
         shutil.copyfile(fig, docs / "demo.png")
-        print(f"Wrote {docs / 'demo_results.md'} and {docs / 'demo.png'}.")
+        shutil.copyfile(out / "exports.png", docs / "exports.png")
+        print(f"Wrote {docs / 'demo_results.md'}, {docs / 'demo.png'} and "
+              f"{docs / 'exports.png'}.")
     return results
 
 

@@ -40,12 +40,18 @@ def test_demo_pipeline_produces_every_artefact(tmp_path, monkeypatch):
     # Stage 3 started from the stage-1 BAP backbone.
     saved = (out / "stage3_nal" / "config.yaml").read_text()
     assert str(out / "stage1_bap" / "checkpoints" / "final.ckpt") in saved
+    ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()
     for name in ("bap", "bap_no_u0", "gap"):
         assert (out / f"stage2_{name}" / "quality.json").is_file()
-        ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()
         for kind in ("Y_crf", "Y_ret", "Y_box"):
             assert all((data / "Generation" / name / kind / f"{i}.png").is_file() for i in ids)
-    assert (out / "demo.png").stat().st_size > 0
+    assert (out / "demo.png").stat().st_size > 0 and (out / "exports.png").stat().st_size > 0
+    exported = data / "Generation/bap/exports"
+    assert (exported / "coco/instances_train_Y_crf.json").is_file()
+    assert (exported / "yolo_seg/data.yaml").is_file()
+    assert len(list((exported / "voc/SegmentationObject").glob("*.png"))) == len(ids)
+    assert set(results["label_warnings"]) == {"bap", "bap_no_u0", "gap"}
+    assert (data / "Generation/bap/review/index.html").is_file()
     table = (out / "demo_results.md").read_text()
     assert "BAP Y_crf" in table and "NAL" in table and "GT masks" in table
     assert json.loads((out / "demo_results.json").read_text())["pseudo_labels"] == pseudo
