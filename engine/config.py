@@ -191,6 +191,14 @@ class ModelConfig:
                                "0 in u0.", check=_unit, rule="in [0, 1]")
     USE_U0: bool = _key(True, "Stage 2: use the background attention u0 as the background unary "
                         "inside boxes (False = the 'Y_crf w/o u0' ablation).")
+    U0_CHECK: int = _key(0, "Stage 2, ours (docs/SPEC.md §8): 0 = off (the authors' recipe). N > "
+                         "0 = before labelling the split, label N of its images (evenly spaced) "
+                         "with and without u0 and, if with u0 their mean Y_crf box fill is below "
+                         "the plausible minimum (engine/label_quality.py MIN_FILL) while without "
+                         "it is not, label the split without u0 (MODEL.USE_U0 false), saying so. "
+                         "A weakly trained stage 1 (from scratch, few iterations) can give a "
+                         "background attention that claims most of every box.",
+                         check=_non_negative, rule=">= 0")
     DCRF: list[float] = _key([4, 55, 3, 3, 3], "DenseCRF [bi_w, bi_xy_std, bi_rgb_std, pos_w, "
                              "pos_xy_std] (stage 2, and evaluate.py's post-processing).",
                              check=lambda v: len(v) == 5 and v[0] >= 0 and v[3] >= 0

@@ -444,6 +444,37 @@ def _prepare_folder(cfg: Config, overwrite: bool, launch) -> None:
     barrier(launch)
 
 
+def check_u0(cfg: Config, net, dataset, device: torch.device, workers: int) -> bool:
+    """MODEL.U0_CHECK: label MODEL.U0_CHECK images of the split (evenly spaced) with and without
+    u0 into a temporary folder; False (label without u0) when with it their mean Y_crf box fill
+    is below MIN_FILL and without it is not, else True. The stage-1 model and the images are
+    the run's, so a rerun decides the same."""
+    import copy
+    import tempfile
+
+    from data.labelset import RECORDS
+    from engine.label_quality import MIN_FILL
+
+    ids = list(dataset.ids)
+    step = max(1, len(ids) // cfg.MODEL.U0_CHECK)
+    sample = ids[::step][:cfg.MODEL.U0_CHECK]
+    fill = {}
+    with tempfile.TemporaryDirectory(prefix="u0_check_") as tmp:
+        for use_u0 in (True, False):
+            trial = copy.deepcopy(cfg)
+            trial.MODEL.USE_U0 = use_u0
+            trial.DATA.PSEUDO_LABEL_DIR = str(Path(tmp) / str(use_u0))
+            generate(trial, net, dataset, sample, device, workers, progress=False)
+            fills = [f for i in sample for f in json.loads(
+                (trial.pseudo_label_dir / RECORDS / f"{i}.json").read_text())["fill"]["Y_crf"]]
+            fill[use_u0] = float(np.mean(fills)) if fills else 1.0
+    keep = not (fill[True] < MIN_FILL <= fill[False])
+    print(f"MODEL.U0_CHECK on {len(sample)} images: mean Y_crf box fill {100 * fill[True]:.1f} % "
+          f"with u0, {100 * fill[False]:.1f} % without (plausible: at least "
+          f"{100 * MIN_FILL:.0f} %): labelling {'with' if keep else 'WITHOUT'} u0.", flush=True)
+    return keep
+
+
 def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overwrite: bool,
            pixel_work: str, save_vis: int) -> dict:
     from data.base import ensure_bg_masks
@@ -453,8 +484,11 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         workers = max(1, workers // launch.local_world_size)
     if launch.is_main:
         print(devices.note)
-    _prepare_folder(cfg, overwrite, launch)
     ensure_bg_masks(data, cfg.DATA.SPLIT, workers, launch)
+    if cfg.MODEL.U0_CHECK and cfg.MODEL.USE_U0:
+        cfg.MODEL.USE_U0 = check_u0(cfg, net, dataset, devices.device_of(launch.local_rank),
+                                    workers)
+    _prepare_folder(cfg, overwrite, launch)
     ids = list(dataset.ids)
     mine = shard(ids, launch)
     announce_shard(launch, len(mine))

@@ -155,3 +155,35 @@ def test_exclusion_list_errors_name_the_line():
             read_exclusions(Path(d) / "none.txt", ["a"])
         path.write_text("a 1\na 3\nb\n")
         assert read_exclusions(path, ["a", "b"]) == {"a": [1, 3], "b": None}
+
+
+@pytest.mark.parametrize("with_u0, without_u0, keeps", [
+    (0.15, 0.38, False),   # Penn-Fudan's case: u0 claims the boxes, without it they are fine
+    (0.55, 0.60, True),    # u0 is fine: the authors' recipe stands
+    (0.10, 0.20, True),    # both implausible: u0 is not the cause, keep the recipe (and warn)
+])
+def test_u0_check_drops_u0_only_when_it_alone_makes_the_labels_implausible(
+        monkeypatch, tmp_path, with_u0, without_u0, keeps):
+    import engine.stage2 as stage2
+
+    labelled = []
+
+    def fake_generate(cfg, net, dataset, ids, device, workers, progress=True):
+        labelled.append((cfg.MODEL.USE_U0, list(ids), cfg.pseudo_label_dir))
+        fill = with_u0 if cfg.MODEL.USE_U0 else without_u0
+        for i in ids:
+            atomic_write_json(record_path(cfg.pseudo_label_dir, i), {"fill": {"Y_crf": [fill]}})
+        return len(ids)
+
+    monkeypatch.setattr(stage2, "generate", fake_generate)
+    cfg = load_config(ROOT / "configs/demo/stage2.yml", ["MODEL.U0_CHECK", "3",
+                                                         "DATA.ROOT", str(tmp_path)])
+    dataset = type("D", (), {"ids": [f"im{k}" for k in range(10)]})()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert stage2.check_u0(cfg, None, dataset, "cpu", 1) is keeps
+    assert [u0 for u0, _, _ in labelled] == [True, False]
+    assert labelled[0][1] == ["im0", "im3", "im6"]  # evenly spaced
+    assert all(not folder.exists() for _, _, folder in labelled)  # a temporary folder
+    assert ("labelling WITHOUT u0" in printed.getvalue()) is not keeps
+    assert cfg.DATA.PSEUDO_LABEL_DIR == "Generation"  # the run's own config is untouched
