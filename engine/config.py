@@ -34,6 +34,7 @@ from models.labeler import POOLINGS, ROI_SAMPLINGS
 from models.losses import LOSSES
 from utils.crf import CRF_BACKENDS
 from utils.errors import BanaError
+from utils.parsing import BoundedYamlLoader, read_text
 
 # Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
 TASK_BACKBONES = {"semantic": tuple(SEMANTIC_BACKBONES), "instance": tuple(MASK_RCNN_BACKBONES)}
@@ -345,9 +346,11 @@ def _describe_type(t) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[t]
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _StrictLoader(BoundedYamlLoader):
     """SafeLoader that refuses a key written twice in one mapping: PyYAML would keep the last
-    one silently (a second `SOLVER:` section would drop every key of the first)."""
+    one silently (a second `SOLVER:` section would drop every key of the first); and, as every
+    YAML file here, one nested too deep or whose aliases expand without bound (an alias bomb in
+    DATA.CLASSES would fill the memory when a message repeats the value)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -508,7 +511,7 @@ def load_config(path: str | Path | None = None, opts: list[str] | None = None) -
         if not path.is_file():
             raise BanaError(f"Config file {path} does not exist. Shipped configs live in "
                             "configs/ (e.g. configs/stage1.yml, configs/demo/stage1.yml).")
-        text = path.read_text()
+        text = read_text(path, "config file")
         try:
             data = yaml.load(text, Loader=_StrictLoader)
         except BanaError as e:
