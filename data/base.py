@@ -289,11 +289,24 @@ def check_side(height: int, width: int, what, scales=(1.0,)) -> None:
 
 
 def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
-                       recorded: tuple[int, int] | None = None) -> np.ndarray:
+                       recorded: tuple[int, int] | None = None,
+                       full_size: bool = True) -> np.ndarray:
     """An image of the dataset as every stage reads it (EXIF orientation applied, as viewers
     and predict.py show it), checked against the size its annotation records and against the
-    smallest size the networks take."""
+    smallest size the networks take. full_size: the image is used whole (stage 2, evaluation,
+    validation: not cropped by a training transform), so one of more than DATA.MAX_PIXELS
+    pixels is refused before it is decoded, naming the key."""
     path = fmt.image_path(split, image_id)
+    limit = getattr(fmt.data_cfg, "MAX_PIXELS", 0) if full_size else 0
+    if limit:
+        height, width = read_image_size(path, exif=True)
+        if height * width > limit:
+            raise BanaError(
+                f"image {path} is {width}x{height} ({height * width / 1e6:.1f} megapixels), more "
+                f"than DATA.MAX_PIXELS ({limit:,}): stage 2 and evaluate.py label an image at "
+                "its full size, and their memory grows with it (the README's 'Memory against "
+                "image size'). Downscale the image and its boxes, or raise the limit "
+                "(--opts DATA.MAX_PIXELS N; 0 = none) if the machine has the memory.")
     image = read_image(path, exif=True)
     height, width = image.shape[:2]
     if recorded is not None and tuple(recorded) != (height, width):
@@ -333,7 +346,8 @@ class BoxDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         ann = self.fmt.annotation(self.split, image_id)
-        image = read_dataset_image(self.fmt, self.split, image_id, ann.size)
+        image = read_dataset_image(self.fmt, self.split, image_id, ann.size,
+                                   full_size=self.transform is None)
         height, width = image.shape[:2]
         clipped, keep = clip_boxes(ann.boxes, height, width)
         if self.fmt.warn_dropped and not keep.all():
@@ -409,7 +423,8 @@ class MaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
-        image = read_dataset_image(self.fmt, self.split, image_id)
+        image = read_dataset_image(self.fmt, self.split, image_id,
+                                   full_size=self.transform is None)
         height, width = image.shape[:2]
         if not self.label_dirs or image_id in self.gt_ids:
             gt = self.fmt.gt_label(self.split, image_id)
@@ -447,6 +462,25 @@ class ImageDataset(Dataset):
         image_id = self.ids[index]
         return {"id": image_id,
                 "image": _to_image_tensor(read_dataset_image(self.fmt, self.split, image_id))}
+
+
+class SkipUnreadable(Dataset):
+    """`dataset`'s items, except that an image whose item cannot be made (a BanaError: a
+    truncated or unreadable file, one over DATA.MAX_PIXELS, a damaged annotation) gives
+    {"id": its id, "skipped": the reason} instead of stopping the run: a loop over all images
+    (stage 2) records it (`utils.skips.Skips`) and goes on with the others."""
+
+    def __init__(self, dataset):
+        self.dataset, self.ids = dataset, dataset.ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except BanaError as e:
+            return {"id": self.ids[index], "skipped": str(e)}
 
 
 def _stack(tensors: list[torch.Tensor], key: str, ids: list[str]) -> torch.Tensor:

@@ -36,13 +36,12 @@ import numpy as np
 
 from data.base import MAX_SIDE, Annotation, DatasetFormat, check_numbers, no_boxes
 from utils.errors import BanaError
-from utils.io import read_image_size, read_label_png
+from utils.io import image_files, read_image_size, read_label_png
 from utils.palette import VOC_CLASSES
 from utils.parsing import short
 
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 MAIN_SPLIT_DIR = Path("ImageSets") / "Main"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 GT_DIRS = ("SegmentationClassAug", "SegmentationClass")
 LABELMAP = "labelmap.txt"
 
@@ -342,9 +341,8 @@ class VOCData(DatasetFormat):
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     found = {}
     if folder.is_dir():
-        for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                found.setdefault(p.stem, p)
+        for p in image_files(folder):
+            found.setdefault(p.stem, p)
     return found
 
 
@@ -385,8 +383,7 @@ class SplitFolder:
             raise BanaError(f"{len(orphans)} XML file(s) in {self.xml_dir} have no image in "
                             f"{self.image_dir} (e.g. {orphans[0]}.xml): restore the images, or "
                             "remove the annotations of images you left out.")
-        repeats = [p.name for p in sorted(self.image_dir.iterdir())
-                   if p.suffix.lower() in IMAGE_SUFFIXES and self.images[p.stem] != p]
+        repeats = [p.name for p in image_files(self.image_dir) if self.images[p.stem] != p]
         if repeats:
             raise BanaError(f"{self.image_dir} holds {repeats[0]} and "
                             f"{self.images[Path(repeats[0]).stem].name}, which share the name "

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from data.base import Annotation, DatasetFormat, check_numbers, no_boxes
-from data.voc import IMAGE_SUFFIXES, check_num_classes, read_class_list
+from data.voc import check_num_classes, read_class_list
 from utils.errors import BanaError
-from utils.io import read_image_size, read_label_png
+from utils.io import IMAGE_SUFFIXES_SHOWN, image_files, read_image_size, read_label_png
 from utils.parsing import load_yaml, short
 
 # A coordinate may leave [0, 1] by this much (float rounding in exporters) before it is an error.
@@ -166,16 +166,14 @@ class YOLOData(DatasetFormat):
         if split not in self._images:
             folder = self._image_dir(split)
             images = {}
-            for p in sorted(folder.iterdir()):
-                if p.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
+            for p in image_files(folder):
                 if p.stem in images:
                     raise BanaError(f"{images[p.stem].name} and {p.name} in {folder} share the "
                                     "name that labels them: rename one.")
                 images[p.stem] = p
             if not images:
                 raise BanaError(f"{folder} holds no images (looked for "
-                                f"{', '.join(IMAGE_SUFFIXES)}).")
+                                f"{IMAGE_SUFFIXES_SHOWN}).")
             self._images[split] = images
         return self._images[split]
 

@@ -106,6 +106,13 @@ class DataConfig:
                                     check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
                                     rule="two numbers 0 < min <= max")
     FLIP: bool = _key(True, "Random horizontal flip (p = 0.5) during training.")
+    MAX_PIXELS: int = _key(16_000_000, "The most pixels (height x width) of an image that is "
+                           "used whole: stage 2, evaluate.py and stage 3's validation label it "
+                           "at its full size, with memory growing with it (the README's "
+                           "'Memory against image size'); a larger one is refused before it is "
+                           "decoded (stage 2 skips it and lists it at the end). Training crops "
+                           "are not limited. 0 = no limit.",
+                           check=lambda v: v >= 0, rule=">= 0")
     COLOR_JITTER: list[float] = _key([0.5, 0.5, 0.5, 0.0], "Colour jitter strength: brightness, "
                                      "contrast, saturation, hue.",
                                      check=lambda v: len(v) == 4 and all(x >= 0 for x in v),
@@ -264,6 +271,13 @@ class TestConfig:
                                rule="a non-empty list of numbers > 0")
     FLIP: bool = _key(True, "Also average horizontally flipped inputs.")
     CRF: bool = _key(True, "Also report results after DenseCRF post-processing (MODEL.DCRF).")
+    MAX_PIXELS: int = _key(4_000_000, "predict.py (and engine.predict.Segmenter): an image of "
+                           "more pixels (height x width) is labelled downscaled to this many "
+                           "(aspect kept; the network and the CRF at that size) and its labels "
+                           "are scaled back up to the image (nearest), so that memory stays "
+                           "bounded: the README's 'Memory against image size' measures it. 0 = "
+                           "no limit (a 6-megapixel photo with the CRF then took 11.7 GiB).",
+                           check=lambda v: v == 0 or v >= 81, rule="0 (no limit) or >= 81")
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
