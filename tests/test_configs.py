@@ -177,3 +177,11 @@ def test_yaml_nested_too_deep_is_named(tmp_path):
     with pytest.raises(BanaError, match=rf"{path} is not valid YAML: the document nests more "
                                         r"than 100 levels deep.*line 2"):
         load_config(path)
+
+
+def test_yaml_python_tags_stay_refused(tmp_path):
+    """The bounded loader is still a SafeLoader: no object of a YAML file is ever code."""
+    path = tmp_path / "c.yml"
+    path.write_text("DATA:\n  CLASSES: !!python/object/apply:os.system ['echo owned']\n")
+    with pytest.raises(BanaError, match=rf"{path} is not valid YAML: .*python/object/apply"):
+        load_config(path)

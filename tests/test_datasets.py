@@ -378,3 +378,19 @@ def test_a_voc_size_that_is_no_image_size_is_named(synthetic_voc_copy, height, m
         parse_annotation(xml)
     xml.write_text(_xml(_obj("cat", 1, 1, 9, 9), width=0, height=0))  # 0: the tool did not know
     assert parse_annotation(xml)[0].shape == (1, 4)
+
+
+def test_xml_entity_bombs_and_external_entities_stay_refused(synthetic_voc_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("cat")
+    xml = synthetic_voc_copy / "Annotations" / "train_00000.xml"
+    lol = "".join(f'<!ENTITY l{k} "{f"&l{k - 1};" * 10}">' for k in range(1, 10))
+    xml.write_text(f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY l0 "lol">{lol}]>'
+                   "<annotation><object><name>&l9;</name></object></annotation>")
+    with pytest.raises(BanaError, match=r"train_00000.xml is not valid XML"):
+        parse_annotation(xml)
+    xml.write_text(f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file://{secret}">]>'
+                   "<annotation><object><name>&x;</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+                   "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    with pytest.raises(BanaError, match=r"train_00000.xml is not valid XML"):
+        parse_annotation(xml)
