@@ -108,8 +108,9 @@ class DataConfig:
     FLIP: bool = _key(True, "Random horizontal flip (p = 0.5) during training.")
     MAX_PIXELS: int = _key(16_000_000, "The most pixels (height x width) of an image that is "
                            "used whole: stage 2, evaluate.py and stage 3's validation label it "
-                           "at its full size, with memory growing with it (the README's "
-                           "'Memory against image size'); a larger one is refused before it is "
+                           "at its full size, with memory growing with it (the CRF alone about "
+                           "0.8 GiB per megapixel: the README's 'Memory against image size'); a "
+                           "larger one is refused before it is "
                            "decoded (stage 2 skips it and lists it at the end). Training crops "
                            "are not limited. 0 = no limit.",
                            check=lambda v: v >= 0, rule=">= 0")
@@ -275,8 +276,8 @@ class TestConfig:
                            "more pixels (height x width) is labelled downscaled to this many "
                            "(aspect kept; the network and the CRF at that size) and its labels "
                            "are scaled back up to the image (nearest), so that memory stays "
-                           "bounded: the README's 'Memory against image size' measures it. 0 = "
-                           "no limit (a 6-megapixel photo with the CRF then took 11.7 GiB).",
+                           "bounded: the README's 'Memory against image size' measures it "
+                           "(with the CRF, about 0.8 GiB per megapixel). 0 = no limit.",
                            check=lambda v: v == 0 or v >= 81, rule="0 (no limit) or >= 81")
 
 
