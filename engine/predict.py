@@ -41,25 +41,30 @@ LEDGER = "predictions.jsonl"
 DEFAULT_MAX_PIXELS = 4_000_000
 
 
-def list_images(inputs: list[str], recursive: bool = False,
-                skipped: list | None = None) -> list[Path]:
+def list_images(inputs: list[str], recursive: bool = False, skipped: list | None = None,
+                exclude: Path | None = None) -> list[Path]:
     """The image files named by `inputs` (files, folders, .txt lists), in the given order,
-    folders sorted by name (with `recursive`, their sub-folders too). Every missing path is
-    named in one error; two images with one stem would write one output and are refused. What
-    a folder holds besides images (other files; sub-folders, without `recursive`) is appended
-    to `skipped` as (path, why)."""
+    folders sorted by name (with `recursive`, their sub-folders too, except the folder
+    `exclude`: predict.py's --output). Every missing path is named in one error; two images with
+    one stem would write one output and are refused. What a folder holds besides images (other
+    files; sub-folders, without `recursive`) is appended to `skipped` as (path, why)."""
     from utils.io import IMAGE_SUFFIXES_SHOWN, image_files
 
     found, missing = [], []
     skipped = skipped if skipped is not None else []
+    exclude = Path(exclude).resolve() if exclude is not None else None
+
+    def excluded(p: Path) -> bool:
+        return exclude is not None and (p.resolve() == exclude or exclude in p.resolve().parents)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            images = image_files(path, recursive)
+            images = [p for p in image_files(path, recursive) if not excluded(p)]
             found += images
             listed = set(images)
             for p in sorted(path.rglob("*") if recursive else path.iterdir()):
-                if p in listed or (recursive and p.is_dir()):
+                if p in listed or (recursive and p.is_dir()) or excluded(p):
                     continue
                 skipped.append((p, "a sub-folder" if p.is_dir() else "not an image"))
         elif path.is_file() and path.suffix.lower() == ".txt":
@@ -276,7 +281,8 @@ def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None,
 
     problems = Problems("predict.py")
     left_out: list = []
-    images = problems.check(lambda: list_images(inputs, recursive, left_out))
+    images = problems.check(lambda: list_images(inputs, recursive, left_out,
+                                                exclude=Path(output) if recursive else None))
     note = describe_skipped_inputs(left_out)
     if note:
         print(note, flush=True)

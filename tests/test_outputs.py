@@ -326,6 +326,13 @@ def test_predict_skips_a_bad_image_lists_it_and_does_the_others(synthetic_voc, t
     result = run(cfg, inputs=[str(folder)], output=out, checkpoint=str(models[0]),
                  devices="cpu", workers=0, recursive=True)
     assert result["predicted_now"] == 1 and result["skipped"] == 0
+    # An --output inside the input folder is no input of a recursive run.
+    inner = folder / "predictions"
+    result = run(cfg, inputs=[str(folder)], output=inner, checkpoint=str(models[0]),
+                 devices="cpu", workers=0, recursive=True)
+    result = run(cfg, inputs=[str(folder)], output=inner, checkpoint=str(models[0]),
+                 devices="cpu", workers=0, recursive=True)
+    assert result["images"] == 4 and result["predicted_now"] == 0
 
 
 def test_predict_cli_exits_2_naming_each_skipped_image(synthetic_voc, tmp_path, models):
