@@ -138,7 +138,7 @@ def read_xml(xml_path, classes=VOC_CLASSES, strict: bool = True):
     else:
         if (width > 0 and height > 0) or not (width >= 0 and height >= 0):  # 0: not known
             width, height = check_numbers([[width, height]], f"annotation {xml_path}",
-                                          "<size> width, height", lambda k: "<size>",
+                                          "width, height", lambda k: "<size>",
                                           integral=True, low=1, high=MAX_SIDE)[0].tolist()
             size = (height, width)
     return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),

@@ -373,7 +373,7 @@ def test_a_voc_size_that_is_no_image_size_is_named(synthetic_voc_copy, height, m
     """Before: 1e400 (and int(float) of it) ended in an OverflowError traceback; 63.5 became 63."""
     xml = synthetic_voc_copy / "Annotations" / "train_00000.xml"
     xml.write_text(_xml(_obj("cat", 1, 1, 9, 9), height=height))
-    with pytest.raises(BanaError, match=rf"train_00000.xml: <size> has <size> width, height "
+    with pytest.raises(BanaError, match=rf"train_00000.xml: <size> has width, height "
                                         rf".*{message}"):
         parse_annotation(xml)
     xml.write_text(_xml(_obj("cat", 1, 1, 9, 9), width=0, height=0))  # 0: the tool did not know
