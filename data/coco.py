@@ -42,7 +42,6 @@ COCO's bbox [x, y, w, h] (floats) becomes x1 = x, y1 = y, x2 = x + w, y2 = y + h
 as on VOC. A transform that drops boxes must drop the same rows of `ann_ids` and `category_ids`.
 """
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
