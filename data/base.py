@@ -73,6 +73,66 @@ class Annotation:
         return self.boxes if self.mask_boxes is None else self.mask_boxes
 
 
+# What an annotation's numbers may be. Beyond these bounds a number is a typo, an overflow or
+# garbage, not a measurement; each layout checks every number with `check_numbers` where it
+# reads the file, so that no NaN silently turns an object into background and no 30-digit height
+# reaches an OverflowError (or pycocotools' C code) in the middle of a stage.
+MAX_SIDE = 2**17  # 131,072 px: the largest image side an annotation may record
+MAX_COORD = 2 * MAX_SIDE  # a coordinate's largest magnitude (a box may overhang its image)
+MAX_ID = 2**53  # ids and classes: integers that float64 and every JSON reader hold exactly
+
+
+def check_numbers(values, source, what: str, where=None, *, integral: bool = False,
+                  low: float = -MAX_COORD, high: float = MAX_COORD) -> np.ndarray:
+    """`values`, N numbers or N rows of numbers as a file gives them, checked: each a finite
+    number in [low, high], and an integer where `integral` (3 and 3.0 are, 3.7 is not). Returns
+    them as float64 (int64 where integral), in their shape. Else a BanaError naming the file
+    (`source`), the row (`where(k)`, e.g. "annotation 17"; default "entry k + 1"), `what` the
+    numbers are (e.g. "bbox [x, y, w, h]") and the value, and how many rows are bad."""
+    from utils.parsing import short
+
+    where = where or (lambda k: f"entry {k + 1}")
+
+    def fail(k: int, row, why: str, count: int = 1) -> BanaError:
+        more = f" ({count} such entries in all)" if count > 1 else ""
+        return BanaError(f"{source}: {where(k)} has {what} {short(row)}, {why}{more}. Fix it "
+                         "(or remove it) in the file, or re-export it.")
+
+    try:
+        array = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        array = None
+    if array is None or array.dtype == object:
+        for k, row in enumerate(values):  # find the value that is no number, to name it
+            try:
+                np.array(row, dtype=np.float64)
+            except (TypeError, ValueError, OverflowError):
+                raise fail(k, row, "which is not a number (or too large to be one)") from None
+        raise fail(0, values, "which are not numbers of one shape")
+    if array.size == 0:
+        return array.astype(np.int64) if integral else array
+    flat = array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
+    finite = np.isfinite(flat)
+    checks = [(~finite, "which is not a finite number (NaN or infinite)"),
+              (finite & ((flat < low) | (flat > high)),
+               f"outside [{_number(low)}, {_number(high)}], the range such a number can "
+               "have")]
+    if integral:
+        checks.append((finite & (flat != np.round(flat)), "where an integer was expected"))
+    for bad, why in checks:
+        rows = bad.any(axis=1)
+        if rows.any():
+            k = int(np.flatnonzero(rows)[0])
+            row = values[k] if isinstance(values, (list, tuple)) and array.ndim else \
+                flat[k].tolist()
+            raise fail(k, row, why, int(rows.sum()))
+    return array.astype(np.int64) if integral else array
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
 def no_boxes() -> Annotation:
     return Annotation(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
 
@@ -239,11 +299,24 @@ def check_side(height: int, width: int, what, scales=(1.0,)) -> None:
 
 
 def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
-                       recorded: tuple[int, int] | None = None) -> np.ndarray:
+                       recorded: tuple[int, int] | None = None,
+                       full_size: bool = True) -> np.ndarray:
     """An image of the dataset as every stage reads it (EXIF orientation applied, as viewers
     and predict.py show it), checked against the size its annotation records and against the
-    smallest size the networks take."""
+    smallest size the networks take. full_size: the image is used whole (stage 2, evaluation,
+    validation: not cropped by a training transform), so one of more than DATA.MAX_PIXELS
+    pixels is refused before it is decoded, naming the key."""
     path = fmt.image_path(split, image_id)
+    limit = getattr(fmt.data_cfg, "MAX_PIXELS", 0) if full_size else 0
+    if limit:
+        height, width = read_image_size(path, exif=True)
+        if height * width > limit:
+            raise BanaError(
+                f"image {path} is {width}x{height} ({height * width / 1e6:.1f} megapixels), more "
+                f"than DATA.MAX_PIXELS ({limit:,}): stage 2 and evaluate.py label an image at "
+                "its full size, and their memory grows with it (the README's 'Memory against "
+                "image size'). Downscale the image and its boxes, or raise the limit "
+                "(--opts DATA.MAX_PIXELS N; 0 = none) if the machine has the memory.")
     image = read_image(path, exif=True)
     height, width = image.shape[:2]
     if recorded is not None and tuple(recorded) != (height, width):
@@ -290,7 +363,8 @@ class BoxDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         ann = self.fmt.annotation(self.split, image_id)
-        image = read_dataset_image(self.fmt, self.split, image_id, ann.size)
+        image = read_dataset_image(self.fmt, self.split, image_id, ann.size,
+                                   full_size=self.transform is None)
         height, width = image.shape[:2]
         clipped, keep = clip_boxes(ann.boxes, height, width)
         if self.fmt.warn_dropped and not keep.all():
@@ -366,7 +440,8 @@ class MaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
-        image = read_dataset_image(self.fmt, self.split, image_id)
+        image = read_dataset_image(self.fmt, self.split, image_id,
+                                   full_size=self.transform is None)
         height, width = image.shape[:2]
         if not self.label_dirs or image_id in self.gt_ids:
             gt = self.fmt.gt_label(self.split, image_id)
@@ -404,6 +479,25 @@ class ImageDataset(Dataset):
         image_id = self.ids[index]
         return {"id": image_id,
                 "image": _to_image_tensor(read_dataset_image(self.fmt, self.split, image_id))}
+
+
+class SkipUnreadable(Dataset):
+    """`dataset`'s items, except that an image whose item cannot be made (a BanaError: a
+    truncated or unreadable file, one over DATA.MAX_PIXELS, a damaged annotation) gives
+    {"id": its id, "skipped": the reason} instead of stopping the run: a loop over all images
+    (stage 2) records it (`utils.skips.Skips`) and goes on with the others."""
+
+    def __init__(self, dataset):
+        self.dataset, self.ids = dataset, dataset.ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except BanaError as e:
+            return {"id": self.ids[index], "skipped": str(e)}
 
 
 def _stack(tensors: list[torch.Tensor], key: str, ids: list[str]) -> torch.Tensor:

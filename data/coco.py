@@ -42,7 +42,6 @@ COCO's bbox [x, y, w, h] (floats) becomes x1 = x, y1 = y, x2 = x + w, y2 = y + h
 as on VOC. A transform that drops boxes must drop the same rows of `ann_ids` and `category_ids`.
 """
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,10 +50,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.base import Annotation, DatasetFormat, read_dataset_image
+from data.base import (MAX_COORD, MAX_ID, MAX_SIDE, Annotation, DatasetFormat, check_numbers,
+                       read_dataset_image)
 from data.voc import check_num_classes
 from utils.errors import BanaError
 from utils.palette import VOC_CLASSES
+from utils.parsing import load_json, short
 
 # (category id, name) of the 80 COCO 2014/2017 detection categories; the ids have gaps.
 COCO_CATEGORIES = (
@@ -227,10 +228,15 @@ def _check_categories(path: Path, categories, coco2017: bool, used=()) -> list:
     categories of one name are refused; Roboflow's dataset-level category (the supercategory of
     every other one, with no annotation: `used` are the ids annotations use) is left out."""
     try:
-        pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
-        parent = {int(c["id"]): str(c.get("supercategory", "")) for c in categories}
-    except (KeyError, TypeError, ValueError) as err:
-        raise _bad(path, f"a category lacks an integer id or a name ({err!r})") from None
+        names = [str(c["name"]) for c in categories]
+        raw = [c["id"] for c in categories]
+        supers = [str(c.get("supercategory", "")) for c in categories]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise _bad(path, f"a category lacks an integer id or a name ({short(err)})") from None
+    ids = check_numbers(raw, path, "id", lambda k: f"category {short(names[k])}",
+                        integral=True, low=-MAX_ID, high=MAX_ID).tolist()
+    pairs = sorted(zip(ids, names))
+    parent = dict(zip(ids, supers))
     ids = [cat_id for cat_id, _ in pairs]
     if len(set(ids)) != len(ids):
         raise _bad(path, "two categories share an id")
@@ -298,36 +304,50 @@ def load_instances(root, split: str, coco2017: bool = True,
         tried = ", ".join(str(p.relative_to(root)) for p in annotation_candidates(root, split))
         raise BanaError(f"no annotation file for split '{split}' under {root} (tried {tried}): "
                         f"{make_tree_hint(root, coco2017)}.")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _bad(path, f"invalid JSON ({err})") from None
+    data = load_json(path, "COCO annotation file")
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations")):
         raise _bad(path, "expected a JSON object with 'images' and 'annotations'")
     try:
-        images = sorted(data["images"], key=lambda im: im["id"])
-        image_ids = np.array([im["id"] for im in images], dtype=np.int64)
+        images = list(data["images"])
+        raw_ids = [im["id"] for im in images]
         file_names = [str(im["file_name"]) for im in images]
-        heights = np.array([im["height"] for im in images], dtype=np.int64)
-        widths = np.array([im["width"] for im in images], dtype=np.int64)
+        raw_sizes = [[im["height"], im["width"]] for im in images]
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(path, "an image entry lacks a valid id, file_name, height or width "
-                         f"({err!r})") from None
+                         f"({short(err)})") from None
+    image_ids = check_numbers(raw_ids, path, "id", lambda k: f"image {short(file_names[k])}",
+                              integral=True, low=-MAX_ID, high=MAX_ID)
+    sizes = check_numbers(raw_sizes, path, "height, width",
+                          lambda k: f"image {raw_ids[k]} ({short(file_names[k])})",
+                          integral=True, low=1, high=MAX_SIDE).reshape(-1, 2)
+    by_id = np.argsort(image_ids, kind="stable")
+    image_ids, heights, widths = image_ids[by_id], sizes[by_id, 0], sizes[by_id, 1]
+    file_names = [file_names[k] for k in by_id.tolist()]
     if not len(image_ids):
         raise _bad(path, "'images' is empty")
     if len(np.unique(image_ids)) != len(image_ids):
         raise _bad(path, "two image entries share an id")
     anns = data["annotations"]
     try:
-        ann_image = np.array([a["image_id"] for a in anns], dtype=np.int64)
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        category_ids = np.array([a["category_id"] for a in anns], dtype=np.int64)
-        ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
+        raw = {key: [a[key] for a in anns] for key in ("image_id", "bbox", "category_id", "id")}
         iscrowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise _bad(path, "an annotation lacks a valid image_id, bbox [x, y, w, h], category_id "
-                         f"or id ({err!r})") from None
+                         f"or id ({short(err)})") from None
+
+    def annotation(k: int) -> str:
+        return f"annotation {short(raw['id'][k])} (image {short(raw['image_id'][k])})"
+
+    odd = next((k for k, b in enumerate(raw["bbox"])
+                if not isinstance(b, (list, tuple)) or len(b) != 4), None)
+    if odd is not None:
+        raise _bad(path, f"{annotation(odd)} has bbox {short(raw['bbox'][odd])}; a bbox is "
+                         "[x, y, w, h], four numbers")
+    xywh = check_numbers(raw["bbox"], path, "bbox [x, y, w, h]", annotation).reshape(-1, 4)
+    integer = {"integral": True, "low": -MAX_ID, "high": MAX_ID}
+    ann_ids = check_numbers(raw["id"], path, "id", annotation, **integer)
+    ann_image = check_numbers(raw["image_id"], path, "image_id", annotation, **integer)
+    category_ids = check_numbers(raw["category_id"], path, "category_id", annotation, **integer)
     categories = _check_categories(path, data.get("categories", []), coco2017,
                                    used=set(category_ids.tolist()))
     # voc20 / coco80 number COCO 2017's own categories; `all` numbers what the file lists.
@@ -395,16 +415,21 @@ def _check_segmentation(path: Path, ann: dict, height: int, width: int) -> bool:
         for polygon in seg:
             if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
                     or not all(isinstance(v, (int, float)) for v in polygon)):
-                shown = polygon if not isinstance(polygon, list) or len(polygon) < 12 else \
-                    f"{polygon[:12]}..."
-                raise _bad(path, f"{where} has a polygon {shown} that is not a list of at least "
-                                 "three x, y points")
+                raise _bad(path, f"{where} has a polygon {short(polygon)} that is not a list of "
+                                 "at least three x, y points")
+            # NaN fails both comparisons. A huge coordinate would crash pycocotools (its C code
+            # casts them to int and walks every pixel of the outline) long after this file.
+            if not all(-MAX_COORD <= v <= MAX_COORD for v in polygon):
+                check_numbers(polygon, path, "a polygon coordinate",
+                              lambda k: f"{where}, value {k + 1} of a polygon,")
         return True
     if isinstance(seg, dict):
         size = seg.get("size")
         if "counts" not in seg or not isinstance(size, list) or len(size) != 2:
             raise _bad(path, f"{where} has an RLE segmentation without 'counts' and 'size'")
-        if [int(size[0]), int(size[1])] != [int(height), int(width)]:
+        size = check_numbers([size], path, "an RLE size", lambda k: where, integral=True,
+                             low=1, high=MAX_SIDE)[0].tolist()
+        if size != [int(height), int(width)]:
             raise _bad(path, f"{where} has an RLE of size {size} (height, width) but its image "
                              f"is {width}x{height}")
         return True
@@ -550,7 +575,7 @@ class COCOData(DatasetFormat):
             if path.stat().st_size > NUMBERING_MAX_BYTES:
                 continue
             try:
-                doc = json.loads(path.read_text())
+                doc = load_json(path)
                 used = {a["category_id"] for a in doc.get("annotations", ())}
                 categories = _check_categories(path, doc["categories"], False, used)
             except (OSError, ValueError, KeyError, TypeError, AttributeError, BanaError):

@@ -34,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data.base import Annotation, DatasetFormat, no_boxes
+from data.base import MAX_SIDE, Annotation, DatasetFormat, check_numbers, no_boxes
 from utils.errors import BanaError
-from utils.io import read_image_size, read_label_png
+from utils.io import image_files, read_image_size, read_label_png
 from utils.palette import VOC_CLASSES
+from utils.parsing import short
 
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 MAIN_SPLIT_DIR = Path("ImageSets") / "Main"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 GT_DIRS = ("SegmentationClassAug", "SegmentationClass")
 LABELMAP = "labelmap.txt"
 
@@ -107,7 +107,7 @@ def read_xml(xml_path, classes=VOC_CLASSES, strict: bool = True):
         raise BanaError(f"annotation {xml_path} is not valid XML ({err}); re-create or "
                         "re-export it.") from None
     boxes, labels = [], []
-    for obj in tree.getroot().iter("object"):
+    for number, obj in enumerate(tree.getroot().iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
         if strict and name not in classes[1:]:
             fix = ("list your classes in DATA.CLASSES (names, or a labelmap.txt file) or in "
@@ -121,6 +121,8 @@ def read_xml(xml_path, classes=VOC_CLASSES, strict: bool = True):
         except (AttributeError, TypeError, ValueError):
             raise BanaError(f"annotation {xml_path}: object '{name}' lacks a numeric <bndbox> "
                             "with xmin, ymin, xmax, ymax.") from None
+        check_numbers([box], f"annotation {xml_path}", "<bndbox> xmin, ymin, xmax, ymax",
+                      lambda k: f"object {number} ({short(name)})")
         if box[2] < box[0] or box[3] < box[1]:
             raise BanaError(f"annotation {xml_path}: object '{name}' has xmin, ymin, xmax, ymax "
                             f"= {box}, a box whose max is below its min (swapped corners?). Fix "
@@ -129,11 +131,16 @@ def read_xml(xml_path, classes=VOC_CLASSES, strict: bool = True):
         labels.append(classes.index(name) if name in classes[1:] else 0)
     size = None
     try:
-        width, height = (int(float(tree.getroot().find("size").findtext(k)))
+        width, height = (float(tree.getroot().find("size").findtext(k))
                          for k in ("width", "height"))
-        size = (height, width) if width > 0 and height > 0 else None
     except (AttributeError, TypeError, ValueError):
         pass  # no (numeric) <size>: nothing to check the image against
+    else:
+        if (width > 0 and height > 0) or not (width >= 0 and height >= 0):  # 0: not known
+            width, height = check_numbers([[width, height]], f"annotation {xml_path}",
+                                          "width, height", lambda k: "<size>",
+                                          integral=True, low=1, high=MAX_SIDE)[0].tolist()
+            size = (height, width)
     return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             np.asarray(labels, dtype=np.int64), size)
 
@@ -334,9 +341,8 @@ class VOCData(DatasetFormat):
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     found = {}
     if folder.is_dir():
-        for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                found.setdefault(p.stem, p)
+        for p in image_files(folder):
+            found.setdefault(p.stem, p)
     return found
 
 
@@ -377,8 +383,7 @@ class SplitFolder:
             raise BanaError(f"{len(orphans)} XML file(s) in {self.xml_dir} have no image in "
                             f"{self.image_dir} (e.g. {orphans[0]}.xml): restore the images, or "
                             "remove the annotations of images you left out.")
-        repeats = [p.name for p in sorted(self.image_dir.iterdir())
-                   if p.suffix.lower() in IMAGE_SUFFIXES and self.images[p.stem] != p]
+        repeats = [p.name for p in image_files(self.image_dir) if self.images[p.stem] != p]
         if repeats:
             raise BanaError(f"{self.image_dir} holds {repeats[0]} and "
                             f"{self.images[Path(repeats[0]).stem].name}, which share the name "

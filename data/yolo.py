@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data.base import Annotation, DatasetFormat, no_boxes
-from data.voc import IMAGE_SUFFIXES, check_num_classes, read_class_list
+from data.base import Annotation, DatasetFormat, check_numbers, no_boxes
+from data.voc import check_num_classes, read_class_list
 from utils.errors import BanaError
-from utils.io import read_image_size, read_label_png
+from utils.io import IMAGE_SUFFIXES_SHOWN, image_files, read_image_size, read_label_png
+from utils.parsing import load_yaml, short
 
 # A coordinate may leave [0, 1] by this much (float rounding in exporters) before it is an error.
 _TOLERANCE = 1e-4
@@ -67,18 +68,13 @@ class YOLOData(DatasetFormat):
     @cached_property
     def _yaml(self) -> dict:
         """data.yaml's mapping; {} where there is none (darknet exports, globox)."""
-        import yaml
-
         path = _yaml_path(self.root)
         if path is None:
             if not self.root.is_dir():
                 raise BanaError(f"DATA.ROOT {self.root} does not exist or is not a folder: "
                                 f"{self.missing_files_hint('root')}.")
             return {}
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise BanaError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        data = load_yaml(path, "YOLO data.yaml")
         if not isinstance(data, dict):
             raise BanaError(f"{path}: expected a mapping with `names:`, found "
                             f"{type(data).__name__}.")
@@ -119,14 +115,18 @@ class YOLOData(DatasetFormat):
                 ids = sorted(int(k) for k in names)
             except (TypeError, ValueError):
                 raise BanaError(f"{path}: the keys of `names:` must be class numbers 0, 1, ...; "
-                                f"found {list(names)[:5]}.") from None
+                                f"found {short(list(names)[:5])}.") from None
             if ids != list(range(len(ids))):
                 raise BanaError(f"{path}: `names:` numbers the classes {ids[:10]}; YOLO classes "
                                 "are numbered 0, 1, 2, ... without gaps.")
             names = [names[k] if k in names else names[str(k)] for k in ids]
         if not isinstance(names, list) or not names:
             raise BanaError(f"{path}: expected `names:` as a list of class names or a mapping "
-                            f"0: name, 1: name, ...; found {names!r}.")
+                            f"0: name, 1: name, ...; found {short(names)}.")
+        odd = [n for n in names if not isinstance(n, (str, int, float))]
+        if odd:
+            raise BanaError(f"{path}: `names:` holds {short(odd[0])}, which is no class name: "
+                            "give each class as one name.")
         names = [str(n).strip() for n in names]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -166,16 +166,14 @@ class YOLOData(DatasetFormat):
         if split not in self._images:
             folder = self._image_dir(split)
             images = {}
-            for p in sorted(folder.iterdir()):
-                if p.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
+            for p in image_files(folder):
                 if p.stem in images:
                     raise BanaError(f"{images[p.stem].name} and {p.name} in {folder} share the "
                                     "name that labels them: rename one.")
                 images[p.stem] = p
             if not images:
                 raise BanaError(f"{folder} holds no images (looked for "
-                                f"{', '.join(IMAGE_SUFFIXES)}).")
+                                f"{IMAGE_SUFFIXES_SHOWN}).")
             self._images[split] = images
         return self._images[split]
 
@@ -230,6 +228,8 @@ class YOLOData(DatasetFormat):
             cx, cy, w, h = (float(v) for v in fields[1:])
         except ValueError:
             raise BanaError(f"{where}: expected an integer class and four numbers.") from None
+        check_numbers([[cx, cy, w, h]], path, "cx, cy, w, h",
+                      lambda k: f"line {number} ({short(line.strip())})")
         if not 0 <= cls < len(self._classes) - 1:
             raise BanaError(f"{where}: class {cls} is not in the names of {self.class_source} "
                             f"(0..{len(self._classes) - 2}).")

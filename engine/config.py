@@ -35,6 +35,7 @@ from models.labeler import POOLINGS, ROI_SAMPLINGS
 from models.losses import LOSSES
 from utils.crf import CRF_BACKENDS
 from utils.errors import BanaError
+from utils.parsing import BoundedYamlLoader, read_text
 
 # Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
 EXPORT_FORMATS = tuple(EXPORTERS)
@@ -107,6 +108,14 @@ class DataConfig:
                                     check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
                                     rule="two numbers 0 < min <= max")
     FLIP: bool = _key(True, "Random horizontal flip (p = 0.5) during training.")
+    MAX_PIXELS: int = _key(16_000_000, "The most pixels (height x width) of an image that is "
+                           "used whole: stage 2, evaluate.py and stage 3's validation label it "
+                           "at its full size, with memory growing with it (the CRF alone about "
+                           "0.8 GiB per megapixel: the README's 'Memory against image size'); a "
+                           "larger one is refused before it is "
+                           "decoded (stage 2 skips it and lists it at the end). Training crops "
+                           "are not limited. 0 = no limit.",
+                           check=lambda v: v >= 0, rule=">= 0")
     COLOR_JITTER: list[float] = _key([0.5, 0.5, 0.5, 0.0], "Colour jitter strength: brightness, "
                                      "contrast, saturation, hue.",
                                      check=lambda v: len(v) == 4 and all(x >= 0 for x in v),
@@ -286,6 +295,13 @@ class TestConfig:
                                rule="a non-empty list of numbers > 0")
     FLIP: bool = _key(True, "Also average horizontally flipped inputs.")
     CRF: bool = _key(True, "Also report results after DenseCRF post-processing (MODEL.DCRF).")
+    MAX_PIXELS: int = _key(4_000_000, "predict.py (and engine.predict.Segmenter): an image of "
+                           "more pixels (height x width) is labelled downscaled to this many "
+                           "(aspect kept; the network and the CRF at that size) and its labels "
+                           "are scaled back up to the image (nearest), so that memory stays "
+                           "bounded: the README's 'Memory against image size' measures it "
+                           "(with the CRF, about 0.8 GiB per megapixel). 0 = no limit.",
+                           check=lambda v: v == 0 or v >= 81, rule="0 (no limit) or >= 81")
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
@@ -368,9 +384,11 @@ def _describe_type(t) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[t]
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _StrictLoader(BoundedYamlLoader):
     """SafeLoader that refuses a key written twice in one mapping: PyYAML would keep the last
-    one silently (a second `SOLVER:` section would drop every key of the first)."""
+    one silently (a second `SOLVER:` section would drop every key of the first); and, as every
+    YAML file here, one nested too deep or whose aliases expand without bound (an alias bomb in
+    DATA.CLASSES would fill the memory when a message repeats the value)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -531,7 +549,7 @@ def load_config(path: str | Path | None = None, opts: list[str] | None = None) -
         if not path.is_file():
             raise BanaError(f"Config file {path} does not exist. Shipped configs live in "
                             "configs/ (e.g. configs/stage1.yml, configs/demo/stage1.yml).")
-        text = path.read_text()
+        text = read_text(path, "config file")
         try:
             data = yaml.load(text, Loader=_StrictLoader)
         except BanaError as e:

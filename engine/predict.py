@@ -34,21 +34,39 @@ from utils.errors import BanaError
 if TYPE_CHECKING:
     from engine.config import Config
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 OVERLAY_DIR = "overlay"
 # What each output was made from (utils/records.py): the model, the settings, the image.
 LEDGER = "predictions.jsonl"
+# TEST.MAX_PIXELS's default: below it, an image is labelled at its own size (as before the key).
+DEFAULT_MAX_PIXELS = 4_000_000
 
 
-def list_images(inputs: list[str]) -> list[Path]:
+def list_images(inputs: list[str], recursive: bool = False, skipped: list | None = None,
+                exclude: Path | None = None) -> list[Path]:
     """The image files named by `inputs` (files, folders, .txt lists), in the given order,
-    folders sorted by name. Every missing path is named in one error; two images with one stem
-    would write one output and are refused."""
+    folders sorted by name (with `recursive`, their sub-folders too, except the folder
+    `exclude`: predict.py's --output). Every missing path is named in one error; two images with
+    one stem would write one output and are refused. What a folder holds besides images (other
+    files; sub-folders, without `recursive`) is appended to `skipped` as (path, why)."""
+    from utils.io import IMAGE_SUFFIXES_SHOWN, image_files
+
     found, missing = [], []
+    skipped = skipped if skipped is not None else []
+    exclude = Path(exclude).resolve() if exclude is not None else None
+
+    def excluded(p: Path) -> bool:
+        return exclude is not None and (p.resolve() == exclude or exclude in p.resolve().parents)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            images = [p for p in image_files(path, recursive) if not excluded(p)]
+            found += images
+            listed = set(images)
+            for p in sorted(path.rglob("*") if recursive else path.iterdir()):
+                if p in listed or (recursive and p.is_dir()) or excluded(p):
+                    continue
+                skipped.append((p, "a sub-folder" if p.is_dir() else "not an image"))
         elif path.is_file() and path.suffix.lower() == ".txt":
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -60,11 +78,13 @@ def list_images(inputs: list[str]) -> list[Path]:
         else:
             missing.append(path)
     if missing:
-        raise BanaError(f"--input: {len(missing)} path(s) do not exist: "
+        raise BanaError(f"--input: {len(missing)} path(s) do not exist or are not files: "
                         f"{', '.join(map(str, missing[:5]))}.")
     if not found:
         raise BanaError(f"--input {' '.join(inputs)}: no images found (looked for "
-                        f"{', '.join(IMAGE_SUFFIXES)}).")
+                        f"{IMAGE_SUFFIXES_SHOWN}"
+                        + ("; the folders hold sub-folders: pass --recursive to search them"
+                           if any(p.is_dir() for p, _ in skipped) else "") + ").")
     stems: dict[str, Path] = {}
     for p in found:
         if p.stem in stems and stems[p.stem] != p:
@@ -72,6 +92,23 @@ def list_images(inputs: list[str]) -> list[Path]:
                             "rename one, or predict them in two runs with different --output.")
         stems[p.stem] = p
     return list(dict.fromkeys(found))
+
+
+def describe_skipped_inputs(skipped: list) -> str | None:
+    """One line saying what --input left out of its folders and why (None if nothing)."""
+    if not skipped:
+        return None
+    folders = [p for p, _ in skipped if p.is_dir()]
+    files = [p for p, _ in skipped if not p.is_dir()]
+
+    def some(paths) -> str:
+        return ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+    parts = ([f"{len(files)} file(s) that are not images by their extension ({some(files)})"]
+             if files else []) + \
+        ([f"{len(folders)} sub-folder(s) ({some(folders)}; pass --recursive to read their "
+          "images)"] if folders else [])
+    return "--input: left out " + " and ".join(parts) + "."
 
 
 def overlay(image: np.ndarray, label: np.ndarray, names) -> np.ndarray:
@@ -115,12 +152,15 @@ class Segmenter:
     (SPEC §5; scales (1.0,) and no flip = single scale); crf: DenseCRF post-processing with the
     run's MODEL.DCRF and MODEL.CRF_BACKEND; precision: TRAINER.PRECISION's autocast for the
     network ("32", "bf16-mixed", "16-mixed"). dcrf, crf_backend and temperature override the
-    checkpoint's values.
+    checkpoint's values. max_pixels (TEST.MAX_PIXELS; 0 = no limit): a larger image is labelled
+    downscaled to that many pixels (network and CRF) and its labels are scaled back up (nearest),
+    so that the memory a call takes is bounded whatever the image's size.
     """
 
     def __init__(self, checkpoint, device="cpu", scales=(1.0,), flip: bool = False,
                  crf: bool = False, precision: str = "32", dcrf=None,
-                 crf_backend: str | None = None, temperature: float | None = None):
+                 crf_backend: str | None = None, temperature: float | None = None,
+                 max_pixels: int = 0):
         from engine.evaluate import STAGE3_HINT, prepare_network
         from models.zoo import Checkpoint, read_checkpoint
         from utils.crf import make_crf
@@ -130,6 +170,7 @@ class Segmenter:
         if not self.scales or min(self.scales) <= 0:
             raise BanaError(f"scales {scales}: give at least one scale, each > 0.")
         self.flip, self.precision = bool(flip), precision
+        self.max_pixels = int(max_pixels)
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = read_checkpoint(checkpoint, stage=3, kind="deeplab", hint=STAGE3_HINT)
         self.net = prepare_network(checkpoint.network(STAGE3_HINT), self.device)
@@ -165,17 +206,41 @@ class Segmenter:
 
     def crf_job(self, image: np.ndarray, scores: torch.Tensor) -> dict:
         """The CRF of one image as a job for `utils.crf.labels_job` (in a worker process)."""
-        return {"crf": self.crf, "image": _checked_image(image),
+        # pydensecrf takes a writable C-ordered image (np.asarray of a PIL image is read-only).
+        return {"crf": self.crf, "image": np.require(_checked_image(image), requirements="CW"),
                 "cos": scores.cpu().numpy(), "temperature": self.temperature}
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        """The image the network and the CRF see: `image` itself, or, above max_pixels, the
+        image downscaled (area-averaged, aspect kept) to at most max_pixels pixels."""
+        height, width = image.shape[:2]
+        if not self.max_pixels or height * width <= self.max_pixels:
+            return image
+        from PIL import Image
+
+        scale = (self.max_pixels / (height * width)) ** 0.5
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        return np.array(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+    @staticmethod
+    def full_size(label: np.ndarray, shape) -> np.ndarray:
+        """A label map of a fitted image, scaled back (nearest) to the image's (H, W)."""
+        if label.shape == tuple(shape[:2]):
+            return label
+        from PIL import Image
+
+        return np.array(Image.fromarray(label).resize((shape[1], shape[0]),
+                                                      Image.Resampling.NEAREST))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W) uint8 class ids of an (H, W, 3) uint8 RGB image."""
         from utils.crf import labels_job
 
-        scores = self.scores(image)
+        small = self.fit(_checked_image(image))
+        scores = self.scores(small)
         if self.crf is None:
-            return scores.argmax(0).byte().cpu().numpy()
-        return labels_job(self.crf_job(image, scores))
+            return self.full_size(scores.argmax(0).byte().cpu().numpy(), image.shape)
+        return self.full_size(labels_job(self.crf_job(small, scores)), image.shape)
 
 
 def _checked_image(image, scales=(1.0,), what="the image") -> np.ndarray:
@@ -207,14 +272,20 @@ def check_outputs_spare_inputs(out: Path, images: list[Path]) -> None:
                         "the images.")
 
 
-def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None):
+def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None,
+                 recursive: bool = False):
     """Images, checkpoint and output folder, checked before the model is loaded; returns (the
-    images, the checkpoint path)."""
+    images, the checkpoint path). What the input folders hold besides images is said."""
     from engine.evaluate import checkpoint_path, make_crf, modes_of
     from engine.preflight import Problems, require_checkpoint, require_writable
 
     problems = Problems("predict.py")
-    images = problems.check(lambda: list_images(inputs))
+    left_out: list = []
+    images = problems.check(lambda: list_images(inputs, recursive, left_out,
+                                                exclude=Path(output) if recursive else None))
+    note = describe_skipped_inputs(left_out)
+    if note:
+        print(note, flush=True)
     if images is not None:
         problems.check(lambda: check_outputs_spare_inputs(Path(output), images))
     ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
@@ -229,7 +300,8 @@ def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None)
 
 
 def run(cfg: Config, *, inputs: list[str], output, checkpoint: str | None = None,
-        devices: str = "0", workers: int | None = None, overwrite: bool = False) -> dict:
+        devices: str = "0", workers: int | None = None, overwrite: bool = False,
+        recursive: bool = False) -> dict:
     """Predict every input image (skipping those done from the same model, settings and image);
     returns counts and images/s.
 
@@ -237,11 +309,14 @@ def run(cfg: Config, *, inputs: list[str], output, checkpoint: str | None = None
     and overlay/<stem>.jpg; checkpoint: the model (default MODEL.WEIGHTS under OUTPUT_DIR);
     devices: as --gpu-id; workers: CRF processes (None = the number of cores, 0 = here);
     overwrite: predict again the images whose outputs exist but were made otherwise (another
-    model or settings, another image of that name) or not by predict.py, replacing them."""
+    model or settings, another image of that name) or not by predict.py, replacing them;
+    recursive: read the images of the input folders' sub-folders too. An image that cannot be
+    read or used is skipped, the others predicted, and the run ends with
+    `utils.skips.SkippedImages` listing each skipped image and why (exit status 2)."""
     from utils.distributed import barrier, detect_launch
     from utils.runlock import RunLock, clean_temporary_files
 
-    images, ckpt_path = check_inputs(cfg, inputs, output, checkpoint)
+    images, ckpt_path = check_inputs(cfg, inputs, output, checkpoint, recursive)
     launch = detect_launch()
     with RunLock(output, "predict.py"):
         if launch.is_main:
@@ -284,6 +359,7 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
     from utils.palette import voc_palette
     from utils.pool import WorkerPool
     from utils.records import Ledger, file_sha256, fingerprint
+    from utils.skips import Skips
 
     device = inference_device(devices, launch, cfg.TRAINER.PRECISION)
     images = shard(images, launch)
@@ -294,12 +370,22 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
                                 "checkpoint. " + STAGE3_HINT)
     seg = Segmenter(ckpt, device, scales=cfg.TEST.SCALES, flip=cfg.TEST.FLIP,
                     crf=cfg.TEST.CRF, precision=cfg.TRAINER.PRECISION, dcrf=cfg.MODEL.DCRF,
-                    crf_backend=cfg.MODEL.CRF_BACKEND, temperature=cfg.MODEL.TEMPERATURE)
+                    crf_backend=cfg.MODEL.CRF_BACKEND, temperature=cfg.MODEL.TEMPERATURE,
+                    max_pixels=cfg.TEST.MAX_PIXELS)
     # What decides "already done": the model file, every setting of the prediction, the image.
     run = fingerprint(file_sha256(ckpt_path), seg.mode, seg.scales, seg.flip, seg.precision,
                       seg.temperature, seg.dcrf if seg.crf is not None else None,
-                      cfg.MODEL.CRF_BACKEND if seg.crf is not None else None)
-    prints = {p: file_sha256(p) for p in images}
+                      cfg.MODEL.CRF_BACKEND if seg.crf is not None else None,
+                      *((seg.max_pixels,) if seg.max_pixels != DEFAULT_MAX_PIXELS else ()))
+    skips = Skips()
+    total = len(images)
+    prints = {}
+    for p in images:
+        try:
+            prints[p] = file_sha256(p)
+        except OSError as e:  # unreadable (permissions): the others go on
+            skips.add(p, f"cannot read the file ({e.strerror}).")
+    images = [p for p in images if p in prints]
     stale = _stale_outputs(out, images, run, prints)
     if stale and not overwrite:
         why = {"model or settings": "were made with another model or other settings",
@@ -323,28 +409,40 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
 
     def write(finished) -> None:
         for (path, image), label in finished:
+            label = seg.full_size(label, image.shape)
             png, jpg = output_paths(out, path)
             atomic_write_png(png, label, palette=voc_palette())
             atomic_write_jpeg(jpg, overlay(image, label, seg.classes))
             ledger.add(path.stem, run=run, image=prints[path], input=str(path.resolve()))
             bar.update()
 
-    start = time.perf_counter()
+    start, failed = time.perf_counter(), 0
     with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar, \
             WorkerPool(workers) as pool:
         for path in todo:
-            image = read_image(path, exif=True)
-            scores = seg.scores(image, f"image {path}")
+            try:  # a file that cannot be read or used costs only itself
+                image = read_image(path, exif=True)
+                small = seg.fit(image)
+                scores = seg.scores(small, f"image {path}")
+            except BanaError as e:
+                skips.add(path, str(e))
+                failed += 1
+                bar.update()
+                continue
             if seg.crf is None:
                 write([((path, image), scores.argmax(0).byte().cpu().numpy())])
             else:
-                write(pool.submit(labels_job, seg.crf_job(image, scores), tag=(path, image)))
+                write(pool.submit(labels_job, seg.crf_job(small, scores), tag=(path, image)))
         write(pool.finish())
     seconds = time.perf_counter() - start
     barrier(launch)  # the run ends when every shard is written
-    speed = len(todo) / seconds if todo and seconds > 0 else None
-    print(f"Done: {len(todo)} image(s) in {seconds:.1f} s"
+    predicted = len(todo) - failed
+    speed = predicted / seconds if predicted and seconds > 0 else None
+    print(f"Done: {predicted} image(s) in {seconds:.1f} s"
           + (f" ({speed:.2f} images/s)." if speed else "."))
-    return {"images": len(images), "predicted_now": len(todo), "seconds": round(seconds, 2),
-            "images_per_second": round(speed, 3) if speed else None, "mode": seg.mode,
-            "output": str(out)}
+    result = {"images": total, "predicted_now": predicted, "skipped": len(skips),
+              "seconds": round(seconds, 2),
+              "images_per_second": round(speed, 3) if speed else None, "mode": seg.mode,
+              "output": str(out)}
+    skips.raise_if_any(total, result)
+    return result

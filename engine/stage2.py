@@ -37,10 +37,12 @@ from utils.errors import BanaError
 if TYPE_CHECKING:
     from engine.config import Config
 
+from data.base import SkipUnreadable
+from data.labelset import MANIFEST, RECORDS
 from engine.stage2_jobs import (VARIANTS, label_one, output_paths, pending_ids,
                                 preload_pixel_work, write_job)
-from data.labelset import MANIFEST, RECORDS
 from utils.records import Ledger, file_sha256, fingerprint
+from utils.skips import SKIPPED, Skips, unfinished_error
 
 # The ledger of what each image's labels were made from (utils/records.py).
 INPUTS = "inputs.jsonl"
@@ -149,7 +151,9 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
     on_device = pixel_work_on_device(pixel_work, device)
     cuda = device.type == "cuda"
     position_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
-    subset = torch.utils.data.Subset(dataset, [position_of[i] for i in todo])
+    # An image that cannot be used is skipped, recorded with its reason, and costs only itself.
+    subset = torch.utils.data.Subset(SkipUnreadable(dataset), [position_of[i] for i in todo])
+    skips = Skips(out_root / SKIPPED)
     loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False,
                                          num_workers=min(cfg.DATA.NUM_WORKERS, 2),
                                          pin_memory=cuda)
@@ -198,6 +202,10 @@ def generate(cfg: Config, net, dataset, ids: list[str], device: torch.device, wo
             pool = WorkerPool(workers, None if on_device else preload_pixel_work)
         with pool if own else contextlib.nullcontext():
             for item in loader:
+                if "skipped" in item:
+                    skips.add(item["id"], item["skipped"])
+                    bar.update(1)
+                    continue
                 x = item["image"][None].float().to(device, non_blocking=cuda)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -544,8 +552,7 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
     seconds = time.perf_counter() - start
     missing = pending_ids(ids, out_root)
     if missing:
-        raise BanaError(f"{len(missing)} images still lack labels (first: {missing[:3]}); rerun "
-                        "the same command to finish them.")
+        raise unfinished_error(missing, len(ids), out_root / SKIPPED)
     result = {"images": len(ids), "labelled_now": todo, "seconds": round(seconds, 2),
               "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
               "label_dir": str(out_root)}

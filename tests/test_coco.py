@@ -475,3 +475,64 @@ def test_empty_results_score_zero_and_inputs_stay_untouched(tmp_path, coco_tree)
     assert evaluate_instances(train, one, image_ids=[2, 3])["AP"] < 100.0
     with pytest.raises(BanaError, match=r"image ids \[999\]"):
         evaluate_instances(path, instance_results(_square((0, 2), (0, 2)), 999, [17], [1.0]))
+
+
+# --- issue 29, class 2: every number of a COCO file is checked where the file is read -----------
+
+def _write(root, split, data, *replace):
+    text = json.dumps(data)
+    for old, new in zip(replace[::2], replace[1::2]):
+        text = text.replace(old, new, 1)
+    (root / "annotations" / f"instances_{split}.json").write_text(text)
+
+
+def test_a_nan_bbox_is_named_not_read_as_background(coco_copy):
+    """Before: the NaN box was dropped after clipping (warn_dropped is off for COCO) and the
+    whole image became background."""
+    data = _json(coco_copy, "val2017")
+    ann = data["annotations"][0]
+    ann["bbox"][0] = float("nan")
+    _write(coco_copy, "val2017", data)
+    with pytest.raises(BanaError, match=rf"instances_val2017.json: annotation {ann['id']} \(image "
+                                        rf"{ann['image_id']}\) has bbox \[x, y, w, h\] \[nan, .*"
+                                        r"not a finite number"):
+        load_instances(coco_copy, "val2017")
+
+
+def test_a_polygon_far_outside_any_image_is_refused_before_pycocotools(coco_copy):
+    """Before: the file loaded, and rasterising the polygon in pycocotools (stage 2's report,
+    evaluate.py) died with a segmentation fault, exit 139."""
+    data = _json(coco_copy, "val2017")
+    ann = data["annotations"][0]
+    ann["segmentation"] = [[1, 1, 1e10, 1, 5, 5]]
+    _write(coco_copy, "val2017", data)
+    with pytest.raises(BanaError, match=rf"annotation {ann['id']} \(image {ann['image_id']}\), "
+                                        r"value 3 of a polygon, has a polygon coordinate "
+                                        r"10000000000.0, outside \[-262,144, 262,144\]"):
+        load_instances(coco_copy, "val2017")
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('"height": 64', '"height": 1e400', r"image \d+ \(.*\) has height, width \[inf, 64\], "
+                                        r"which is not a finite number"),
+    ('"height": 64', '"height": ' + "9" * 30, r"has height, width \[9{30}, 64\], outside \[1, 131,072\]"),
+    ('"category_id": 1', '"category_id": 1.7', r"has category_id 1.7, where an integer was "
+                                                r"expected"),
+    ('"id": 1', '"id": ' + "1" * 30, r"has id 1{30}\d*, outside \[-9,007,199,254,740,992, "),
+])
+def test_sizes_and_ids_must_be_integers_in_range(coco_copy, old, new, message):
+    """Before: 1e400 and a 30-digit integer ended in an OverflowError traceback; category 1.7
+    was read as 1 (a person) without a word."""
+    data = _json(coco_copy, "val2017")
+    _write(coco_copy, "val2017", data, old, new)
+    assert new in (coco_copy / "annotations" / "instances_val2017.json").read_text()
+    with pytest.raises(BanaError, match=message):
+        load_instances(coco_copy, "val2017")
+
+
+def test_json_nested_too_deep_is_named(coco_copy):
+    """Before: RecursionError from the json module, a traceback."""
+    path = coco_copy / "annotations" / "instances_val2017.json"
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BanaError, match=rf"{path} nests its arrays or objects too deep"):
+        load_instances(coco_copy, "val2017")

@@ -140,3 +140,48 @@ def test_shipped_voc_configs_default_to_the_authors_recipe(name):
 @pytest.mark.parametrize("path", sorted(Path("configs").rglob("stage3*.yml")))
 def test_every_stage3_config_reports_the_final_model(path):
     assert load_config(path).MODEL.WEIGHTS.endswith("checkpoints/final.ckpt")
+
+
+def _alias_bomb(levels: int = 6, fan: int = 10) -> str:
+    """A YAML document whose last anchor expands to fan ** levels strings (a "billion laughs"):
+    a few hundred bytes here; each level more multiplies it by `fan`."""
+    lines = ['a0: &a0 "lol"']
+    for k in range(1, levels + 1):
+        lines.append(f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * fan)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_in_data_classes_is_refused_in_a_short_message(tmp_path):
+    """Before: the bomb loaded (aliases share objects), and the type error for DATA.CLASSES
+    repeated its value in full: here 10^6 strings, 7 MB of message; from a 4 KB file, more than
+    the machine's memory."""
+    path = tmp_path / "c.yml"
+    path.write_text("DATA:\n  CLASSES:\n" + "".join(f"    {line}\n"
+                                                    for line in _alias_bomb().splitlines()))
+    with pytest.raises(BanaError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert len(message) < 1000, message[:300]
+    assert message.startswith(f"{path} is not valid YAML: its aliases (*name) expand to more "
+                              "than 100,000 values")
+    # Anchors and aliases as people use them still load.
+    path.write_text("DATA:\n  SCALE_RANGE: &r [0.5, 1.5]\n  COLOR_JITTER: [0.5, 0.5, 0.5, 0.0]\n"
+                    "MODEL:\n  DCRF: &d [4, 55, 3, 3, 3]\nTEST:\n  SCALES: *r\n")
+    assert load_config(path).TEST.SCALES == [0.5, 1.5]
+
+
+def test_yaml_nested_too_deep_is_named(tmp_path):
+    """Before: PyYAML's composer recursed once per level: a RecursionError traceback."""
+    path = tmp_path / "deep.yml"
+    path.write_text("DATA:\n  CLASSES: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(BanaError, match=rf"{path} is not valid YAML: the document nests more "
+                                        r"than 100 levels deep.*line 2"):
+        load_config(path)
+
+
+def test_yaml_python_tags_stay_refused(tmp_path):
+    """The bounded loader is still a SafeLoader: no object of a YAML file is ever code."""
+    path = tmp_path / "c.yml"
+    path.write_text("DATA:\n  CLASSES: !!python/object/apply:os.system ['echo owned']\n")
+    with pytest.raises(BanaError, match=rf"{path} is not valid YAML: .*python/object/apply"):
+        load_config(path)

@@ -345,3 +345,52 @@ def test_a_format_that_lacks_part_of_the_interface_cannot_be_created(tmp_path):
     with pytest.raises(TypeError, match="abstract method.*annotation"):
         Partial(None, tmp_path)
     assert not VOCData.__abstractmethods__
+
+
+# --- issue 29, class 2: every number of an annotation is checked where its file is read --------
+
+@pytest.mark.parametrize("box, shown", [
+    (("nan", 1, 9, 9), r"\[nan, 1.0, 9.0, 9.0\], which is not a finite number"),
+    ((1, 1, "inf", 9), r"\[1.0, 1.0, inf, 9.0\], which is not a finite number"),
+    ((1, 1, "1e30", 9), r"\[1.0, 1.0, 1e\+30, 9.0\], outside \[-262,144, 262,144\]"),
+])
+def test_a_voc_box_that_is_no_finite_coordinate_is_named(synthetic_voc_copy, box, shown):
+    """Before: xmin=nan made the object background without a word, xmax=inf or 1e30 a box to
+    the image's edge."""
+    xml = synthetic_voc_copy / "Annotations" / "train_00000.xml"
+    xml.write_text(_xml(_obj("cat", 1, 1, 9, 9) + _obj("dog", *box)))
+    with pytest.raises(BanaError, match=rf"train_00000.xml: object 2 \('dog'\) has <bndbox> xmin, "
+                                        rf"ymin, xmax, ymax {shown}"):
+        VOCBoxDataset(synthetic_voc_copy, "train")[0]
+
+
+@pytest.mark.parametrize("height, message", [
+    ("1e400", "which is not a finite number"),
+    ("1" * 30, r"outside \[1, 131,072\]"),
+    ("63.5", "where an integer was expected"),
+])
+def test_a_voc_size_that_is_no_image_size_is_named(synthetic_voc_copy, height, message):
+    """Before: 1e400 (and int(float) of it) ended in an OverflowError traceback; 63.5 became 63."""
+    xml = synthetic_voc_copy / "Annotations" / "train_00000.xml"
+    xml.write_text(_xml(_obj("cat", 1, 1, 9, 9), height=height))
+    with pytest.raises(BanaError, match=rf"train_00000.xml: <size> has width, height "
+                                        rf".*{message}"):
+        parse_annotation(xml)
+    xml.write_text(_xml(_obj("cat", 1, 1, 9, 9), width=0, height=0))  # 0: the tool did not know
+    assert parse_annotation(xml)[0].shape == (1, 4)
+
+
+def test_xml_entity_bombs_and_external_entities_stay_refused(synthetic_voc_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("cat")
+    xml = synthetic_voc_copy / "Annotations" / "train_00000.xml"
+    lol = "".join(f'<!ENTITY l{k} "{f"&l{k - 1};" * 10}">' for k in range(1, 10))
+    xml.write_text(f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY l0 "lol">{lol}]>'
+                   "<annotation><object><name>&l9;</name></object></annotation>")
+    with pytest.raises(BanaError, match=r"train_00000.xml is not valid XML"):
+        parse_annotation(xml)
+    xml.write_text(f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file://{secret}">]>'
+                   "<annotation><object><name>&x;</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+                   "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    with pytest.raises(BanaError, match=r"train_00000.xml is not valid XML"):
+        parse_annotation(xml)

@@ -94,3 +94,69 @@ def test_a_config_folder_is_named_as_a_folder():
         load_config("configs/demo")
     proc = run_python(["stage1.py", "--config-file", "configs/"], cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- issue 29, class 3: big or broken images --------------------------------------------------
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid 8x8 greyscale PNG whose header says width x height: what Pillow's guard against
+    decompression bombs reads (a real 20000x20000 bomb compresses to 388 KB)."""
+    import struct
+    import zlib
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_decompression_bomb_is_named_with_what_to_do(tmp_path):
+    """Before: PIL's DecompressionBombError, a traceback (it is no OSError)."""
+    path = png_claiming(tmp_path / "huge.png", 20000, 20000)
+    for read in (read_image, read_image_size):
+        with pytest.raises(BanaError, match=rf"cannot read image {path}: .*400000000 pixels.*"
+                                            r"decompression bombs.*downscale it first"):
+            read(path)
+
+
+def test_one_list_of_image_extensions_read_by_every_layout_and_predict(synthetic_voc_copy):
+    """Before: data/voc.py and engine/predict.py each had a list, different (.gif in one), and
+    neither had .jfif; a folder named x.jpg was taken for an image."""
+    import data.voc
+    import data.yolo
+    import engine.predict
+    from utils.io import IMAGE_SUFFIXES
+
+    assert {".jfif", ".jpe", ".jpg", ".png", ".gif", ".webp", ".tif", ".ppm"} <= set(IMAGE_SUFFIXES)
+    assert not {".h5", ".mpg", ".pdf", ".txt", ".xml"} & set(IMAGE_SUFFIXES)
+    for module in (data.voc, data.yolo, engine.predict):
+        assert getattr(module, "IMAGE_SUFFIXES", IMAGE_SUFFIXES) is IMAGE_SUFFIXES
+    root = synthetic_voc_copy
+    first = root / "JPEGImages" / "train_00000.jpg"
+    first.rename(first.with_suffix(".jfif"))
+    (root / "JPEGImages" / "folder.jpg").mkdir()
+    data = open_layout("voc", root)
+    assert data.image_path("train", "train_00000").suffix == ".jfif"
+    assert data.box_dataset("train")[0]["image"].shape == (3, 64, 64)
+    assert "folder" not in data._images
+
+
+def test_an_image_over_data_max_pixels_is_refused_where_used_whole(synthetic_voc_copy):
+    """Stage 2 and evaluation use an image whole: over DATA.MAX_PIXELS it is refused before it
+    is decoded, naming the key (before: no limit, the memory grew with the image); a training
+    crop is not limited. SkipUnreadable turns the refusal into a skipped item for stage 2."""
+    from data.base import SkipUnreadable
+    from data.transforms import TrainTransform
+
+    data = open_layout("voc", synthetic_voc_copy, MAX_PIXELS=64 * 64 - 1)
+    with pytest.raises(BanaError, match=r"train_00000.jpg is 64x64 \(0.0 megapixels\), more than "
+                                        r"DATA.MAX_PIXELS \(4,095\).*--opts DATA.MAX_PIXELS"):
+        data.box_dataset("train")[0]
+    item = SkipUnreadable(data.box_dataset("train"))[0]
+    assert item["id"] == "train_00000" and "DATA.MAX_PIXELS" in item["skipped"]
+    cropped = data.box_dataset("train", TrainTransform(32, (1.0, 1.0), flip=False))[0]
+    assert cropped["image"].shape[-2:] == (32, 32)
+    assert open_layout("voc", synthetic_voc_copy, MAX_PIXELS=64 * 64).box_dataset("train")[0]

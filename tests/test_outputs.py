@@ -284,3 +284,93 @@ def test_stage2_labels_again_exactly_the_images_whose_boxes_changed(synthetic_vo
     assert run(cfg, devices="cpu", workers=1)["labelled_now"] == 1
     assert "1 image(s) whose labels were written but not recorded" in capsys.readouterr().out
     assert '"train_00007"' in ledger.read_text()
+
+
+# --- issue 29, class 3: one bad or big image costs only itself ---------------------------------
+
+def test_predict_skips_a_bad_image_lists_it_and_does_the_others(synthetic_voc, tmp_path, models,
+                                                                 capsys):
+    """Before: the truncated JPEG stopped the run with the images after it undone; a folder
+    named x.jpg was an IsADirectoryError; .jfif files and sub-folders were left out silently."""
+    from PIL import Image
+
+    from utils.skips import SkippedImages
+
+    folder = photos(synthetic_voc, tmp_path / "photos", n=3, suffix=".jfif")
+    good = sorted(folder.iterdir())
+    bad = folder / "b_truncated.jpg"
+    bad.write_bytes(good[0].read_bytes()[:200])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "album.jpg").mkdir()
+    Image.open(good[0]).save(folder / "album.jpg" / "extra.png")
+    out = tmp_path / "out"
+    with pytest.raises(SkippedImages) as info:
+        predict(synthetic_voc, tmp_path, [folder], out, models[0])
+    message = str(info.value)
+    assert message.startswith("1 of 4 image(s) could not be used and were skipped; the other 3 "
+                              "are done.")
+    assert f"  1. {bad}: cannot read image {bad}: the file is corrupt" in message
+    assert info.value.result["predicted_now"] == 3
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in good)
+    said = capsys.readouterr().out
+    assert (f"--input: left out 1 file(s) that are not images by their extension "
+            f"({folder / 'notes.txt'}) and 1 sub-folder(s) ({folder / 'album.jpg'}; pass "
+            "--recursive to read their images).") in said
+    # Fixed, the rerun does the one image left (and, with --recursive, the sub-folder's).
+    bad.unlink()
+    from engine.predict import run
+
+    cfg = load_config(REPO / "configs/demo/stage3.yml", [
+        "DATA.ROOT", str(synthetic_voc), "OUTPUT_DIR", str(tmp_path / "runs"), "TEST.SCALES",
+        "[1.0]", "TEST.FLIP", "false", "TEST.CRF", "false"])
+    result = run(cfg, inputs=[str(folder)], output=out, checkpoint=str(models[0]),
+                 devices="cpu", workers=0, recursive=True)
+    assert result["predicted_now"] == 1 and result["skipped"] == 0
+    # An --output inside the input folder is no input of a recursive run.
+    inner = folder / "predictions"
+    result = run(cfg, inputs=[str(folder)], output=inner, checkpoint=str(models[0]),
+                 devices="cpu", workers=0, recursive=True)
+    result = run(cfg, inputs=[str(folder)], output=inner, checkpoint=str(models[0]),
+                 devices="cpu", workers=0, recursive=True)
+    assert result["images"] == 4 and result["predicted_now"] == 0
+
+
+def test_predict_cli_exits_2_naming_each_skipped_image(synthetic_voc, tmp_path, models):
+    from tests.zygote import run_python
+
+    folder = photos(synthetic_voc, tmp_path / "photos", n=1)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    proc = run_python(["predict.py", "--config-file", "configs/demo/stage3.yml", "--gpu-id",
+                       "cpu", "--input", str(folder), "--output", str(tmp_path / "out"),
+                       "--checkpoint", str(models[0]), "--workers", "0", "--opts",
+                       "TEST.SCALES", "[1.0]", "TEST.FLIP", "false", "TEST.CRF", "false",
+                       "DATA.ROOT", str(synthetic_voc)], cwd=REPO, timeout=240)
+    said = " ".join(proc.stderr.split())  # the message is wrapped at 100 columns
+    assert proc.returncode == 2, said[-2000:]
+    assert "1 of 2 image(s) could not be used" in said
+    assert f"1. {folder / 'broken.png'}: cannot read image" in said
+    assert "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_an_image_over_test_max_pixels_is_labelled_downscaled_at_its_own_size(tmp_path):
+    """Before: every image went whole through the network and the CRF (11.7 GiB for a
+    6-megapixel photo); now one of more than max_pixels is labelled at max_pixels and its
+    labels scaled back to the image."""
+    from PIL import Image
+
+    from engine.predict import Segmenter
+
+    ckpt = stage3_checkpoint(tmp_path / "m.ckpt", 5)
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat(rng.integers(0, 256, (10, 12, 3), np.uint8), 8, 0), 8, 1)
+    whole = Segmenter(ckpt, crf=True)
+    limited = Segmenter(ckpt, crf=True, max_pixels=40 * 48)
+    small = np.asarray(Image.fromarray(image).resize((48, 40), Image.Resampling.BOX))
+    np.testing.assert_array_equal(limited.fit(image), small)
+    label = limited(image)
+    assert label.shape == (80, 96)
+    expected = np.asarray(Image.fromarray(whole(small)).resize((96, 80),
+                                                              Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(label, expected)
+    assert Segmenter(ckpt, max_pixels=80 * 96).fit(image) is image

@@ -292,3 +292,31 @@ def test_the_device_path_writes_the_files_of_the_worker_path(synthetic_voc, stag
     boxes = {p.name: p.read_bytes() for p in (cfg.pseudo_label_dir / BOX_LABEL).glob("*.png")}
     assert boxes == {p.name: p.read_bytes()
                      for p in (reference[0].pseudo_label_dir / BOX_LABEL).glob("*.png")}
+
+
+def test_a_bad_image_is_skipped_listed_and_costs_only_itself(synthetic_voc_copy, stage1_dir,
+                                                             reference, tmp_path):
+    """Issue 29, class 3. Before: the truncated JPEG stopped stage 2 (the images after it in the
+    order unlabelled); now every other image is labelled, byte for byte as in the reference
+    run, and the run ends with each skipped image and why (exit status 2 from stage2.py)."""
+    from utils.skips import SKIPPED, SkippedImages
+
+    root = synthetic_voc_copy
+    bad = root / "JPEGImages" / "train_00001.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    label_dir = tmp_path / "Generation"
+    cfg = stage2_cfg(root, stage1_dir, label_dir, "DATA.MAX_PIXELS", str(64 * 64 - 1))
+    with pytest.raises(SkippedImages) as info:
+        run(cfg, **stage2_args(workers=1))
+    ids = split_ids(root)
+    assert sorted(i for i, _ in info.value.skipped) == sorted(ids)  # every one is over the limit
+    cfg = stage2_cfg(root, stage1_dir, label_dir)
+    with pytest.raises(SkippedImages) as info:
+        run(cfg, **stage2_args(workers=1))
+    assert [i for i, _ in info.value.skipped] == ["train_00001"]
+    assert f"1 of {len(ids)} image(s) could not be used" in str(info.value)
+    assert f"  1. train_00001: cannot read image {bad}" in str(info.value)
+    assert (label_dir / SKIPPED).is_file()
+    written = label_bytes(label_dir)
+    expected = {k: v for k, v in reference[3].items() if "train_00001" not in k}
+    assert written == expected

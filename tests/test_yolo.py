@@ -174,3 +174,28 @@ def test_a_yolo_dataset_through_every_entry_point(synthetic_voc, tmp_path):
     folder = _script("evaluate.py", "--pred-dir", out / "stage3" / "eval" / "pred",
                      "--data-root", root, "--split", "val")
     assert "person" in folder and folder.splitlines()[-1].startswith("mIoU: ")
+
+
+def test_data_yaml_with_an_alias_bomb_or_deep_nesting_is_named(tiny_yolo):
+    """data.yaml is read within the bounds of every YAML file here (utils.parsing): before,
+    `names:` as an alias bomb was expanded by str() for every name (memory), and nesting 100k
+    deep was a RecursionError."""
+    from tests.test_configs import _alias_bomb
+
+    path = tiny_yolo / "data.yaml"
+    path.write_text(_alias_bomb() + "names: *a6\n")
+    with pytest.raises(BanaError, match=rf"{path} is not valid YAML: its aliases \(\*name\) "
+                                        r"expand to more than 100,000 values"):
+        open_layout("yolo", tiny_yolo)
+    path.write_text("names: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(BanaError, match=rf"{path} is not valid YAML: the document nests more "
+                                        r"than 100 levels deep"):
+        open_layout("yolo", tiny_yolo)
+
+
+def test_a_nan_coordinate_is_named_by_file_and_line(tiny_yolo):
+    txt = tiny_yolo / "labels" / "train" / "img_000.txt"
+    txt.write_text("0 0.5 0.5 0.2 0.2\n1 nan 0.5 0.2 0.2\n")
+    with pytest.raises(BanaError, match=rf"{txt}: line 2 \('1 nan 0.5 0.2 0.2'\) has cx, cy, w, "
+                                        r"h \[nan, 0.5, 0.2, 0.2\], which is not a finite number"):
+        open_layout("yolo", tiny_yolo).annotation("train", "img_000")

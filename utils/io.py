@@ -22,6 +22,45 @@ _ORIENTATION = 0x0112
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
+def _pillow_suffixes() -> tuple[str, ...]:
+    """Every file extension Pillow opens and decodes itself (.jpg, .jfif, .png, .webp, .tif,
+    ...): not its stubs (HDF5, GRIB, BUFR, WMF need a handler) nor MPEG (identified, never
+    decoded)."""
+    from PIL import ImageFile
+
+    Image.init()
+    suffixes = []
+    for suffix, format_ in Image.registered_extensions().items():
+        factory = Image.OPEN.get(format_, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        if factory is not None and not stub and format_ != "MPEG":
+            suffixes.append(suffix.lower())
+    return tuple(sorted(set(suffixes)))
+
+
+# The one list of image extensions: the dataset layouts and predict.py's --input folders.
+IMAGE_SUFFIXES = _pillow_suffixes()
+# How messages name them.
+IMAGE_SUFFIXES_SHOWN = ("the image files Pillow reads: .jpg, .jpeg, .jfif, .png, .bmp, .tif, "
+                        ".webp, .gif, ...")
+
+
+def image_files(folder, recursive: bool = False) -> list[Path]:
+    """The image files of `folder` (by extension, IMAGE_SUFFIXES), sorted by path; with
+    `recursive`, those of its sub-folders too. A folder named like an image (x.jpg/) is no
+    image."""
+    folder = Path(folder)
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _too_large(path, err) -> BanaError:
+    return BanaError(f"cannot read image {path}: {err} Pillow refuses images this large as a "
+                     "guard against decompression bombs (a small file that decodes to gigabytes). "
+                     "If the image is genuine, downscale it first (e.g. `convert IMAGE -resize "
+                     "8000x8000 SMALLER.jpg` with ImageMagick); otherwise remove it.")
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -99,6 +138,8 @@ def _open(path, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except _DECODE_ERRORS as err:
         raise BanaError(
             f"cannot read {what} {path}: the file is corrupt or not an image ({err}). "
@@ -180,6 +221,8 @@ def read_image_size(path, exif: bool = False) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             turned = exif and image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except _DECODE_ERRORS as err:
         raise BanaError(f"cannot read image {path}: the file is corrupt or not an image ({err}). "
                         "Re-create or re-download it.") from None
