@@ -42,7 +42,7 @@ from data.labelset import MANIFEST, RECORDS
 from engine.stage2_jobs import (VARIANTS, label_one, output_paths, pending_ids,
                                 preload_pixel_work, write_job)
 from utils.records import Ledger, file_sha256, fingerprint
-from utils.skips import SKIPPED, Skips, unfinished_error
+from utils.skips import SKIPPED, SkippedImages, Skips, unfinished_error
 
 # The ledger of what each image's labels were made from (utils/records.py).
 INPUTS = "inputs.jsonl"
@@ -551,17 +551,25 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
                  fingerprints=fingerprints)
     seconds = time.perf_counter() - start
     missing = pending_ids(ids, out_root)
-    if missing:
-        raise unfinished_error(missing, len(ids), out_root / SKIPPED)
+    skipped = unfinished_error(missing, len(ids), out_root / SKIPPED) if missing else None
+    if skipped is not None and not isinstance(skipped, SkippedImages):
+        raise skipped  # the run was cut short: nothing to report on yet
+    # Images skipped as unusable are left out of the label set, which the others still get
+    # (signals, page, exports); the run then ends with the list of skipped images.
+    done = [i for i in ids if i not in set(missing)]
     result = {"images": len(ids), "labelled_now": todo, "seconds": round(seconds, 2),
               "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
               "label_dir": str(out_root)}
-    if save_vis:
+    if save_vis and done:
         from engine.label_quality import save_panels
 
-        save_panels(cfg, data, dataset, ids[:save_vis], cfg.run_dir / "vis")
+        save_panels(cfg, data, dataset, done[:save_vis], cfg.run_dir / "vis")
         print(f"Panels image | GT | Y_crf | Y_ret: {cfg.run_dir / 'vis'}")
-    result.update(finish_label_set(cfg, data, ids))
+    if done:
+        result.update(finish_label_set(cfg, data, done))
+    if skipped is not None:
+        skipped.result = result
+        raise skipped
     return result
 
 

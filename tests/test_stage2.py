@@ -317,6 +317,8 @@ def test_a_bad_image_is_skipped_listed_and_costs_only_itself(synthetic_voc_copy,
     assert f"1 of {len(ids)} image(s) could not be used" in str(info.value)
     assert f"  1. train_00001: cannot read image {bad}" in str(info.value)
     assert (label_dir / SKIPPED).is_file()
+    from data.labelset import LabelSet  # the others still make a label set, without it
+    assert LabelSet(label_dir).ids == [i for i in ids if i != "train_00001"]
     written = label_bytes(label_dir)
     expected = {k: v for k, v in reference[3].items() if "train_00001" not in k}
     assert written == expected
