@@ -76,3 +76,125 @@ def weights_given_to_stage1(env):
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_fails_cleanly(outcomes, name):
     assert_fails_cleanly(*outcomes[name])
+
+
+# --- checkpoints a user names are never unpickled beyond tensors and plain values --------------
+
+class _RunsCode:
+    """Unpickled by an unrestricted loader, this calls os.system(command)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def code_checkpoint(path, marker, like):
+    """A checkpoint that is `like` (a real one of this project) plus an entry whose unpickling
+    runs `touch marker`: read with torch's full unpickler, it creates `marker`."""
+    import torch
+
+    raw = torch.load(like, map_location="cpu", weights_only=True)
+    raw["payload"] = _RunsCode(f"touch '{marker}'")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(raw, path)
+    return path
+
+
+def _code_cases(artifacts, tmp):
+    """name -> (argv, the checkpoint that runs code, its marker, what the message must name)."""
+    from helpers import Env
+
+    cases = {}
+
+    def add(name, make_argv, like="stage3", where=None):
+        env = Env(tmp / name, artifacts["voc"], artifacts["labelled"], artifacts["stage1"],
+                  artifacts["stage3"])
+        env.tmp.mkdir()
+        marker = env.tmp / "MARKER"
+        path = code_checkpoint(where(env) if where else env.tmp / "model.ckpt", marker,
+                               artifacts[like])
+        cases[name] = (make_argv(env, path), path, marker)
+
+    add("predict", lambda env, p: [
+        "predict.py", "--config-file", "configs/demo/stage3.yml", "--gpu-id", "cpu",
+        "--input", str(next(iter(sorted((env.voc / "JPEGImages").glob("*.jpg"))))),
+        "--output", str(env.tmp / "pred"), "--checkpoint", str(p), "--opts", "OUTPUT_DIR",
+        str(env.tmp / "runs")])
+    add("evaluate", lambda env, p: evaluate(env, checkpoint=p))
+    add("stage2_weights", lambda env, p: stage2(env, "MODEL.WEIGHTS", str(p)), like="stage1")
+    add("stage3_weights", lambda env, p: stage3(env, "MODEL.WEIGHTS", str(p)))
+    add("stage1_resume", lambda env, p: stage1(env, flags=["--resume"]), like="stage1",
+        where=lambda env: env.tmp / "runs/stage1/checkpoints/last.ckpt")
+    add("stage3_resume", lambda env, p: stage3(env, flags=["--resume"]),
+        where=lambda env: env.tmp / "runs/stage3/checkpoints/last.ckpt")
+    add("fresh_run_refusal", lambda env, p: stage3(env),
+        where=lambda env: env.tmp / "runs/stage3/checkpoints/final.ckpt")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def code_outcomes(artifacts, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import PARALLEL, run_script
+
+    cases = _code_cases(artifacts, tmp_path_factory.mktemp("code"))
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        procs = dict(zip(cases, pool.map(lambda c: run_script(c[0]), cases.values())))
+    return {name: (procs[name], *cases[name][1:]) for name in cases}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["predict", "evaluate", "stage2_weights", "stage3_weights",
+                                  "stage1_resume", "stage3_resume"])
+def test_checkpoint_that_runs_code_is_refused(code_outcomes, name):
+    """Every script that reads a checkpoint a user names (--checkpoint, MODEL.WEIGHTS, the run
+    folder's last.ckpt for --resume) refuses one whose pickle would run a command, and the
+    command never runs."""
+    from helpers import error_paragraph
+
+    proc, path, marker = code_outcomes[name]
+    message = error_paragraph(proc)
+    assert not marker.exists(), f"{name}: the checkpoint's payload ran"
+    assert str(path) in message and "run code" in message, message
+
+
+@pytest.mark.slow
+def test_fresh_run_refusal_reads_no_code(code_outcomes):
+    """A fresh run in a folder holding checkpoints is refused with a list of them and their
+    iterations; a checkpoint whose pickle runs code is listed as unreadable, and runs nothing."""
+    from helpers import error_paragraph
+
+    proc, path, marker = code_outcomes["fresh_run_refusal"]
+    message = error_paragraph(proc)
+    assert not marker.exists(), "the refusal message ran the checkpoint's payload"
+    assert "final.ckpt (unreadable)" in message and "--resume" in message, message
+
+
+def test_segmenter_refuses_checkpoint_that_runs_code(artifacts, tmp_path):
+    from engine.predict import Segmenter
+    from utils.errors import BanaError
+
+    marker = tmp_path / "MARKER"
+    path = code_checkpoint(tmp_path / "model.ckpt", marker, artifacts["stage3"])
+    with pytest.raises(BanaError, match="run code"):
+        Segmenter(path)
+    assert not marker.exists()
+
+
+def test_metadata_read_refuses_checkpoint_that_runs_code(artifacts, tmp_path):
+    """The read of a checkpoint's stage and iterations alone (the refusal message, MODEL.WEIGHTS
+    of a training stage) reads no weights and runs nothing."""
+    from models.zoo import read_checkpoint_meta
+    from utils.errors import BanaError
+
+    assert read_checkpoint_meta(artifacts["stage3"]) == (3, 2)
+    marker = tmp_path / "MARKER"
+    path = code_checkpoint(tmp_path / "model.ckpt", marker, artifacts["stage1"])
+    with pytest.raises(BanaError, match="run code"):
+        read_checkpoint_meta(path)
+    assert not marker.exists()
