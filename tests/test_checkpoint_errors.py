@@ -198,3 +198,90 @@ def test_metadata_read_refuses_checkpoint_that_runs_code(artifacts, tmp_path):
     with pytest.raises(BanaError, match="run code"):
         read_checkpoint_meta(path)
     assert not marker.exists()
+
+
+# --- a checkpoint's own entry is checked: one line per defect, nothing of it given as advice ----
+
+def _damaged(artifacts, tmp_path, damage, like="stage3"):
+    import torch
+
+    raw = torch.load(artifacts[like], map_location="cpu", weights_only=True)
+    damage(raw)
+    path = tmp_path / "damaged.ckpt"
+    torch.save(raw, path)
+    return path
+
+
+def _refusal(path, **kwargs) -> str:
+    from models.zoo import read_checkpoint
+    from utils.errors import BanaError
+
+    with pytest.raises(BanaError) as info:
+        read_checkpoint(path, **kwargs)
+    return str(info.value)
+
+
+def test_damaged_entry_names_every_defect(artifacts, tmp_path):
+    """Missing keys and wrong types were KeyError / TypeError tracebacks; each is now a line of
+    one message naming the entry and what was expected."""
+    def damage(raw):
+        model = raw["bana"]["model"]
+        del model["backbone"]
+        model["num_classes"] = "21"
+        model["fc6_dilation"] = -3
+        raw["global_step"] = "many"
+
+    message = _refusal(_damaged(artifacts, tmp_path, damage), stage=3)
+    assert "4 defects" in message, message
+    for line in ("bana.model.backbone is missing", "bana.model.num_classes is '21' (a str)",
+                 "bana.model.fc6_dilation is -3", "global_step is 'many'"):
+        assert line in message, message
+
+
+def test_string_class_count_is_not_echoed_as_advice(artifacts, tmp_path):
+    """A class count stored as the string '21' compared unequal to DATA.NUM_CLASSES 21 and the
+    message advised "Set DATA.NUM_CLASSES 21"; nothing a refused file holds is given as a
+    setting to use."""
+    from engine.evaluate import load_model
+    from engine.config import load_config
+    from utils.errors import BanaError
+
+    path = _damaged(artifacts, tmp_path,
+                    lambda raw: raw["bana"]["model"].update(num_classes="21"))
+    cfg = load_config("configs/demo/stage3.yml", ["DATA.NUM_CLASSES", "21"])
+    with pytest.raises(BanaError) as info:
+        load_model(path, cfg)
+    message = str(info.value)
+    assert "Set DATA.NUM_CLASSES" not in message and "expected an integer" in message, message
+
+
+def test_non_finite_weights_are_refused(artifacts, tmp_path):
+    """NaN weights were used silently (stage 2 then wrote all-background labels)."""
+    def damage(raw):
+        raw["state_dict"]["net.classifier.weight"][0, 0] = float("nan")
+
+    message = _refusal(_damaged(artifacts, tmp_path, damage, like="stage1"), stage=1)
+    assert "NaN or infinite" in message and "net.classifier.weight" in message, message
+
+
+def test_class_count_must_match_the_classifier(artifacts, tmp_path):
+    """A checkpoint naming 2 classes for a classifier of 21 outputs was accepted."""
+    def damage(raw):
+        raw["bana"]["model"].update(num_classes=2, classes=["background", "cat"])
+
+    message = _refusal(_damaged(artifacts, tmp_path, damage), stage=3)
+    assert "num_classes is 2, but the classifier" in message and "21 outputs" in message, message
+    names = _refusal(_damaged(artifacts, tmp_path,
+                              lambda raw: raw["bana"]["model"].update(classes=["a", "b"])))
+    assert "names 2 classes, but bana.model.num_classes is 21" in names, names
+
+
+def test_every_checkpoint_the_stages_write_passes_the_checks(artifacts):
+    """The checks refuse nothing this project writes (all of them load weights-only)."""
+    from models.zoo import check_entry, read_checkpoint
+    import torch
+
+    for stage in ("stage1", "stage3"):
+        for path in sorted(artifacts[stage].parent.glob("*.ckpt")):
+            assert check_entry(torch.load(path, weights_only=True, map_location="cpu")) == []
+            read_checkpoint(path)
