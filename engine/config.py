@@ -88,7 +88,12 @@ class DataConfig:
     ROOT: str = _key("datasets/VOC2012", "Dataset root (VOC: JPEGImages/, Annotations/, "
                      "ImageSets/, or one folder per split; COCO: annotation files and image "
                      "folders; YOLO: data.yaml, images/, labels/). Background masks are written to its BgMaskfromBoxes/ "
-                     "on first use.")
+                     "on first use (DATA.BG_MASK_DIR moves them).")
+    BG_MASK_DIR: str = _key("", "Folder of the background masks (1 outside every box, written "
+                            "from the boxes on first use): '' = BgMaskfromBoxes/ under DATA.ROOT "
+                            "(the authors' place); a folder relative to DATA.ROOT or absolute, "
+                            "e.g. for a read-only dataset. It holds the same tree "
+                            "BgMaskfromBoxes/ would (VOC: <id>.png; COCO, YOLO: <split>/<id>.png).")
     SPLIT: str = _key("train_aug", "The split the stage trains on (stage 1, 3) or labels (stage "
                       "2): VOC's ImageSets/Segmentation (or Main)/<SPLIT>.txt, COCO's "
                       "annotations/instances_<SPLIT>.json (e.g. train2017), YOLO's "

@@ -264,6 +264,7 @@ def check_resumable(path: Path, cfg, stage: int, classes=None) -> int:
 # Keys that say where things are or how often to log, not what the run computes: a resumed run
 # may change them freely. Every other key is part of the run's record (its config.yaml).
 OPERATIONAL_KEYS = ("OUTPUT_DIR", "DATA.ROOT", "DATA.NUM_WORKERS", "DATA.PSEUDO_LABEL_DIR",
+                    "DATA.BG_MASK_DIR",
                     "SOLVER.LOG_EVERY", "SOLVER.CKPT_EVERY", "SOLVER.VAL_EVERY", "MODEL.WEIGHTS",
                     "TEST.")
 
