@@ -254,3 +254,30 @@ def test_an_instance_checkpoint_of_this_project_is_a_model_init(tmp_path):
     torch.save({k: v for k, v in trained.state_dict().items() if "mask_head" not in k}, plain)
     with pytest.raises(BanaError, match=r"of its weights are missing \(e.g. roi_heads.mask_head"):
         build(spec, init=str(plain))
+
+
+def test_instance_checkpoints_that_run_code_are_refused(instance_tree, tmp_path):
+    """evaluate.py (instance) and --resume of the instance task read the checkpoint with the
+    weights-only loader: a file whose pickle runs a command is refused, the command never runs."""
+    from engine.instance import evaluate, train
+    from test_checkpoint_errors import code_checkpoint
+
+    from models.zoo import checkpoint_entry
+
+    spec = ModelSpec("maskrcnn", "tiny", num_classes=5, instance_size=(64, 96))
+    like = tmp_path / "like.ckpt"
+    torch.save({"bana": checkpoint_entry(3, spec, {}), "global_step": 1,
+                "state_dict": {f"model.{k}": v for k, v in build(spec).state_dict().items()}},
+               like)
+    cfg = load_config(REPO / "configs/demo/stage3_instance.yml", [
+        "DATA.ROOT", str(instance_tree), "OUTPUT_DIR", str(tmp_path / "runs"),
+        "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES", "[2]",
+        "SOLVER.WARMUP_ITERS", "2", "DATA.BATCH_SIZE", "2"])
+    marker = tmp_path / "MARKER"
+    model = code_checkpoint(tmp_path / "model.ckpt", marker, like)
+    with pytest.raises(BanaError, match="run code"):
+        evaluate(cfg, checkpoint=str(model), devices="cpu")
+    code_checkpoint(cfg.run_dir / "checkpoints/last.ckpt", marker, like)
+    with pytest.raises(BanaError, match="run code"):
+        train(cfg, devices="cpu", resume=True)
+    assert not marker.exists()
