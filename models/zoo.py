@@ -291,10 +291,15 @@ def _load_untrusted(path: Path, hint: str, mmap: bool = False) -> dict:
     function is refused before anything of it runs). mmap: leave the tensors on disk (for a
     read of the metadata alone)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:  # the legacy (non-zip) format cannot be mapped: read it whole
+            if not (mmap and "mmap" in str(e)):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # also what the weights-only loader raises for code
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights only load failed" in first.lower() or "unsupported" in str(e).lower():
+        if "weights only load failed" in first.lower():
             raise UnsafeCheckpoint(
                 f"cannot read checkpoint {path}: it asks to run code or build objects other than "
                 "tensors and plain values, which a checkpoint of this project never does, so "
