@@ -393,8 +393,6 @@ def check_spec(ckpt: Checkpoint, expect: dict, hint: str = "") -> None:
 # The classifier whose rows are the classes, per kind: its outputs must be the recorded count.
 _CLASSIFIER = {"labeler": "classifier.weight", "deeplab": "classifier.weight",
                "maskrcnn": "roi_heads.box_predictor.cls_score.weight"}
-# The stage that writes each kind of network.
-_KIND_STAGE = {"labeler": 1, "deeplab": 3, "maskrcnn": 3}
 
 
 def _shown(value) -> str:
@@ -459,7 +457,7 @@ def _spec_values(meta: dict) -> tuple[dict, dict]:
     return values, {}
 
 
-def _spec_defects(values: dict, stage) -> list[str]:
+def _spec_defects(values: dict) -> list[str]:
     """What is wrong with a spec as a file holds it (`_spec_values`), one line per defect."""
     from models.backbones import BACKBONES
     from models.instance import MASK_RCNN_BACKBONES
@@ -478,11 +476,8 @@ def _spec_defects(values: dict, stage) -> list[str]:
         return f"bana.model.{name} is " + (_shown(values[name]) if name in values else "missing")
 
     kind = values.get("kind")
-    if kind not in KINDS[1:]:
+    if kind not in KINDS[1:]:  # (a kind another stage writes is `read_checkpoint`'s message)
         defects.append(f"{found('kind')}; expected one of {', '.join(KINDS[1:])}")
-    elif _is_int(stage) and stage != _KIND_STAGE[kind]:
-        defects.append(f"bana.model.kind is {kind!r}, which stage {_KIND_STAGE[kind]} writes, "
-                       f"but bana.stage is {stage}")
     known = MASK_RCNN_BACKBONES if kind == "maskrcnn" else BACKBONES
     if not (isinstance(values.get("backbone"), str) and values["backbone"] in known):
         defects.append(f"{found('backbone')}; expected one of {', '.join(sorted(known))}")
@@ -544,8 +539,7 @@ def check_entry(raw: dict) -> list[str]:
                if d]
     defects += _config_defects(meta.get("config"))
     values, extra = _spec_values(meta)
-    spec_defects = _spec_defects(values, meta["stage"])
-    defects += spec_defects
+    defects += _spec_defects(values)
     kind = values.get("kind")
     if kind == "maskrcnn" and "category_ids" in extra:
         ids = extra["category_ids"]
