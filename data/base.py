@@ -29,6 +29,7 @@ Items (shape shorthand: H x W image, K boxes, L label channels):
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -148,6 +149,15 @@ class DatasetFormat(ABC):
     def __init__(self, data_cfg, root: Path):
         self.data_cfg = data_cfg
         self.root = Path(root)
+
+    @property
+    def bg_mask_root(self) -> Path:
+        """The folder of the background masks: DATA.BG_MASK_DIR (relative to DATA.ROOT, or
+        absolute; e.g. outside a read-only dataset), by default BgMaskfromBoxes/ under DATA.ROOT.
+        Each layout keeps its own tree below it (`bg_mask_path`)."""
+        where = getattr(self.data_cfg, "BG_MASK_DIR", "") or BG_MASK_DIR
+        path = Path(os.path.normpath(os.path.expanduser(where)))
+        return path if path.is_absolute() else self.root / path
 
     # What a layout implements.
     @property
@@ -530,6 +540,25 @@ def bg_mask_hint(fmt: DatasetFormat) -> str:
             "data/bbox_setup.py --config-file CONFIG` writes them ahead")
 
 
+def _require_writable_masks(fmt: DatasetFormat, folder: Path, todo: int, split: str) -> None:
+    """The masks about to be written can be: their folder, or its nearest existing parent, is
+    a writable folder. A read-only dataset is told where else its masks can live."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+        return
+    why = "is not a folder" if not probe.is_dir() else "is not writable (a read-only dataset?)"
+    key = getattr(fmt.data_cfg, "BG_MASK_DIR", "")
+    now = f"DATA.BG_MASK_DIR is {key!r}" if key else "DATA.BG_MASK_DIR is not set"
+    raise BanaError(f"{todo} background mask(s) of split '{split}' are missing or out of date "
+                    f"and cannot be written to {folder}: {probe} {why}. {now}; set it to a "
+                    "writable folder to keep the masks there instead (e.g. --opts "
+                    "DATA.BG_MASK_DIR /scratch/bg_masks; relative paths are under DATA.ROOT), or "
+                    "write them ahead where the dataset is writable (python data/bbox_setup.py "
+                    "--config-file CONFIG).")
+
+
 def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=None,
                     progress: bool = True) -> dict:
     """Make the background masks of `split` match the boxes (SPEC §0: 1 outside every box, 0
@@ -554,6 +583,7 @@ def ensure_bg_masks(fmt: DatasetFormat, split: str, workers: int = 1, launch=Non
             or not fmt.bg_mask_path(split, i).is_file()]
     if not todo:
         return {"written": 0, "kept": len(ids), "total": len(ids)}
+    _require_writable_masks(fmt, folder, len(todo), split)
     distributed = launch is not None and launch.distributed
     mine = todo[launch.rank::launch.world_size] if distributed else todo
     if not distributed or launch.is_main:

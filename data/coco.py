@@ -642,7 +642,7 @@ class COCOData(DatasetFormat):
         return self.annotation_file(split)
 
     def bg_mask_path(self, split: str, image_id: str) -> Path:
-        return self.root / "BgMaskfromBoxes" / split / f"{image_id}.png"
+        return self.bg_mask_root / split / f"{image_id}.png"
 
     def annotation(self, split: str, image_id: str) -> Annotation:
         """The non-crowd boxes of mapped categories as targets (with their annotation and

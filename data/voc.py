@@ -297,10 +297,11 @@ class VOCData(DatasetFormat):
 
     def bg_mask_path(self, split: str, image_id: str) -> Path:
         """BgMaskfromBoxes/<id>.png (the authors' place); BgMaskfromBoxes/<split>/<id>.png for a
-        split folder, whose ids may repeat in another split."""
+        split folder, whose ids may repeat in another split. (DATA.BG_MASK_DIR moves the
+        folder: `bg_mask_root`.)"""
         folder = self._folder(split) if split else None
         sub = (split,) if folder is not None else ()
-        return self.root.joinpath("BgMaskfromBoxes", *sub, f"{image_id}.png")
+        return self.bg_mask_root.joinpath(*sub, f"{image_id}.png")
 
     def annotation(self, split: str, image_id: str) -> Annotation:
         xml = self.xml_path(split, image_id)

@@ -195,7 +195,7 @@ class YOLOData(DatasetFormat):
         return self.label_path(split, image_id)
 
     def bg_mask_path(self, split: str, image_id: str) -> Path:
-        return self.root / "BgMaskfromBoxes" / split / f"{image_id}.png"
+        return self.bg_mask_root / split / f"{image_id}.png"
 
     def annotation(self, split: str, image_id: str) -> Annotation:
         path = self.label_path(split, image_id)

@@ -91,7 +91,12 @@ class DataConfig:
     ROOT: str = _key("datasets/VOC2012", "Dataset root (VOC: JPEGImages/, Annotations/, "
                      "ImageSets/, or one folder per split; COCO: annotation files and image "
                      "folders; YOLO: data.yaml, images/, labels/). Background masks are written to its BgMaskfromBoxes/ "
-                     "on first use.")
+                     "on first use (DATA.BG_MASK_DIR moves them).")
+    BG_MASK_DIR: str = _key("", "Folder of the background masks (1 outside every box, written "
+                            "from the boxes on first use): '' = BgMaskfromBoxes/ under DATA.ROOT "
+                            "(the authors' place); a folder relative to DATA.ROOT or absolute, "
+                            "e.g. for a read-only dataset. It holds the same tree "
+                            "BgMaskfromBoxes/ would (VOC: <id>.png; COCO, YOLO: <split>/<id>.png).")
     SPLIT: str = _key("train_aug", "The split the stage trains on (stage 1, 3) or labels (stage "
                       "2): VOC's ImageSets/Segmentation (or Main)/<SPLIT>.txt, COCO's "
                       "annotations/instances_<SPLIT>.json (e.g. train2017), YOLO's "
@@ -345,7 +350,8 @@ class Config:
 
     @property
     def pseudo_label_dir(self) -> Path:
-        p = Path(os.path.expanduser(self.DATA.PSEUDO_LABEL_DIR))
+        # normpath: 'sub/../Gen' is DATA.ROOT/Gen even where DATA.ROOT/sub does not exist.
+        p = Path(os.path.normpath(os.path.expanduser(self.DATA.PSEUDO_LABEL_DIR)))
         return p if p.is_absolute() else self.data_root / p
 
     def to_dict(self) -> dict:
@@ -445,7 +451,10 @@ def _coerce(value, t, where: str, raw: str | None = None):
     raise TypeError(f"unsupported schema type {t}")
 
 
-def _set(cfg: Config, dotted: str, value, source: str, raw: str | None = None) -> None:
+def _set(cfg: Config, dotted: str, value, source: str, raw: str | None = None,
+         origin: dict | None = None) -> None:
+    """Set one key (or a section's keys) of `cfg`, checked; `origin` records where each key's
+    value came from (`source`), for the messages of `_validate`."""
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -470,22 +479,31 @@ def _set(cfg: Config, dotted: str, value, source: str, raw: str | None = None) -
                 raise BanaError(f"{source}: '{dotted}' is a section; expected a mapping of its "
                                 f"keys, found {value!r}.")
             for k, v in value.items():
-                _set(cfg, f"{dotted}.{k}", v, source)
+                _set(cfg, f"{dotted}.{k}", v, source, origin=origin)
             return
         setattr(node, part, _coerce(value, t, f"{source}: {dotted}", raw))
+        if origin is not None:
+            origin[dotted] = source
 
 
-def _validate(cfg: Config, source: str) -> None:
+def _validate(cfg: Config, source: str, origin: dict | None = None) -> None:
+    """Check the values together; a message about one key names where its value came from (the
+    file or `--opts KEY`: `origin`), else `source`."""
+    origin = origin or {}
+
+    def where(key: str) -> str:
+        return origin.get(key, source)
+
     for dotted, f in iter_keys():
         value = cfg
         for part in dotted.split("."):
             value = getattr(value, part)
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices and value not in choices:
-            raise BanaError(f"{source}: {dotted} = {value!r} is not allowed; choose one of "
-                            f"{', '.join(map(str, choices))}.")
+            raise BanaError(f"{where(dotted)}: {dotted} = {value!r} is not allowed; choose one "
+                            f"of {', '.join(map(str, choices))}.")
         if check and not check(value):
-            raise BanaError(f"{source}: {dotted} = {value!r} is impossible; it must be "
+            raise BanaError(f"{where(dotted)}: {dotted} = {value!r} is impossible; it must be "
                             f"{f.metadata['rule']}.")
     if cfg.SOLVER.SCHEDULER == "multistep" and any(m >= cfg.SOLVER.MAX_ITER
                                                    for m in cfg.SOLVER.MILESTONES):
@@ -512,22 +530,44 @@ def _validate(cfg: Config, source: str) -> None:
     for key, value in (("OUTPUT_DIR", cfg.OUTPUT_DIR), ("DATA.ROOT", cfg.DATA.ROOT),
                        ("DATA.PSEUDO_LABEL_DIR", cfg.DATA.PSEUDO_LABEL_DIR)):
         if not value.strip():
-            raise BanaError(f"{source}: {key} is empty, which would put the files in the current "
-                            "folder (or DATA.ROOT) without saying so: give a folder, or '.' for "
-                            "the current one.")
-    label_dir = Path(cfg.DATA.PSEUDO_LABEL_DIR)
-    if not label_dir.is_absolute() and ".." in label_dir.parts:
-        raise BanaError(f"{source}: DATA.PSEUDO_LABEL_DIR = {cfg.DATA.PSEUDO_LABEL_DIR!r} leaves "
-                        "DATA.ROOT through '..': give a folder inside DATA.ROOT, or an absolute "
-                        "path if the labels belong elsewhere.")
+            raise BanaError(f"{where(key)}: {key} is empty, which would put the files in the "
+                            "current folder (or DATA.ROOT) without saying so: give a folder, or "
+                            "'.' for the current one.")
+    label_dir = Path(os.path.expanduser(cfg.DATA.PSEUDO_LABEL_DIR))
+    # 'sub/../Gen' is DATA.ROOT/Gen; only a path that ends up above DATA.ROOT is refused.
+    if not label_dir.is_absolute() and os.path.normpath(label_dir).split(os.sep)[0] == "..":
+        raise BanaError(f"{where('DATA.PSEUDO_LABEL_DIR')}: DATA.PSEUDO_LABEL_DIR = "
+                        f"{cfg.DATA.PSEUDO_LABEL_DIR!r} leaves DATA.ROOT through '..': give a "
+                        "folder inside DATA.ROOT, or an absolute path if the labels belong "
+                        "elsewhere.")
+
+
+def _leaf_type(dotted: str):
+    """The annotated type of a key of the schema, or None for a section or an unknown key."""
+    node = Config
+    for part in dotted.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+        f = next((f for f in dataclasses.fields(node) if f.name == part), None)
+        if f is None:
+            return None
+        node = _field_type(node, f)
+    return None if dataclasses.is_dataclass(node) else node
 
 
 def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
-    """`['A.B', '1', 'C', '[1, 2]']` -> `[('A.B', 1), ('C', [1, 2])]` (values read as YAML)."""
+    """`['A.B', '1', 'C', '[1, 2]']` -> `[('A.B', 1), ('C', [1, 2])]`: values are read as YAML,
+    except for a key whose value is text (a path, a name): that takes the text as typed, so that
+    `--opts DATA.ROOT "ds #1"` is the folder `ds #1`, not `ds` and a YAML comment (nor a YAML
+    tag, quote or null). A list of texts takes one literal text unless written as `[...]`."""
     if len(opts) % 2:
         raise BanaError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}.")
     pairs = []
     for key, raw in zip(opts[::2], opts[1::2]):
+        t = _leaf_type(key)
+        if t is str or (t == list[str] and not raw.lstrip().startswith("[")):
+            pairs.append((key, raw))
+            continue
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -562,12 +602,15 @@ def load_config(path: str | Path | None = None, opts: list[str] | None = None) -
         if not isinstance(data, dict):
             raise BanaError(f"{path}: expected a mapping of config keys at the top level, "
                             f"found {type(data).__name__}.")
+        origin: dict[str, str] = {}
         for key, value in data.items():
-            _set(cfg, str(key), value, str(path))
+            _set(cfg, str(key), value, str(path), origin=origin)
+    else:
+        origin = {}
     raw_opts = list(opts or [])
     for (key, value), raw in zip(parse_opts(raw_opts), raw_opts[1::2]):
-        _set(cfg, key, value, f"--opts {key}", raw)
-    _validate(cfg, str(path) if path is not None else "config")
+        _set(cfg, key, value, f"--opts {key}", raw, origin=origin)
+    _validate(cfg, str(path) if path is not None else "config", origin)
     return cfg
 
 
@@ -577,7 +620,9 @@ def schema_markdown() -> str:
              "Generated from `engine/config.py` by `python -m engine.config > configs/README.md`; "
              "a test checks it is current.", "",
              "Every stage script takes `--config-file FILE` and `--opts KEY VALUE ...` "
-             "(values are read as YAML, e.g. `--opts SOLVER.MAX_ITER 100 MODEL.ROI_SIZE [2,2]`). "
+             "(values are read as YAML, e.g. `--opts SOLVER.MAX_ITER 100 MODEL.ROI_SIZE [2,2]`, "
+             "except that a text key (a path, a name) takes the value as typed: `--opts "
+             "DATA.ROOT 'ds #1'` is the folder `ds #1`). "
              "Unknown keys, wrong types and impossible values are errors.", "",
              "| key | default | allowed | meaning |", "|---|---|---|---|"]
     defaults = Config()

@@ -118,10 +118,12 @@ def train(cfg: Config, *, devices: str = "0", resume: bool = False, reconfigure:
           overwrite: bool = False) -> dict:
     """Train Mask R-CNN; returns the iteration count and the final checkpoint. Options as
     `engine.stage1.run`'s."""
-    from utils.runlock import RunLock
+    from utils.runlock import ReadLock, RunLock
 
     dataset, class_map = check_train_inputs(cfg)
-    with RunLock(cfg.run_dir, "stage 3 (instance)"):
+    # The pseudo instance masks it trains on cannot be rewritten (stage 2) while it runs.
+    with RunLock(cfg.run_dir, "stage 3 (instance)"), \
+            ReadLock(cfg.pseudo_label_dir, "stage 3 (instance training)"):
         return _train(cfg, dataset, class_map, devices, resume, reconfigure, overwrite)
 
 

@@ -117,11 +117,14 @@ def require_unused_weights(cfg, stage: str, scored: str) -> None:
         # This run's own checkpoint (the usual config), or one not written yet: nothing to read.
         if not path.is_file() or (cfg.run_dir / "checkpoints").resolve() in path.resolve().parents:
             return
-        from models.zoo import read_checkpoint
+        from models.zoo import UnsafeCheckpoint, read_checkpoint_meta
 
-        try:
-            if read_checkpoint(path).stage == 3:
+        try:  # the stage alone: no weights read, nothing in the file run
+            if read_checkpoint_meta(path)[0] == 3:
                 return
+        except UnsafeCheckpoint as e:  # a file that would run code is refused wherever named
+            raise BanaError(f"MODEL.WEIGHTS: {e} Drop MODEL.WEIGHTS, or name a checkpoint "
+                            "stage 3 wrote.") from None
         except BanaError:  # unreadable: evaluate.py will say so; not this check's business
             return
     raise BanaError(f"MODEL.WEIGHTS is {cfg.MODEL.WEIGHTS!r}, but {stage} does not read it (it "

@@ -192,12 +192,12 @@ def _held_checkpoints(cfg) -> list[Path]:
 
 def _describe_checkpoints(paths: list[Path]) -> str:
     """'final.ckpt (iteration 600), last.ckpt (iteration 600)': what a run folder holds."""
-    from models.zoo import read_checkpoint
+    from models.zoo import read_checkpoint_meta
 
     described = []
     for path in paths:
-        try:
-            described.append(f"{path.name} (iteration {read_checkpoint(path).step})")
+        try:  # the iterations alone: no weights read, nothing in the file run
+            described.append(f"{path.name} (iteration {read_checkpoint_meta(path)[1]})")
         except BanaError:
             described.append(f"{path.name} (unreadable)")
     return ", ".join(described)
@@ -264,6 +264,7 @@ def check_resumable(path: Path, cfg, stage: int, classes=None) -> int:
 # Keys that say where things are or how often to log, not what the run computes: a resumed run
 # may change them freely. Every other key is part of the run's record (its config.yaml).
 OPERATIONAL_KEYS = ("OUTPUT_DIR", "DATA.ROOT", "DATA.NUM_WORKERS", "DATA.PSEUDO_LABEL_DIR",
+                    "DATA.BG_MASK_DIR",
                     "SOLVER.LOG_EVERY", "SOLVER.CKPT_EVERY", "SOLVER.VAL_EVERY", "MODEL.WEIGHTS",
                     "TEST.")
 
@@ -299,10 +300,11 @@ def describe_differences(diffs) -> str:
         f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
 
 
-def check_resume_record(cfg, step: int, reconfigure: bool) -> None:
+def check_resume_record(cfg, step: int, reconfigure: bool) -> list:
     """A resumed run continues the recorded one: the same run-defining keys (unless
-    --reconfigure) and a MAX_ITER not below what the checkpoint already trained. Nothing is
-    rewritten when this refuses."""
+    --reconfigure) and a MAX_ITER not below what the checkpoint already trained. Returns the
+    differences --reconfigure accepts; nothing is written here (`write_record` does, once the
+    resumed run has started)."""
     import yaml
 
     if cfg.SOLVER.MAX_ITER < step:
@@ -312,7 +314,7 @@ def check_resume_record(cfg, step: int, reconfigure: bool) -> None:
                         f"{_recorded_max_iter(cfg)}), or use checkpoints/final.ckpt as it is.")
     path = cfg.run_dir / "config.yaml"
     if not path.is_file():
-        return
+        return []
     recorded = yaml.safe_load(path.read_text()) or {}
     diffs = record_differences(recorded, cfg)
     if diffs and not reconfigure:
@@ -321,13 +323,47 @@ def check_resume_record(cfg, step: int, reconfigure: bool) -> None:
                         "recorded settings, start a new run in another folder (--opts NAME "
                         "new_run), or pass --reconfigure to continue this run with the new "
                         "settings (the old record is kept as config.<n>.yaml).")
-    if diffs:
+    return diffs
+
+
+def write_record(cfg, diffs) -> None:
+    """Save the run's resolved config as its record; the differences --reconfigure accepted
+    (`check_resume_record`) first move the previous record to config.<n>.yaml."""
+    path = cfg.run_dir / "config.yaml"
+    if diffs and path.is_file():
         n = 1
         while (cfg.run_dir / f"config.{n}.yaml").exists():
             n += 1
         os.replace(path, cfg.run_dir / f"config.{n}.yaml")
         print(f"--reconfigure: {describe_differences(diffs)}; the previous record is "
               f"config.{n}.yaml.")
+    cfg.save()
+
+
+class RecordOnStart(pl.Callback):
+    """Writes a resumed run's record (`write_record`) when training starts, after Lightning has
+    restored the checkpoint: a resume that fails before (a checkpoint that cannot be restored, a
+    batch the split cannot fill) leaves config.yaml as it was, so that the same command, or the
+    recorded settings, can be tried again."""
+
+    def __init__(self, cfg, diffs):
+        self.cfg, self.diffs = cfg, diffs
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero and self.cfg is not None:
+            write_record(self.cfg, self.diffs)
+            self.cfg = None  # once
+
+
+# Resumed runs whose record waits for their training to start, by run folder: `start_training`
+# adds one, `pending_record` (called by `engine.training.make_trainer`) hands it to the trainer.
+_PENDING_RECORDS: dict[str, RecordOnStart] = {}
+
+
+def pending_record(cfg) -> list[pl.Callback]:
+    """The `RecordOnStart` callback a resumed run of `cfg` waits on, or none."""
+    pending = _PENDING_RECORDS.pop(str(cfg.run_dir.resolve()), None)
+    return [pending] if pending is not None else []
 
 
 def _recorded_max_iter(cfg):
@@ -344,13 +380,15 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
     """What every training run does first, holding the run folder's lock: clean what a killed
     run left, pick devices, decide fresh vs resume (a resume must match the run's record; see
     `resume_path` for `overwrite`; classes: the data's class names, which a resumed checkpoint
-    must have), seed, and save the resolved config. Returns (Devices, checkpoint to resume from
+    must have), seed, and save the resolved config (a resumed run's once its training has
+    started: `RecordOnStart`, through `make_trainer`). Returns (Devices, checkpoint to resume from
     or None, the iterations it has trained)."""
     from utils.devices import resolve_devices
     from utils.distributed import detect_launch
     from utils.precision import check_precision
     from utils.runlock import clean_temporary_files
 
+    _PENDING_RECORDS.pop(str(cfg.run_dir.resolve()), None)  # left by a resume that failed
     launch = detect_launch()
     resolved = resolve_devices(devices, launch=launch)
     check_precision(cfg.TRAINER.PRECISION, resolved.accelerator)
@@ -360,12 +398,16 @@ def start_training(cfg, devices: str, stage: int, resume: bool, reconfigure: boo
     ckpt_path, step = resume_path(cfg, resume, stage, overwrite, launch.is_main, classes)
     if ckpt_path is not None and step == cfg.SOLVER.MAX_ITER:
         return resolved, ckpt_path, step  # finished (`finished_run`): its record stays as it is
+    diffs = []
     if ckpt_path is not None and launch.is_main:
-        check_resume_record(cfg, step, reconfigure)
+        diffs = check_resume_record(cfg, step, reconfigure)
     # python's, numpy's and torch's generators, and the data loaders' workers.
     pl.seed_everything(cfg.SEED, workers=True, verbose=False)
     if launch.is_main:
-        cfg.save()
+        if ckpt_path is None:
+            cfg.save()
+        else:  # written once the checkpoint is restored (`RecordOnStart`)
+            _PENDING_RECORDS[str(cfg.run_dir.resolve())] = RecordOnStart(cfg, diffs)
     return resolved, ckpt_path, step
 
 
@@ -393,9 +435,9 @@ def finished_run(cfg, ckpt_path, step: int, stage_name: str) -> dict | None:
 
 
 def _checkpoint_step(path: Path) -> int | None:
-    from models.zoo import read_checkpoint
+    from models.zoo import read_checkpoint_meta
 
     try:
-        return read_checkpoint(path).step
+        return read_checkpoint_meta(path)[1]
     except BanaError:
         return None

@@ -364,12 +364,26 @@ def labelling_record(cfg: Config) -> dict:
     return record
 
 
+def _empty_label_folder(folder: Path) -> None:
+    """Delete a label folder for --overwrite. One that is a symbolic link (labels kept on
+    another disk) keeps the link and its target folder, and loses what the target holds."""
+    import shutil
+
+    if not folder.is_symlink():
+        shutil.rmtree(folder)
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    print(f"--overwrite: {folder} is a link to {folder.resolve()}: emptied it, kept the link.")
+
+
 def check_label_record(cfg: Config, overwrite: bool) -> None:
     """Labels in a folder come from one labelling: a rerun with other settings is refused
     (naming the keys) unless `overwrite`, which empties the folder's label files first. Writes
     the record for a new or overwritten folder."""
-    import shutil
-
     from utils.io import atomic_write_json
 
     out_root = cfg.pseudo_label_dir
@@ -394,7 +408,7 @@ def check_label_record(cfg: Config, overwrite: bool) -> None:
                         "them and label again.")
     if overwrite and labels:
         for d in labels:
-            shutil.rmtree(out_root / d)
+            _empty_label_folder(out_root / d)
         (out_root / INPUTS).unlink(missing_ok=True)
         (out_root / MANIFEST).unlink(missing_ok=True)
         for stale in out_root.glob("*_Y_*.json"):

@@ -199,10 +199,11 @@ def run(cfg: Config, *, devices: str = "0", resume: bool = False, reconfigure: b
         overwrite: bool = False) -> dict:
     """Train stage 3; returns the last validation metrics and the checkpoint paths. Options as
     `engine.stage1.run`'s."""
-    from utils.runlock import RunLock
+    from utils.runlock import ReadLock, RunLock
 
     train, val, classes = check_inputs(cfg)
-    with RunLock(cfg.run_dir, "stage 3"):
+    # The labels it trains on cannot be deleted or rewritten (stage 2) while it runs.
+    with RunLock(cfg.run_dir, "stage 3"), ReadLock(cfg.pseudo_label_dir, "stage 3 (training)"):
         return _train(cfg, train, val, classes, devices, resume, reconfigure, overwrite)
 
 

@@ -190,7 +190,17 @@ class EndOnTerm(pl.Callback):
 
 def fit(trainer: pl.Trainer, module, **kwargs) -> None:
     """trainer.fit, with Ctrl-C reported as ours (exit 130, "rerun with --resume"): Lightning
-    catches KeyboardInterrupt itself and exits with status 1 and its own message."""
+    catches KeyboardInterrupt itself and exits with status 1 and its own message.
+
+    A checkpoint resumed from (`ckpt_path`) is read with torch's weights-only loader, as
+    `models.zoo` reads every checkpoint: it holds tensors and plain values, and a file that asks
+    to run code is refused rather than run. (`engine.runs.check_resumable` has read the same
+    file that way before, so this matters only where Lightning's default would differ.)"""
+    if kwargs.get("ckpt_path") is not None:
+        import inspect
+
+        if "weights_only" in inspect.signature(trainer.fit).parameters:
+            kwargs["weights_only"] = True
     try:
         trainer.fit(module, **kwargs)
     except SystemExit:
@@ -215,6 +225,8 @@ def make_trainer(cfg, devices, callbacks: list[pl.Callback], *,
     from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    from engine.runs import pending_record
+
     run_dir = cfg.run_dir
     # One version folder per launch (logs/version_0, version_1 after a resume, ...): a resumed
     # run must never delete the logs of the attempt before it.
@@ -238,7 +250,7 @@ def make_trainer(cfg, devices, callbacks: list[pl.Callback], *,
         max_steps=cfg.SOLVER.MAX_ITER, max_epochs=-1, logger=loggers,
         log_every_n_steps=cfg.SOLVER.LOG_EVERY, enable_checkpointing=False,
         callbacks=[FiniteCheck(cfg.SOLVER.LOG_EVERY), *callbacks, LearningRateMonitor("step"),
-                   progress, EndOnTerm()],
+                   progress, EndOnTerm(), *pending_record(cfg)],
         precision=cfg.TRAINER.PRECISION, num_nodes=devices.num_nodes,
         enable_progress_bar=True,
         default_root_dir=str(run_dir), deterministic=False, benchmark=devices.accelerator == "gpu",

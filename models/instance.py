@@ -10,7 +10,8 @@ files and their cache paths are torchvision's:
   classifier is re-initialised for our classes, and the mask head starts from scratch, because
   torchvision's COCO Mask R-CNN weights were trained on COCO's masks: starting from them would
   leak mask supervision into a box-supervised result);
-- "none": random; or a path to a state dict of this very model (e.g. exported from a checkpoint).
+- "none": random; or a path to a state dict of this very model, or to one of this project's
+  instance checkpoints of the same backbone and class count (its weights are taken).
 Images go in as float RGB 0..255 (N, 3, H, W) or a list of (3, H, W); the model's transform
 normalises and resizes them (short side `min_size`, long side at most `max_size`).
 """
@@ -145,7 +146,54 @@ def _load_path(model: nn.Module, path: str) -> None:
                         "coco or the path of a Mask R-CNN state dict.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise BanaError(f"MODEL.INIT {path} cannot be read as a state dict "
+                        f"({str(err).strip().splitlines()[0][:200]}).") from None
+    if not isinstance(state, dict):
+        raise BanaError(f"MODEL.INIT {path} holds a {type(state).__name__}, expected a state dict "
+                        "of a Mask R-CNN (names to tensors) or one of this project's instance "
+                        "checkpoints.")
+    if isinstance(state.get("bana"), dict) and "stage" in state["bana"]:
+        state = _own_checkpoint_weights(model, path, state)
+    else:
+        state = state.get("state_dict", state)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & state.keys()
+                    if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        found = "; ".join(part for part in (
+            f"{len(missing)} of its weights are missing (e.g. {', '.join(missing[:3])})"
+            if missing else "",
+            f"{len(unexpected)} are not this network's (e.g. {', '.join(unexpected[:3])})"
+            if unexpected else "",
+            f"{len(shapes)} have other shapes (e.g. {shapes[0]})" if shapes else "") if part)
         raise BanaError(f"MODEL.INIT {path} is not a state dict of this Mask R-CNN "
-                        f"({str(err).splitlines()[0]}).") from None
+                        f"({type(model).__name__} on MODEL.BACKBONE, MODEL.INSTANCE_SIZE): "
+                        f"{found}. Give a state dict of the same backbone and classes, one of "
+                        "this project's instance checkpoints, 'coco', 'imagenet' or 'none'.")
+    model.load_state_dict(state)
+
+
+def _own_checkpoint_weights(model: nn.Module, path: str, raw: dict) -> dict:
+    """The Mask R-CNN weights of one of this project's checkpoints (checked as every checkpoint
+    is: `models.zoo.check_entry`), to start from: an instance checkpoint of the same backbone and
+    class count. Anything else is refused saying what the file holds."""
+    from pathlib import Path
+
+    from models.zoo import _parse, _raise_defects, check_entry
+
+    hint = "Or set MODEL.INIT to 'coco', 'imagenet', 'none' or a Mask R-CNN state dict."
+    _raise_defects(Path(path), check_entry(raw), hint)
+    ckpt = _parse(Path(path), raw)
+    if ckpt.spec.kind != "maskrcnn":
+        raise BanaError(f"MODEL.INIT {path} holds {ckpt.spec.describe()} (stage {ckpt.stage}), "
+                        "not a Mask R-CNN: the instance task starts from an instance checkpoint "
+                        f"of this project or a Mask R-CNN state dict. {hint}")
+    outputs = model.roi_heads.box_predictor.cls_score.out_features
+    if ckpt.spec.num_classes != outputs:
+        raise BanaError(f"MODEL.INIT {path} is a Mask R-CNN of {ckpt.spec.num_classes} classes, "
+                        f"but this run trains {outputs} (DATA.NUM_CLASSES / the class map): its "
+                        f"class layers cannot be used. {hint}")
+    return ckpt.state

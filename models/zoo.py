@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -232,8 +233,11 @@ def read_init(path) -> dict:
     if not isinstance(state_dict, dict):
         raise BanaError(f"{path} holds a {type(state_dict).__name__}, expected a state dict "
                         "(a dict of tensor names to tensors)")
-    if isinstance(state_dict.get("bana"), dict) and "state_dict" in state_dict:
-        ckpt = _parse(path, state_dict)
+    if isinstance(state_dict.get("bana"), dict) and "state_dict" in state_dict \
+            and "stage" in state_dict["bana"]:
+        _raise_defects(Path(path), check_entry(state_dict), "Or set MODEL.INIT to 'imagenet', "
+                       "'none' or the path of another state dict.")
+        ckpt = _parse(Path(path), state_dict)
         if ckpt.spec.kind not in ("labeler", "deeplab"):
             raise BanaError(f"{path} holds {ckpt.spec.describe()}, whose backbone does not fit "
                             "the networks of stages 1 and 3: give a stage-1 or stage-3 checkpoint, "
@@ -276,6 +280,64 @@ class Checkpoint:
         return net.eval()
 
 
+class UnsafeCheckpoint(BanaError):
+    """A checkpoint whose pickle asks to run code or build objects other than tensors and plain
+    values: refused by the weights-only loader before any of it ran."""
+
+
+def _load_untrusted(path: Path, hint: str, mmap: bool = False) -> dict:
+    """The contents of a checkpoint file, unpickled with torch's weights-only loader: tensors,
+    numbers, strings and plain containers, nothing that runs code (a file whose pickle calls a
+    function is refused before anything of it runs). mmap: leave the tensors on disk (for a
+    read of the metadata alone)."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:  # the legacy (non-zip) format cannot be mapped: read it whole
+            if not (mmap and "mmap" in str(e)):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # also what the weights-only loader raises for code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights only load failed" in first.lower():
+            raise UnsafeCheckpoint(
+                f"cannot read checkpoint {path}: it asks to run code or build objects other than "
+                "tensors and plain values, which a checkpoint of this project never does, so "
+                f"nothing of it was used. {hint}".rstrip()) from None
+        raise BanaError(f"cannot read checkpoint {path}: the file is truncated or not a "
+                        f"checkpoint. {hint}".rstrip()) from None
+    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
+        reason = str(e).split(". ")[0].strip().splitlines()[0] if str(e).strip() else ""
+        raise BanaError(f"cannot read checkpoint {path}: the file is truncated or not a "
+                        f"checkpoint ({type(e).__name__}: {reason[:200]}). {hint}".rstrip()) \
+            from None
+
+
+def _entry(path: Path, raw, what: str, hint: str) -> dict:
+    """The `bana` entry of a loaded checkpoint, or a BanaError saying the file is not ours."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("bana"), dict) \
+            or "stage" not in raw["bana"]:
+        raise BanaError(f"{path} is not a checkpoint written by this project's {what}. "
+                        f"{hint}".rstrip())
+    return raw["bana"]
+
+
+def read_checkpoint_meta(path, hint: str = "") -> tuple[int, int]:
+    """(stage, iterations trained) of one of this project's checkpoints, read without loading
+    its weights (the tensors stay on disk) and without running anything the file holds: for
+    the checks that need only these two numbers. A BanaError for an unreadable, foreign or
+    damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BanaError(f"checkpoint {path} does not exist. {hint}".rstrip())
+    raw = _load_untrusted(path, hint, mmap=True)
+    meta = _entry(path, raw, "stages", hint)
+    defects = [d for d in (_check_stage(meta.get("stage")), _check_step(raw.get("global_step", 0)))
+               if d]
+    _raise_defects(path, defects, hint)
+    return meta["stage"], raw.get("global_step", 0)
+
+
 def read_checkpoint(path, *, stage: int | None = None, kind: str | tuple | None = None,
                     expect: dict | None = None, hint: str = "") -> Checkpoint:
     """Read one of this project's checkpoints and check it is what the caller needs.
@@ -283,24 +345,17 @@ def read_checkpoint(path, *, stage: int | None = None, kind: str | tuple | None 
     stage: the stage that must have written it; kind: the kind(s) of network it must hold;
     expect: {spec field: (config key, value)} that must match, e.g. {"backbone":
     ("MODEL.BACKBONE", "tiny"), "num_classes": ("DATA.NUM_CLASSES", 21)}. hint: how to get the
-    right file, appended to every message. A missing, truncated or foreign file, another stage's
-    or kind's model, or a mismatch is a BanaError naming the file, what it holds and what was
-    needed.
+    right file, appended to every message. A missing, truncated or foreign file, one whose pickle
+    would run code, a damaged `bana` entry or weights (`check_entry`), another stage's or kind's
+    model, or a mismatch is a BanaError naming the file, what it holds and what was needed.
     """
     path = Path(path)
     if not path.is_file():
         raise BanaError(f"checkpoint {path} does not exist. {hint}".rstrip())
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        reason = str(e).split(". ")[0].strip()
-        raise BanaError(f"cannot read checkpoint {path}: the file is truncated or not a "
-                        f"checkpoint ({type(e).__name__}: {reason}). {hint}".rstrip()) from None
+    raw = _load_untrusted(path, hint)
     what = f"stage {stage}" if stage is not None else "a stage"
-    if not isinstance(raw, dict) or not isinstance(raw.get("bana"), dict) \
-            or "stage" not in raw["bana"]:
-        raise BanaError(f"{path} is not a checkpoint written by this project's {what}. "
-                        f"{hint}".rstrip())
+    _entry(path, raw, what, hint)
+    _raise_defects(path, check_entry(raw), hint)
     ckpt = _parse(path, raw)
     if stage is not None and ckpt.stage != stage:
         raise BanaError(f"{path} was written by stage {ckpt.stage}, but stage {stage}'s model is "
@@ -335,37 +390,206 @@ def check_spec(ckpt: Checkpoint, expect: dict, hint: str = "") -> None:
         raise BanaError(f"{found}. Set {key} {stored} to use it as it is. {hint}".rstrip())
 
 
-def _parse(path: Path, raw: dict) -> Checkpoint:
-    meta = raw["bana"]
-    stage = int(meta["stage"])
-    config = meta.get("config") or {}
+# The classifier whose rows are the classes, per kind: its outputs must be the recorded count.
+_CLASSIFIER = {"labeler": "classifier.weight", "deeplab": "classifier.weight",
+               "maskrcnn": "roi_heads.box_predictor.cls_score.weight"}
+
+
+def _shown(value) -> str:
+    """A value found in a file, for a message: its repr, cut short, and its type."""
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} (a {type(value).__name__})"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _check_stage(value) -> str | None:
+    if not (_is_int(value) and value in (1, 3)):
+        return f"bana.stage is {_shown(value)}; expected the integer 1 or 3"
+    return None
+
+
+def _check_step(value) -> str | None:
+    if not (_is_int(value) and value >= 0):
+        return f"global_step is {_shown(value)}; expected an integer of at least 0"
+    return None
+
+
+def _pair(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+
+
+def _spec_values(meta: dict) -> tuple[dict, dict]:
+    """(spec fields as the file holds them, unchecked; the stage's further entries), from the
+    "model" entry or, in a checkpoint written before it, the flat keys and the config."""
+    stage = meta.get("stage")
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     if "model" in meta:
-        spec = ModelSpec.from_dict(meta["model"])
+        model = meta["model"]
+        if not isinstance(model, dict):
+            return {"model": model}, {}
         extra = {k: v for k, v in meta.items() if k not in ("stage", "model", "config")}
+        return dict(model), extra
+    model = config.get("MODEL") if isinstance(config.get("MODEL"), dict) else {}
+    backbone = meta.get("backbone")
+    values = {"backbone": LEGACY_BACKBONES.get(backbone, backbone) if isinstance(backbone, str)
+              else backbone, "num_classes": meta.get("num_classes"),
+              "classes": meta.get("classes") or None}
+    if meta.get("task") == "instance":
+        values.update(kind="maskrcnn", instance_size=meta.get("instance_size"))
+        return values, {k: meta[k] for k in ("category_ids", "masks") if k in meta}
+    values.update(input_norm=meta.get("input_norm", "imagenet"),
+                  fc6_dilation=meta.get("fc6_dilation", 1))
+    if stage == 1:
+        values.update(kind="labeler", pooling=meta.get("pooling", "bap"),
+                      roi_sampling=model.get("ROI_SAMPLING", "reference"),
+                      roi_size=model.get("ROI_SIZE", [2, 2]), grid_size=model.get("GRID_SIZE", 4),
+                      bg_fraction_min=model.get("BG_FRACTION_MIN", 0.125))
     else:
-        spec, extra = _legacy_spec(meta, stage, config)
+        values.update(kind="deeplab", frozen_bn=model.get("FREEZE_BN", False))
+    return values, {}
+
+
+def _spec_defects(values: dict) -> list[str]:
+    """What is wrong with a spec as a file holds it (`_spec_values`), one line per defect."""
+    from models.backbones import BACKBONES
+    from models.instance import MASK_RCNN_BACKBONES
+    from models.labeler import POOLINGS, ROI_SAMPLINGS
+
+    if "model" in values:
+        return [f"bana.model is {_shown(values['model'])}; expected a mapping of the network's "
+                "description"]
+    defects = []
+
+    def need(name, ok, expected):
+        if name in values and not ok(values[name]):
+            defects.append(f"bana.model.{name} is {_shown(values[name])}; expected {expected}")
+
+    def found(name):
+        return f"bana.model.{name} is " + (_shown(values[name]) if name in values else "missing")
+
+    kind = values.get("kind")
+    if kind not in KINDS[1:]:  # (a kind another stage writes is `read_checkpoint`'s message)
+        defects.append(f"{found('kind')}; expected one of {', '.join(KINDS[1:])}")
+    known = MASK_RCNN_BACKBONES if kind == "maskrcnn" else BACKBONES
+    if not (isinstance(values.get("backbone"), str) and values["backbone"] in known):
+        defects.append(f"{found('backbone')}; expected one of {', '.join(sorted(known))}")
+    count = values.get("num_classes")
+    if not (_is_int(count) and count >= 2):
+        defects.append(f"{found('num_classes')}; expected an integer of at least 2 "
+                       "(background included)")
+        count = None
+    classes = values.get("classes")
+    if classes is not None:
+        if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+            defects.append(f"bana.model.classes is {_shown(classes)}; expected a list of class "
+                           "names")
+        elif count is not None and len(classes) != count:
+            defects.append(f"bana.model.classes names {len(classes)} classes, but "
+                           f"bana.model.num_classes is {count}")
+    need("input_norm", lambda v: v in ("auto", "caffe", "imagenet"), "'caffe' or 'imagenet'")
+    need("fc6_dilation", lambda v: _is_int(v) and v >= 1, "an integer of at least 1")
+    need("pooling", lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}")
+    need("roi_sampling", lambda v: v in ROI_SAMPLINGS, f"one of {', '.join(ROI_SAMPLINGS)}")
+    need("roi_size", _pair, "two integers of at least 1")
+    need("grid_size", lambda v: _is_int(v) and v >= 1, "an integer of at least 1")
+    need("bg_fraction_min", lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1")
+    need("frozen_bn", lambda v: isinstance(v, bool), "true or false")
+    need("instance_size", _pair, "two integers of at least 1")
+    return defects
+
+
+def _config_defects(config) -> list[str]:
+    """The recorded config's values that a loaded model uses (`engine.predict.Segmenter`)."""
+    if config is None:
+        return []
+    if not isinstance(config, dict):
+        return [f"bana.config is {_shown(config)}; expected the run's config (a mapping)"]
+    model = config.get("MODEL", {})
+    if not isinstance(model, dict):
+        return [f"bana.config.MODEL is {_shown(model)}; expected a mapping"]
+    defects = []
+    if "TEMPERATURE" in model and not (_is_number(model["TEMPERATURE"])
+                                       and model["TEMPERATURE"] > 0):
+        defects.append(f"bana.config.MODEL.TEMPERATURE is {_shown(model['TEMPERATURE'])}; "
+                       "expected a number above 0")
+    if "DCRF" in model and not (isinstance(model["DCRF"], (list, tuple))
+                                and len(model["DCRF"]) == 5
+                                and all(_is_number(v) for v in model["DCRF"])):
+        defects.append(f"bana.config.MODEL.DCRF is {_shown(model['DCRF'])}; expected 5 numbers")
+    if "CRF_BACKEND" in model and not isinstance(model["CRF_BACKEND"], str):
+        defects.append(f"bana.config.MODEL.CRF_BACKEND is {_shown(model['CRF_BACKEND'])}; "
+                       "expected a name")
+    return defects
+
+
+def check_entry(raw: dict) -> list[str]:
+    """Every defect of a loaded checkpoint (`raw`, with a `bana` entry), one line each: the
+    entry's types and ranges, the network's description, the class count against its
+    classifier's outputs, the weights (tensors, all finite). Empty for a sound checkpoint."""
+    meta = raw["bana"]
+    defects = [d for d in (_check_stage(meta["stage"]), _check_step(raw.get("global_step", 0)))
+               if d]
+    defects += _config_defects(meta.get("config"))
+    values, extra = _spec_values(meta)
+    defects += _spec_defects(values)
+    kind = values.get("kind")
+    if kind == "maskrcnn" and "category_ids" in extra:
+        ids = extra["category_ids"]
+        count = values.get("num_classes")
+        if not (isinstance(ids, (list, tuple)) and all(_is_int(i) for i in ids)):
+            defects.append(f"bana.category_ids is {_shown(ids)}; expected a list of integers")
+        elif _is_int(count) and len(ids) != count:
+            defects.append(f"bana.category_ids has {len(ids)} ids, but bana.model.num_classes "
+                           f"is {count}")
+    weights = raw.get("state_dict")
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        defects.append(f"state_dict is {_shown(weights)}; expected a mapping of names to tensors")
+        return defects
+    if kind not in _PREFIX:
+        return defects
+    prefix = _PREFIX[kind]
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        defects.append(f"{len(bad)} weight tensor(s) hold NaN or infinite values (e.g. "
+                       f"{prefix}{bad[0]}): the model would compute nothing meaningful")
+    rows = state.get(_CLASSIFIER[kind])
+    count = values.get("num_classes")
+    if rows is not None and _is_int(count) and rows.dim() >= 1 and rows.shape[0] != count:
+        defects.append(f"bana.model.num_classes is {count}, but the classifier "
+                       f"({prefix}{_CLASSIFIER[kind]}) has {rows.shape[0]} outputs")
+    return defects
+
+
+def _raise_defects(path: Path, defects: list[str], hint: str) -> None:
+    """One message for a damaged checkpoint, a line per defect. It says what the file holds, and
+    never suggests a setting taken from it."""
+    if not defects:
+        return
+    fix = ("The file is damaged or was not written by this project's stages: use a checkpoint "
+           f"they wrote. {hint}").rstrip()
+    if len(defects) == 1:
+        raise BanaError(f"{path} cannot be used: {defects[0]}. {fix}")
+    listed = "\n".join(f"  {k}. {d}." for k, d in enumerate(defects, 1))
+    raise BanaError(f"{path} cannot be used; {len(defects)} defects. {fix}\n{listed}")
+
+
+def _parse(path: Path, raw: dict) -> Checkpoint:
+    """A checkpoint `check_entry` found sound, as a `Checkpoint`."""
+    meta = raw["bana"]
+    values, extra = _spec_values(meta)
+    spec = ModelSpec.from_dict(values)
     prefix = _PREFIX[spec.kind]
     state = {k[len(prefix):]: v for k, v in (raw.get("state_dict") or {}).items()
              if k.startswith(prefix)}
-    return Checkpoint(path, stage, spec, state, int(raw.get("global_step", 0)), config, extra)
-
-
-def _legacy_spec(meta: dict, stage: int, config: dict) -> tuple[ModelSpec, dict]:
-    """The spec of a checkpoint written before `checkpoint_entry` (flat keys plus the config)."""
-    model = config.get("MODEL", {})
-    classes = meta.get("classes")
-    common = {"backbone": LEGACY_BACKBONES.get(meta["backbone"], meta["backbone"]),
-              "num_classes": meta["num_classes"],
-              "classes": tuple(classes) if classes else None}
-    if meta.get("task") == "instance":
-        spec = ModelSpec("maskrcnn", instance_size=tuple(meta["instance_size"]), **common)
-        return spec, {k: meta[k] for k in ("category_ids", "masks") if k in meta}
-    common.update(input_norm=meta.get("input_norm", "imagenet"),
-                  fc6_dilation=meta.get("fc6_dilation", 1))
-    if stage == 1:
-        return ModelSpec("labeler", pooling=meta.get("pooling", "bap"),
-                         roi_sampling=model.get("ROI_SAMPLING", "reference"),
-                         roi_size=tuple(model.get("ROI_SIZE", (2, 2))),
-                         grid_size=model.get("GRID_SIZE", 4),
-                         bg_fraction_min=model.get("BG_FRACTION_MIN", 0.125), **common), {}
-    return ModelSpec("deeplab", frozen_bn=model.get("FREEZE_BN", False), **common), {}
+    return Checkpoint(path, meta["stage"], spec, state, raw.get("global_step", 0),
+                      meta.get("config") or {}, extra)

@@ -224,3 +224,34 @@ def test_setup_derives_train_aug_and_skips_finished_steps(synthetic_voc_copy):
     assert "step 1/3: VOC 2012 trainval already extracted, skipping" in result.stdout
     assert (lists / "train_aug.txt").read_text() == (lists / "train.txt").read_text()
     assert result.returncode == 1 and "expected 17125" in result.stderr
+
+
+def test_masks_of_a_read_only_dataset_live_in_bg_mask_dir(synthetic_voc_copy, tmp_path,
+                                                          monkeypatch):
+    """A read-only dataset without its masks could not be used: the message pointed at keys that
+    cannot move them. It names DATA.BG_MASK_DIR, which keeps them elsewhere (the dataset is then
+    only read). The dataset's folder is made unwritable by os.access, as the suite may run as
+    root, for whom file modes do not stop a write."""
+    import os
+
+    from data.base import ensure_bg_masks
+    from tests.conftest import open_layout
+
+    root = synthetic_voc_copy
+    shutil.rmtree(root / "BgMaskfromBoxes")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if mode & os.W_OK and Path(path).resolve().is_relative_to(root.resolve())
+        else real_access(path, mode, **kw)))
+    with pytest.raises(BanaError, match=r"12 background mask\(s\) .* DATA.BG_MASK_DIR is not set;"
+                                        r" set it to a writable folder"):
+        ensure_bg_masks(open_layout("voc", root), "train", progress=False)
+    assert not (root / "BgMaskfromBoxes").exists()
+    elsewhere = tmp_path / "masks"
+    data = open_layout("voc", root, BG_MASK_DIR=str(elsewhere))
+    assert ensure_bg_masks(data, "train", progress=False)["written"] == 12
+    assert data.bg_mask_path("train", "train_00003") == elsewhere / "train_00003.png"
+    np.testing.assert_array_equal(read_index_png(elsewhere / "train_00003.png"),
+                                  _masks_of(data, "train")["train_00003"])
+    assert not (root / "BgMaskfromBoxes").exists()
+    assert open_layout("voc", root, BG_MASK_DIR="masks").bg_mask_root == root / "masks"

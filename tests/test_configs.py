@@ -185,3 +185,34 @@ def test_yaml_python_tags_stay_refused(tmp_path):
     path.write_text("DATA:\n  CLASSES: !!python/object/apply:os.system ['echo owned']\n")
     with pytest.raises(BanaError, match=rf"{path} is not valid YAML: .*python/object/apply"):
         load_config(path)
+
+
+def test_opts_take_text_keys_as_typed():
+    """`--opts DATA.ROOT "ds #1"` was read as YAML: `ds` and a comment, so another dataset was
+    relabelled (and OUTPUT_DIR "exp #2" wrote into exp). A text key takes the text as typed:
+    no comment, tag, quote or null parsing; numbers and lists keep their YAML reading."""
+    cfg = load_config(ROOT / "configs/demo/stage2.yml", [
+        "DATA.ROOT", "ds #1", "OUTPUT_DIR", "exp #2", "MODEL.INIT", "!!python/name:os.system",
+        "NAME", "null", "DATA.CLASSES", "my #labels.txt", "SOLVER.LR", "0.5",
+        "MODEL.ROI_SIZE", "[3, 3]"])
+    assert (cfg.DATA.ROOT, cfg.OUTPUT_DIR, cfg.MODEL.INIT, cfg.NAME) == \
+        ("ds #1", "exp #2", "!!python/name:os.system", "null")
+    assert cfg.DATA.CLASSES == ["my #labels.txt"]
+    assert (cfg.SOLVER.LR, cfg.MODEL.ROI_SIZE) == (0.5, [3, 3])
+    assert load_config(opts=["DATA.CLASSES", "[cat, dog]"]).DATA.CLASSES == ["cat", "dog"]
+
+
+def test_label_dir_through_dot_dot_inside_the_root_is_accepted(tmp_path):
+    """`sub/../Gen` is DATA.ROOT/Gen and was refused as leaving DATA.ROOT; only a path that
+    ends above DATA.ROOT is, and the message names where the value came from."""
+    cfg = load_config(opts=["DATA.ROOT", str(tmp_path), "DATA.PSEUDO_LABEL_DIR", "sub/../Gen"])
+    assert cfg.pseudo_label_dir == tmp_path / "Gen"
+    with pytest.raises(BanaError, match=r"^--opts DATA.PSEUDO_LABEL_DIR: .*leaves DATA.ROOT"):
+        load_config(ROOT / "configs/demo/stage2.yml",
+                    ["DATA.PSEUDO_LABEL_DIR", "sub/../../Gen"])
+    config = tmp_path / "c.yml"
+    config.write_text("DATA:\n  PSEUDO_LABEL_DIR: ../Gen\n")
+    with pytest.raises(BanaError, match=rf"^{config}: DATA.PSEUDO_LABEL_DIR"):
+        load_config(config)
+    with pytest.raises(BanaError, match=r"^--opts SOLVER.MAX_ITER: SOLVER.MAX_ITER = 0"):
+        load_config(ROOT / "configs/demo/stage2.yml", ["SOLVER.MAX_ITER", "0"])

@@ -228,3 +228,56 @@ def test_evaluating_a_semantic_checkpoint_as_instance_is_refused(tmp_path):
     with pytest.raises(BanaError, match="holds a semantic-segmentation model"):
         load_instance_model(tmp_path / "semantic.ckpt")
     shutil.rmtree(tmp_path)
+
+
+def test_an_instance_checkpoint_of_this_project_is_a_model_init(tmp_path):
+    """MODEL.INIT naming one of this project's instance checkpoints was refused with no detail
+    (its weights sit under the LightningModule's 'model.' prefix): it is taken when backbone and
+    classes fit, and otherwise refused saying what the file holds and what this run needs."""
+    from models.zoo import ModelSpec, build, checkpoint_entry
+
+    spec = ModelSpec("maskrcnn", "tiny", num_classes=5, instance_size=(64, 96))
+    trained = build(spec)
+    with torch.no_grad():
+        trained.roi_heads.box_predictor.cls_score.weight.fill_(0.25)
+    path = tmp_path / "final.ckpt"
+    torch.save({"bana": checkpoint_entry(3, spec, {}, category_ids=[0, 3, 7, 13, 42]),
+                "global_step": 3,
+                "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, path)
+    started = build(spec, init=str(path))
+    assert torch.equal(started.roi_heads.box_predictor.cls_score.weight,
+                       trained.roi_heads.box_predictor.cls_score.weight)
+    with pytest.raises(BanaError, match=r"Mask R-CNN of 5 classes, but this run trains 3"):
+        build(ModelSpec("maskrcnn", "tiny", num_classes=3, instance_size=(64, 96)),
+              init=str(path))
+    plain = tmp_path / "plain.pth"
+    torch.save({k: v for k, v in trained.state_dict().items() if "mask_head" not in k}, plain)
+    with pytest.raises(BanaError, match=r"of its weights are missing \(e.g. roi_heads.mask_head"):
+        build(spec, init=str(plain))
+
+
+def test_instance_checkpoints_that_run_code_are_refused(instance_tree, tmp_path):
+    """evaluate.py (instance) and --resume of the instance task read the checkpoint with the
+    weights-only loader: a file whose pickle runs a command is refused, the command never runs."""
+    from engine.instance import evaluate, train
+    from test_checkpoint_errors import code_checkpoint
+
+    from models.zoo import checkpoint_entry
+
+    spec = ModelSpec("maskrcnn", "tiny", num_classes=5, instance_size=(64, 96))
+    like = tmp_path / "like.ckpt"
+    torch.save({"bana": checkpoint_entry(3, spec, {}), "global_step": 1,
+                "state_dict": {f"model.{k}": v for k, v in build(spec).state_dict().items()}},
+               like)
+    cfg = load_config(REPO / "configs/demo/stage3_instance.yml", [
+        "DATA.ROOT", str(instance_tree), "OUTPUT_DIR", str(tmp_path / "runs"),
+        "DATA.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "3", "SOLVER.MILESTONES", "[2]",
+        "SOLVER.WARMUP_ITERS", "2", "DATA.BATCH_SIZE", "2"])
+    marker = tmp_path / "MARKER"
+    model = code_checkpoint(tmp_path / "model.ckpt", marker, like)
+    with pytest.raises(BanaError, match="run code"):
+        evaluate(cfg, checkpoint=str(model), devices="cpu")
+    code_checkpoint(cfg.run_dir / "checkpoints/last.ckpt", marker, like)
+    with pytest.raises(BanaError, match="run code"):
+        train(cfg, devices="cpu", resume=True)
+    assert not marker.exists()

@@ -284,3 +284,128 @@ def test_relabelling_with_other_settings_is_refused_until_overwrite(artifacts, t
     assert "deleted the labels" in again.stdout and "0 already labelled" in again.stdout
     assert json.loads((tmp_path / "Generation/labels.json").read_text())[key] != \
         json.loads(record)[key]
+
+
+@pytest.mark.slow
+def test_failed_reconfigured_resume_changes_no_record(trained_stage3, tmp_path):
+    """A --resume --reconfigure that fails after its settings were accepted (here: a batch the
+    split cannot fill) had already moved config.yaml to config.1.yaml and written the new
+    settings as the record; the record is now written only once training has started."""
+    env = _copy_run(trained_stage3, tmp_path)
+    run_dir = tmp_path / "runs/stage3"
+    before = {p.name: p.read_bytes() for p in run_dir.glob("config*.yaml")}
+    proc = run_script(stage3(env, "SOLVER.MAX_ITER", "6", "DATA.BATCH_SIZE", "64",
+                             flags=["--resume", "--reconfigure"]))
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "DATA.BATCH_SIZE 64" in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.glob("config*.yaml")} == before
+
+
+# --- issue 29, class 4: runs that share folders -------------------------------------------------
+
+def _label_copy(artifacts, tmp_path) -> Env:
+    """An env whose labelled tree (with Generation/Y_crf, Y_ret) is a private copy."""
+    labelled = Path(shutil.copytree(artifacts["labelled"], tmp_path / "labelled"))
+    return Env(tmp_path, artifacts["voc"], labelled, artifacts["stage1"], artifacts["stage3"])
+
+
+@pytest.mark.slow
+def test_stage2_cannot_rewrite_labels_a_training_run_reads(artifacts, tmp_path):
+    """`stage2.py --overwrite` deleted the labels a running stage 3 trained on. The training run
+    holds a ReadLock on its label folder (held here by this process, alive), and stage 2 is
+    refused with its owner and the folder; nothing is deleted."""
+    from utils.runlock import ReadLock
+
+    env = _label_copy(artifacts, tmp_path)
+    labels = env.labelled / "Generation"
+    before = read_labels(labels)
+    with ReadLock(labels, "stage 3 (training)"):
+        proc = run_script(stage2(env, "DATA.PSEUDO_LABEL_DIR", str(labels), root=env.labelled,
+                                 flags=["--overwrite"]))
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "in use by a run that reads it" in err, err
+    assert f"PID {os.getpid()}" in err and "DATA.PSEUDO_LABEL_DIR" in err, err
+    assert_same_labels(read_labels(labels), before)
+    assert not list(labels.glob(".reader.*")) and not (labels / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_training_run_refuses_labels_being_written(artifacts, tmp_path):
+    """Stage 3 takes its ReadLock: while stage 2 holds the label folder (its RunLock, held here
+    by this process), stage 3 is refused rather than train on labels being rewritten."""
+    from utils.runlock import RunLock
+
+    env = _label_copy(artifacts, tmp_path)
+    labels = env.labelled / "Generation"
+    with RunLock(labels, "stage 2"):
+        proc = run_script(stage3(env))
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and f"{labels} is being written by another run" in err, err
+    assert not list(labels.glob(".reader.*"))
+
+
+def test_a_reader_and_a_writer_exclude_each_other(tmp_path):
+    """The locks in one process: a writer is refused while a live reader holds the folder, a
+    reader while a writer does; a reader left by a process that is gone is removed."""
+    import socket
+
+    from utils.runlock import ReadLock, RunLock
+
+    with ReadLock(tmp_path, "reader"):
+        with pytest.raises(BanaError, match="in use by a run that reads it"):
+            RunLock(tmp_path, "writer").__enter__()
+    assert not (tmp_path / ".lock").exists()
+    with RunLock(tmp_path, "writer"):
+        with pytest.raises(BanaError, match="is being written by another run"):
+            ReadLock(tmp_path, "reader").__enter__()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".reader.x.{dead.pid}"
+    stale.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with RunLock(tmp_path, "writer"):
+        assert not stale.exists()
+
+
+def test_a_full_disk_while_taking_the_lock_leaves_no_lock(tmp_path, monkeypatch):
+    """A full disk while writing the lock left a 0-byte .lock (every later run refused) and the
+    message "cannot write None". The lock is written whole or not at all, and the message says
+    the disk is full."""
+    import errno
+    import io
+
+    import utils.runlock as runlock
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(runlock, "open", lambda *a, **k: FullDisk(), raising=False)
+    monkeypatch.setattr(runlock.os, "fdopen",
+                        lambda fd, *a, **k: (os.close(fd), FullDisk())[1])
+    with pytest.raises(BanaError, match="the disk is full") as info:
+        runlock.RunLock(tmp_path, "stage 2").__enter__()
+    assert "None" not in str(info.value)
+    monkeypatch.setattr(runlock.os, "fdopen", real_fdopen)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_empties_a_symlinked_label_folder(artifacts, tmp_path):
+    """--overwrite with a label folder that is a link (labels on another disk) was an rmtree
+    traceback; the link and its target stay, the labels in the target are deleted."""
+    from engine.config import load_config
+    from engine.stage2 import check_label_record
+
+    elsewhere = tmp_path / "other_disk/Y_crf"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "train_00000.png").write_bytes(b"old label")
+    out = tmp_path / "Generation"
+    out.mkdir()
+    (out / "Y_crf").symlink_to(elsewhere, target_is_directory=True)
+    cfg = load_config(Path("configs/demo/stage2.yml"), [
+        "DATA.ROOT", str(artifacts["voc"]), "DATA.PSEUDO_LABEL_DIR", str(out),
+        "OUTPUT_DIR", str(artifacts["stage1"].parents[2]), "MODEL.WEIGHTS",
+        str(artifacts["stage1"])])
+    check_label_record(cfg, overwrite=True)
+    assert (out / "Y_crf").is_symlink() and elsewhere.is_dir()
+    assert list(elsewhere.iterdir()) == [] and (out / "labels.json").is_file()
