@@ -614,7 +614,8 @@ def finish_label_set(cfg: Config, data, ids: list[str]) -> dict:
         result["quality"] = report["miou"]
     else:
         print(f"Split '{split}' has no ground-truth masks: the labels are written and the "
-              "mIoU report, which needs masks, is skipped; the signals above need none.")
+              "quality report against ground truth (mIoU) is skipped; the signals above need "
+              "none.")
     gt = data.instance_ground_truth(split) if report is not None else None
     if gt is not None:
         with_gt = set(data.gt_ids(split))

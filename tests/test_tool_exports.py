@@ -140,11 +140,38 @@ TINY = ["DATA.CROP_SIZE", "32", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0",
         "SOLVER.MILESTONES", "[1]", "SOLVER.LOG_EVERY", "1"]
 
 
+def check_exports_against_labels(label_dir: Path, split: str) -> None:
+    """Stage 2's exports of Y_crf, read back by their libraries, against the maps it wrote:
+    each COCO instance lies on pixels of its class in Y_crf, VOC's SegmentationClass is Y_crf,
+    and YOLO-seg has one label file per image."""
+    from pycocotools.coco import COCO
+
+    from data.labelset import LabelSet
+    from utils.io import read_index_png
+
+    labels = LabelSet(label_dir)
+    exported = label_dir / "exports"
+    coco = COCO(str(exported / "coco" / f"instances_{split}_Y_crf.json"))
+    by_file = {rec["file_name"]: rec["id"] for rec in labels.records()}
+    images = {im["id"]: by_file[im["file_name"]] for im in coco.dataset["images"]}
+    assert sorted(images.values()) == sorted(labels.ids)
+    for ann in coco.dataset["annotations"]:
+        label = read_index_png(label_dir / "Y_crf" / f"{images[ann['image_id']]}.png")
+        mask = coco.annToMask(ann).astype(bool)
+        assert mask.any() and (label[mask] == labels.category_ids.index(ann["category_id"])).all()
+    for image_id in labels.ids:
+        np.testing.assert_array_equal(
+            read_index_png(exported / "voc/SegmentationClass" / f"{image_id}.png"),
+            read_index_png(label_dir / "Y_crf" / f"{image_id}.png"))
+    assert len(list((exported / "yolo_seg/labels" / split).glob("*.txt"))) == len(labels.ids)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(ROUTES))
 def test_each_export_goes_through_stages_1_to_3_and_predict(layout, tmp_path, capsys):
     """Box-only, no setup step: stage 1 writes the background masks it needs, stage 2 labels
-    every training image and skips the quality report, stage 3 trains without validation and
+    every training image, skips the quality report and exports its masks in the three formats
+    (read back against its label maps), stage 3 trains without validation and
     says so, predict.py labels the validation images."""
     from engine import predict, stage1, stage2, stage3
 
@@ -153,10 +180,12 @@ def test_each_export_goes_through_stages_1_to_3_and_predict(layout, tmp_path, ca
     opts = [*keys(exp), "OUTPUT_DIR", str(out)]
 
     stage1.run(load_config(REPO / "configs/demo/stage1.yml", [*opts, *TINY]), devices="cpu")
-    stage2.run(load_config(REPO / "configs/demo/stage2.yml", [*opts, "DATA.NUM_WORKERS", "0"]),
-               devices="cpu", workers=1)
+    cfg2 = load_config(REPO / "configs/demo/stage2.yml",
+                       [*opts, "DATA.NUM_WORKERS", "0", "DATA.EXPORTS", "[coco, yolo_seg, voc]"])
+    stage2.run(cfg2, devices="cpu", workers=1)
     printed = capsys.readouterr().out
     assert "Background masks" in printed and "quality report" in printed and "skipped" in printed
+    check_exports_against_labels(cfg2.pseudo_label_dir, ROUTES[layout][2])
     cfg3 = load_config(REPO / "configs/demo/stage3.yml",
                        [*opts, *TINY, "TEST.SCALES", "[1.0]", "TEST.FLIP", "false",
                         "TEST.CRF", "false"])
