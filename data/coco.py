@@ -147,11 +147,6 @@ def make_class_map(class_map: str, categories=None) -> ClassMap:
                     {cat_id: k for k, (cat_id, _) in enumerate(ordered, start=1)})
 
 
-def class_index(class_map: str) -> dict[int, int]:
-    """COCO category id -> class index (1..20 in VOC order for voc20, 1..80 for coco80)."""
-    return make_class_map(class_map).index
-
-
 def class_names(class_map: str) -> tuple[str, ...]:
     """Names of the class indices, background first: 21 names for voc20, 81 for coco80."""
     return make_class_map(class_map).names
@@ -196,10 +191,6 @@ class CocoInstances:
     # The `segmentation` of each annotation (polygons or RLE; None where absent), in the order of
     # the arrays above; only loaded when asked for (it is large on train2017).
     segmentations: list | None = None
-
-    def has_segmentation(self) -> bool:
-        """Every non-crowd annotation has a segmentation (and there is at least one)."""
-        return bool(len(self.ann_ids)) and bool(self.has_mask[~self.iscrowd].all())
 
     @cached_property
     def images_with_masks(self) -> np.ndarray:
