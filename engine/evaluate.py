@@ -25,7 +25,7 @@ from engine.config import Config
 from utils.crf import make_crf as _make_crf
 from utils.distributed import all_reduce_sum, announce_shard, shard
 from utils.errors import BanaError
-from utils.io import atomic_write_json, atomic_write_png, atomic_write_text
+from utils.io import atomic_write_json, atomic_write_png, atomic_write_text, json_safe
 from utils.metrics import ConfusionMatrix, format_table
 from utils.palette import panel, voc_palette
 from utils.precision import inference_autocast
@@ -120,17 +120,6 @@ def prepare_network(net, device: torch.device):
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
-def _json_safe(value):
-    """NaN (a class absent from GT and prediction) -> None, so metrics.json is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def format_report(metrics: dict, names: list[str]) -> str:
     """Per-class IoU table for each mode, then one summary line per mode."""
     parts = []
@@ -142,7 +131,7 @@ def format_report(metrics: dict, names: list[str]) -> str:
 
 
 def _write_report(out_dir: Path, summary: dict, names: list[str]) -> None:
-    atomic_write_json(out_dir / "metrics.json", _json_safe(summary))
+    atomic_write_json(out_dir / "metrics.json", json_safe(summary))
     atomic_write_text(out_dir / "metrics.md", format_report(summary["modes"], names) + "\n")
 
 
@@ -405,7 +394,7 @@ def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, 
         if save_dir is not None:
             print(f"Predictions ({modes[-1]}): {save_dir}")
     else:
-        atomic_write_json(out_dir / "metrics.json", _json_safe(summary))
+        atomic_write_json(out_dir / "metrics.json", json_safe(summary))
         print(f"'{split}' has no ground truth: wrote the {modes[0]} predictions to {save_dir} "
               f"for the evaluation server (upload a tar of {out_dir / 'results'}).")
     if state.vis_ids:

@@ -13,7 +13,6 @@ server takes) and, where the split has masks, prints COCOeval's segm and bbox AP
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -216,7 +215,7 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
     from utils.coco_eval import evaluate_instances, format_ap, load_ground_truth
     from utils.instances import encode_masks
-    from utils.io import atomic_write_json, atomic_write_png
+    from utils.io import atomic_write_json, atomic_write_png, json_safe
 
     split = cfg.TEST.SPLIT
     problems = Problems("evaluate.py (instance)")
@@ -283,7 +282,7 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
             summary["ap"][iou_type] = evaluate_instances(gt, results, image_ids=image_ids,
                                                          category_ids=evaluated,
                                                          iou_type=iou_type)
-    atomic_write_json(out_dir / "metrics.json", {k: _finite(v) for k, v in summary.items()})
+    atomic_write_json(out_dir / "metrics.json", json_safe(summary))
     print(f"Wrote {out_dir / 'results_segm.json'} and {out_dir / 'results_bbox.json'} "
           f"({len(segm)} detections on {len(image_ids)} images).")
     if vis_n:
@@ -293,11 +292,3 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     for iou_type, stats in summary["ap"].items():
         print(f"{iou_type} {format_ap(stats)}")
     return summary
-
-
-def _finite(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
