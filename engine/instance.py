@@ -23,7 +23,7 @@ from engine.config import Config
 from engine.optim import make_optimizer, parameter_groups
 from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, finished_run, model_spec,
                          start_training)
-from engine.training import BanaLitModule, fit, make_trainer
+from engine.training import BanaLitModule, final_checkpoint, fit, make_trainer
 from utils.errors import BanaError
 
 STAGE = 3
@@ -150,12 +150,8 @@ def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure, overwr
     trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
     fit(trainer, InstanceLitModule(model, cfg, **extra), train_dataloaders=loader,
         ckpt_path=ckpt_path)
-    final = ckpt_dir / "final.ckpt"
+    final = final_checkpoint(trainer, ckpt_dir, "stage 3", cfg.SOLVER.MAX_ITER)
     if trainer.is_global_zero:
-        if not final.is_file():  # never report a file that was not written
-            raise BanaError(f"stage 3 stopped after {trainer.global_step} of "
-                            f"{cfg.SOLVER.MAX_ITER} iterations without writing {final}; rerun "
-                            "with --resume to finish it.")
         print(f"Stage 3 (instance) done: {trainer.global_step} iterations, checkpoint {final}")
     return {"iterations": trainer.global_step, "checkpoint": str(final),
             **{k: float(v) for k, v in trainer.callback_metrics.items()}}
