@@ -380,6 +380,14 @@ def iter_keys(cfg_type=Config, prefix: str = ""):
             yield prefix + f.name, f
 
 
+def key_value(cfg: Config, dotted: str):
+    """The value of a key of `cfg` by its dotted name: key_value(cfg, "SOLVER.MAX_ITER")."""
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _field_type(cls, f):
     return typing.get_type_hints(cls)[f.name]
 
@@ -495,9 +503,7 @@ def _validate(cfg: Config, source: str, origin: dict | None = None) -> None:
         return origin.get(key, source)
 
     for dotted, f in iter_keys():
-        value = cfg
-        for part in dotted.split("."):
-            value = getattr(value, part)
+        value = key_value(cfg, dotted)
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices and value not in choices:
             raise BanaError(f"{where(dotted)}: {dotted} = {value!r} is not allowed; choose one "
@@ -627,9 +633,7 @@ def schema_markdown() -> str:
              "| key | default | allowed | meaning |", "|---|---|---|---|"]
     defaults = Config()
     for dotted, f in iter_keys():
-        value = defaults
-        for part in dotted.split("."):
-            value = getattr(value, part)
+        value = key_value(defaults, dotted)
         allowed = (" \\| ".join(map(str, f.metadata["choices"])) if f.metadata.get("choices")
                    else f.metadata.get("rule") or "")
         lines.append(f"| `{dotted}` | `{value!r}` | {allowed} | {f.metadata['help']} |")
