@@ -207,7 +207,7 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
 
     from data.base import read_dataset_image
     from data.datasets import open_data
-    from engine.evaluate import EVAL_DIR, checkpoint_path, inference_device
+    from engine.inference import EVAL_DIR, checkpoint_path, inference_device
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
     from utils.coco_eval import evaluate_instances, format_ap, load_ground_truth
     from utils.instances import encode_masks

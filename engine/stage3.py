@@ -49,8 +49,10 @@ class Stage3LitModule(BanaLitModule):
         self.confmat.reset()
 
     def validation_step(self, batch, batch_idx):
+        from engine.inference import single_scale
+
         images, gt = batch["image"].float(), batch["label"][:, 0]
-        pred = self.net(images, out_size=images.shape[-2:]).argmax(1)
+        pred = single_scale(self.net, images).argmax(1)
         self.confmat.update(pred.cpu(), gt.cpu())
 
     def on_validation_epoch_end(self):
