@@ -139,6 +139,7 @@ def untrained_miou(data: Path) -> float:
     from types import SimpleNamespace
 
     from data.voc import VOCData
+    from engine.inference import single_scale
     from models.zoo import ModelSpec, build
     from utils.metrics import ConfusionMatrix
 
@@ -147,7 +148,7 @@ def untrained_miou(data: Path) -> float:
     confmat = ConfusionMatrix(21)
     for item in VOCData(SimpleNamespace(CLASSES=[], NUM_CLASSES=21), data).mask_dataset("val"):
         with torch.inference_mode():
-            cos = net(item["image"][None].float(), out_size=item["image"].shape[-2:])
+            cos = single_scale(net, item["image"][None].float())
         confmat.update(cos[0].argmax(0), item["label"][0])
     return round(float(confmat.compute()["miou"]), 2)
 

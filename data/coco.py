@@ -53,9 +53,11 @@ from torch.utils.data import Dataset
 from data.base import (MAX_COORD, MAX_ID, MAX_SIDE, Annotation, DatasetFormat, check_numbers,
                        read_dataset_image)
 from data.voc import check_num_classes
+from utils.boxes import write_new_bg_masks
 from utils.errors import BanaError
 from utils.palette import VOC_CLASSES
 from utils.parsing import load_json, short
+from utils.records import fingerprint
 
 # (category id, name) of the 80 COCO 2014/2017 detection categories; the ids have gaps.
 COCO_CATEGORIES = (
@@ -147,11 +149,6 @@ def make_class_map(class_map: str, categories=None) -> ClassMap:
                     {cat_id: k for k, (cat_id, _) in enumerate(ordered, start=1)})
 
 
-def class_index(class_map: str) -> dict[int, int]:
-    """COCO category id -> class index (1..20 in VOC order for voc20, 1..80 for coco80)."""
-    return make_class_map(class_map).index
-
-
 def class_names(class_map: str) -> tuple[str, ...]:
     """Names of the class indices, background first: 21 names for voc20, 81 for coco80."""
     return make_class_map(class_map).names
@@ -197,10 +194,6 @@ class CocoInstances:
     # the arrays above; only loaded when asked for (it is large on train2017).
     segmentations: list | None = None
 
-    def has_segmentation(self) -> bool:
-        """Every non-crowd annotation has a segmentation (and there is at least one)."""
-        return bool(len(self.ann_ids)) and bool(self.has_mask[~self.iscrowd].all())
-
     @cached_property
     def images_with_masks(self) -> np.ndarray:
         """bool (N,): the image has a ground truth: the file has masks (some non-crowd
@@ -215,6 +208,42 @@ class CocoInstances:
 
     def rows(self, n: int) -> slice:
         return slice(int(self.offsets[n]), int(self.offsets[n + 1]))
+
+
+def find_splits(root) -> list[str]:
+    """The splits of every annotations/instances_<split>.json under `root`, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BanaError(f"--data-root {root} does not exist or is not a folder.")
+    splits = sorted(p.name[len("instances_"):-len(".json")]
+                    for p in (root / "annotations").glob("instances_*.json"))
+    if not splits:
+        raise BanaError(f"{root / 'annotations'} holds no instances_<split>.json file: a COCO-"
+                        "format dataset keeps its annotations there (e.g. instances_train.json "
+                        "next to the images folder train/).")
+    return splits
+
+
+def write_bg_masks(root, splits=None, workers: int = 1, progress: bool = True) -> dict:
+    """Write the masks of every image of `splits` (default: `find_splits`); returns counts.
+
+    Returns {"written": n, "skipped": n (already there), "total": n}. Every split's annotation
+    file is read before anything is written, so a missing or broken one fails at once. The masks
+    do not depend on the categories (every box counts), so any export's categories are accepted.
+    """
+    root = Path(root)
+    splits = list(splits) if splits else find_splits(root)
+    all_instances = [load_instances(root, split, coco2017=False) for split in splits]
+    jobs = []
+    for split, inst in zip(splits, all_instances):
+        folder = root / "BgMaskfromBoxes" / split
+        jobs += [(folder / f"{image_id}.png", inst.boxes[inst.rows(n)],
+                  (int(inst.heights[n]), int(inst.widths[n])), None)
+                 for n, image_id in enumerate(inst.image_ids.tolist())]
+    del all_instances
+    records = [(job[0].stem, fingerprint(job[1], job[2])) for job in jobs]
+    written = write_new_bg_masks(jobs, records, workers, progress, chunksize=64)
+    return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
 
 
 def _bad(path: Path, what: str) -> BanaError:

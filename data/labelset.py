@@ -83,15 +83,6 @@ def box_agreement(a: np.ndarray, b: np.ndarray, boxes: np.ndarray) -> np.ndarray
     return agree
 
 
-def clip_pixel_boxes(boxes, height: int, width: int) -> np.ndarray:
-    """int64 (K, 4): box ranges truncated and clipped to the image (boxes (K, >=4))."""
-    b = np.asarray(boxes, dtype=np.float64)
-    b = np.trunc(b.reshape(0, 4) if b.size == 0 else np.atleast_2d(b)[:, :4]).astype(np.int64)
-    b[:, [0, 2]] = b[:, [0, 2]].clip(0, width)
-    b[:, [1, 3]] = b[:, [1, 3]].clip(0, height)
-    return b
-
-
 def image_record(image_id: str, file_name: str, boxes, classes, labels: dict[str, np.ndarray],
                  label_paths: dict[str, str], box_scores: np.ndarray | None = None,
                  full_box_variants=("Y_box",)) -> dict:
@@ -101,10 +92,11 @@ def image_record(image_id: str, file_name: str, boxes, classes, labels: dict[str
     (K, H, W), the per-box normalised CAM that breaks ties where boxes of one class overlap
     (None: ties go to the smaller box, as for predictions). Variants in `full_box_variants` take
     each whole box as its instance (the box baseline: overlapping boxes keep their pixels)."""
+    from utils.boxes import pixel_ranges
     from utils.instances import box_pixel_masks, encode_masks, instance_masks, mask_scores
 
     (height, width), = {label.shape for label in labels.values()}
-    boxes = clip_pixel_boxes(boxes, height, width)
+    boxes = pixel_ranges(boxes, height, width)
     classes = np.asarray(classes, dtype=np.int64).reshape(-1)
     inside = box_pixel_masks(boxes, height, width)
     scores_map = inside.astype(np.float32) if box_scores is None else box_scores

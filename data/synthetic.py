@@ -16,7 +16,7 @@ What makes it a fair stand-in for box supervision:
   void outline.
 Writes JPEGImages, Annotations, SegmentationClassAug and SegmentationClass (the same index PNGs with
 the VOC palette), ImageSets/Segmentation/{train,train_aug,val}.txt (train_aug = train),
-BgMaskfromBoxes (by the code of data/voc_bbox_setup.py) and synthetic.json (the parameters and the
+BgMaskfromBoxes (by data/voc.py's write_bg_masks, as data/voc_bbox_setup.py) and synthetic.json (the parameters and the
 box-filling baseline). The output depends only on the arguments: two runs are byte-identical.
 """
 
@@ -36,8 +36,7 @@ import numpy as np
 from data.painting import (MARKER, SHAPES, all_visible, background, paint, shape_mask,
                            style_for, texture_field)
 from data.base import clip_boxes
-from data.voc import SPLIT_DIR, parse_annotation
-from data.voc_bbox_setup import write_bg_masks
+from data.voc import SPLIT_DIR, parse_annotation, write_bg_masks
 from utils.boxes import fill_boxes
 from utils.cli import guarded
 from utils.errors import BanaError

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from data.coco import COCO_CATEGORIES, COCO_ID_BY_NAME, SPLITS, evaluated_category_ids
-from data.coco_bbox_setup import write_bg_masks
+from data.coco import (COCO_CATEGORIES, COCO_ID_BY_NAME, SPLITS, evaluated_category_ids,
+                       write_bg_masks)
 from data.painting import (MARKER, SHAPES, STYLES, ClassStyle, all_visible, background,
                            paint, shape_mask, texture_field)
 from utils.coco_eval import evaluate_instances

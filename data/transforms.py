@@ -10,13 +10,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from data.names import BOX_ARITHMETICS
+
 # The reference's Caffe mean (B, G, R) = (104.008, 116.669, 122.675), here in RGB order and
 # rounded to the uint8 grid: after mean subtraction the padding is zero, as in the reference.
 MEAN_RGB = (123, 117, 104)
-
-# DATA.BOX_ARITHMETIC: how boxes follow the geometry. "reference" is the authors' arithmetic
-# (`reference_boxes`); "pixel_edges" keeps a box on the pixel edges of the transformed image.
-BOX_ARITHMETICS = ("reference", "pixel_edges")
 
 
 def reference_boxes(boxes: torch.Tensor, scale: float, pad: tuple[int, int],

@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from data.base import MAX_SIDE, Annotation, DatasetFormat, check_numbers, no_boxes
+from utils.boxes import write_new_bg_masks
 from utils.errors import BanaError
 from utils.io import image_files, read_image_size, read_label_png
 from utils.palette import VOC_CLASSES
 from utils.parsing import short
+from utils.records import fingerprint
 
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 MAIN_SPLIT_DIR = Path("ImageSets") / "Main"
@@ -408,3 +410,45 @@ def xml_boxes(xml_path) -> tuple[np.ndarray, tuple[int, int] | None]:
         return np.zeros((0, 4), np.float32), None
     boxes, _, size = read_xml(xml_path, strict=False)
     return boxes, size
+
+
+def write_bg_masks(root, ids=None, workers: int = 1, progress: bool = True,
+                   split: str = "") -> dict:
+    """Write the masks of `ids` (default: every Annotations/*.xml); returns counts. `split`
+    names the split folder the ids are in, for an export without split lists (data/voc.py);
+    "" is the VOC tree (JPEGImages/, Annotations/).
+
+    Returns {"written": n, "skipped": n (already there), "total": n}."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BanaError(f"--data-root {root} does not exist or is not a folder: give the folder "
+                        "holding the dataset's Annotations/ and JPEGImages/ (or its split "
+                        "folders, with --splits).")
+    voc = VOCData(AnyClasses(), root)
+    if ids is None:
+        ann_dir = root / "Annotations"
+        if not ann_dir.is_dir():
+            raise BanaError(f"{ann_dir} does not exist: a VOC-layout dataset keeps one XML per "
+                            "image there; for an export with a folder per split (train/, val/), "
+                            "name the splits with --splits.")
+        ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
+        if not ids:
+            raise BanaError(f"{ann_dir} holds no .xml annotation.")
+    missing = [i for i in ids if not voc.image_path(split, i).is_file()]
+    if missing:
+        raise BanaError(f"{len(missing)} of {len(ids)} images are missing, e.g. "
+                        f"{voc.image_path(split, missing[0])}: the mask takes the image's size; "
+                        "restore the images.")
+    annotations = {i: xml_boxes(voc.xml_path(split, i)) for i in ids}
+    jobs = [(voc.bg_mask_path(split, i), annotations[i][0], None, voc.image_path(split, i))
+            for i in ids]
+    written = write_new_bg_masks(jobs, [(i, fingerprint(*annotations[i])) for i in ids], workers,
+                                 progress)
+    return {"written": written, "skipped": len(jobs) - written, "total": len(jobs)}
+
+
+class AnyClasses:
+    """A data config for the masks: they do not depend on class names or counts."""
+
+    CLASSES = ["object"]
+    NUM_CLASSES = None

@@ -24,22 +24,22 @@ from typing import Any, Callable
 
 import yaml
 
-# The choices of the keys below are defined where they are implemented, one dict each.
-from data.datasets import FORMATS
-from data.transforms import BOX_ARITHMETICS
+# The choices of the keys below are defined where they are implemented, one dict each; the
+# schema reads their names from the torch-free `names` modules beside them (or the dicts
+# themselves where those import no torch), so loading a config imports no network and no torch.
+from data.names import BOX_ARITHMETICS, FORMAT_NAMES
 from exporters import EXPORTERS
-from engine.optim import PARAM_GROUPS
-from models.backbones import BACKBONES as SEMANTIC_BACKBONES
-from models.instance import MASK_RCNN_BACKBONES
-from models.labeler import POOLINGS, ROI_SAMPLINGS
-from models.losses import LOSSES
+from models.names import (BACKBONE_NAMES, LOSS_NAMES, MASK_RCNN_BACKBONE_NAMES, POOLINGS,
+                          ROI_SAMPLINGS)
 from utils.crf import CRF_BACKENDS
 from utils.errors import BanaError
 from utils.parsing import BoundedYamlLoader, read_text
 
-# Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
+# SOLVER.PARAM_GROUPS: the keys of engine.optim.PARAM_GROUPS (which imports torch).
+PARAM_GROUP_NAMES = ("four", "two")
 EXPORT_FORMATS = tuple(EXPORTERS)
-TASK_BACKBONES = {"semantic": tuple(SEMANTIC_BACKBONES), "instance": tuple(MASK_RCNN_BACKBONES)}
+# Which backbones each MODEL.TASK builds: DeepLab (stages 1-3) or Mask R-CNN (stage 3, instance).
+TASK_BACKBONES = {"semantic": BACKBONE_NAMES, "instance": MASK_RCNN_BACKBONE_NAMES}
 BACKBONES = tuple(dict.fromkeys(b for names in TASK_BACKBONES.values() for b in names))
 
 
@@ -73,7 +73,7 @@ class DataConfig:
                         "Ultralytics / Roboflow / darknet exports). The README's 'Exports we "
                         "read' lists the tools' layouts. On COCO, stage 2 also writes one "
                         "instance mask per box.",
-                        choices=tuple(FORMATS))
+                        choices=FORMAT_NAMES)
     CLASS_MAP: str = _key("voc20", "COCO only: the classes a box is labelled with; 'voc20' keeps the "
                           "20 categories VOC shares, numbered as VOC (a VOC-trained model, "
                           "NUM_CLASSES 21), 'coco80' all 80 of COCO 2017 (NUM_CLASSES 81), 'all' "
@@ -223,7 +223,7 @@ class ModelConfig:
                             choices=tuple(CRF_BACKENDS))
     LOSS: str = _key("nal", "Stage-3 loss: noise-aware (nal), CE on Y_crf (ce_crf) or Y_ret "
                      "(ce_ret), reliable pixels only (baseline), entropy regularisation (er), "
-                     "bootstrapping (bs).", choices=LOSSES)
+                     "bootstrapping (bs).", choices=LOSS_NAMES)
     TEMPERATURE: float = _key(20.0, "T: logits = T * cosine similarity.", check=_positive,
                               rule="> 0")
     GAMMA: float = _key(7.0, "gamma: sharpness of the NAL confidence map.", check=_non_negative,
@@ -269,7 +269,7 @@ class SolverConfig:
                              "10x, all decayed (the authors' DeepLab_ASPP; the decay is inferred, "
                              "docs/SPEC.md §8); 'auto' = the authors' scheme for MODEL.BACKBONE: "
                              "four for vgg16 (and tiny, ours), two for resnet101 and "
-                             "resnet101_torchvision.", choices=("auto", *PARAM_GROUPS))
+                             "resnet101_torchvision.", choices=("auto", *PARAM_GROUP_NAMES))
     SCHEDULER: str = _key("multistep", "Learning-rate schedule.", choices=("multistep", "poly"))
     MILESTONES: list[int] = _key([5000], "Multistep: iterations where lr is multiplied by "
                                  "LR_DECAY.", check=lambda v: all(x > 0 for x in v),
@@ -378,6 +378,14 @@ def iter_keys(cfg_type=Config, prefix: str = ""):
             yield from iter_keys(t, prefix + f.name + ".")
         else:
             yield prefix + f.name, f
+
+
+def key_value(cfg: Config, dotted: str):
+    """The value of a key of `cfg` by its dotted name: key_value(cfg, "SOLVER.MAX_ITER")."""
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _field_type(cls, f):
@@ -495,9 +503,7 @@ def _validate(cfg: Config, source: str, origin: dict | None = None) -> None:
         return origin.get(key, source)
 
     for dotted, f in iter_keys():
-        value = cfg
-        for part in dotted.split("."):
-            value = getattr(value, part)
+        value = key_value(cfg, dotted)
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices and value not in choices:
             raise BanaError(f"{where(dotted)}: {dotted} = {value!r} is not allowed; choose one "
@@ -627,9 +633,7 @@ def schema_markdown() -> str:
              "| key | default | allowed | meaning |", "|---|---|---|---|"]
     defaults = Config()
     for dotted, f in iter_keys():
-        value = defaults
-        for part in dotted.split("."):
-            value = getattr(value, part)
+        value = key_value(defaults, dotted)
         allowed = (" \\| ".join(map(str, f.metadata["choices"])) if f.metadata.get("choices")
                    else f.metadata.get("rule") or "")
         lines.append(f"| `{dotted}` | `{value!r}` | {allowed} | {f.metadata['help']} |")

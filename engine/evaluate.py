@@ -1,134 +1,37 @@
 """Evaluation (SPEC §5): a stage-3 model on a split, or a folder of label PNGs, against the GT.
 
-Shape shorthand: C classes, H×W image, h×w a rescaled input.
-
 Model mode streams like stage 2: the main process decodes images and runs the network at every
 configured scale, a pool of worker processes runs the DenseCRF of earlier images meanwhile, and
 at most `2 × workers` CRF jobs are in flight, so memory stays bounded whatever the split size.
 The modes are "single" (scale 1, no flip), "multiscale" (TEST.SCALES, TEST.FLIP) and the same two
-"+crf" (TEST.CRF with MODEL.DCRF), each scored by one `utils.metrics.ConfusionMatrix`.
+"+crf" (TEST.CRF with MODEL.DCRF), each scored by one `utils.metrics.ConfusionMatrix`; the
+network, the modes and the CRF jobs are engine/inference.py's, which predict.py shares.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.config import Config
-from utils.crf import make_crf as _make_crf
+from engine.inference import (EVAL_DIR, STAGE3_HINT, argmax_labels, checkpoint_path, crf_for_modes,
+                              crf_job, inference_device, load_model, mode_scores, modes_of,
+                              prepare_network)
 from utils.distributed import all_reduce_sum, announce_shard, shard
 from utils.errors import BanaError
-from utils.io import atomic_write_json, atomic_write_png, atomic_write_text
+from utils.io import atomic_write_json, atomic_write_png, atomic_write_text, json_safe
 from utils.metrics import ConfusionMatrix, format_table
 from utils.palette import panel, voc_palette
 from utils.precision import inference_autocast
 
-EVAL_DIR = "eval"
 # Where the PASCAL VOC evaluation server expects test-set predictions (tar the `results` folder).
 SERVER_LAYOUT = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 MISSING_SHOWN = 5
-
-
-def predict_multiscale(net, image: torch.Tensor, scales, flip: bool) -> torch.Tensor:
-    """Cosine scores averaged over rescaled (and mirrored) copies of one image, at full size.
-
-    image: float (3, H, W) RGB 0..255; net(images (N, 3, h, w), out_size) -> (N, C, *out_size).
-    Each copy is resized to (⌊H·s⌋, ⌊W·s⌋), as the authors' `interpolate(scale_factor=s)`,
-    bilinearly with align_corners=True, and its scores come back at H×W. A mirrored
-    copy's scores are mirrored back before averaging. Cosine scores, not probabilities, are
-    averaged (SPEC §5). Returns float (C, H, W).
-    """
-    height, width = image.shape[-2:]
-    batch = image[None]
-    total, count = None, 0
-    for scale in scales:
-        size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
-        x = batch if size == (height, width) else F.interpolate(
-            batch, size=size, mode="bilinear", align_corners=True)
-        if flip:
-            x = torch.cat([x, x.flip(-1)])
-        cos = net(x, out_size=(height, width))
-        if flip:
-            cos = torch.stack([cos[0], cos[1].flip(-1)])
-        part = cos.sum(0)
-        total = part if total is None else total + part
-        count += cos.shape[0]
-    return total / count
-
-
-def modes_of(cfg: Config) -> list[str]:
-    """The configured evaluation modes, the most refined last."""
-    test = cfg.TEST
-    modes = ["single"]
-    if list(test.SCALES) != [1.0] or test.FLIP:
-        modes.append("multiscale")
-    if test.CRF:
-        modes += [f"{m}+crf" for m in modes]
-    return modes
-
-
-STAGE3_HINT = ("Train stage 3 first (python stage3.py --config-file CONFIG) with the same "
-               "OUTPUT_DIR, or pass --checkpoint PATH.")
-
-
-def load_model(path: Path, cfg: Config | None = None, classes=None):
-    """The stage-3 DeepLab of a checkpoint, in eval mode, rebuilt from the checkpoint's own
-    description (`net.spec`: backbone, classes, fc6 dilation, input normalisation). With `cfg`,
-    a backbone or class count that contradicts MODEL.BACKBONE / DATA.NUM_CLASSES is an error;
-    with `classes` (the data's names) its class names are compared with them (`match_classes`)
-    and its outputs taken in the data's order."""
-    from engine.runs import expectations, match_classes, reorder_classifier
-    from models.zoo import read_checkpoint
-
-    hint = ("Use the config the model was trained with, or another checkpoint. " + STAGE3_HINT)
-    ckpt = read_checkpoint(path, stage=3, kind="deeplab",
-                           expect=expectations(cfg) if cfg is not None else None, hint=hint)
-    order = match_classes(ckpt, classes, "evaluate.py") if classes is not None else None
-    return reorder_classifier(ckpt.network(hint), order)
-
-
-def inference_device(gpu_id: str, launch=None, precision: str = "32") -> torch.device:
-    """This process's device: under torchrun / srun the one of its local rank, else the first
-    of --gpu-id (evaluation and prediction run one process per device). Refuses a precision the
-    device cannot run."""
-    from utils.devices import resolve_devices
-    from utils.distributed import detect_launch
-    from utils.precision import check_precision
-
-    launch = launch or detect_launch()
-    devices = resolve_devices(gpu_id, launch=launch)
-    check_precision(precision, devices.accelerator)
-    if launch.is_main:
-        print(devices.note)
-    if devices.accelerator == "gpu" and devices.count > 1 and not launch.distributed:
-        print(f"Evaluation runs on one device: using GPU {devices.devices[0]} (torchrun "
-              "--nproc_per_node N shards the images over N devices).")
-    return devices.device_of(launch.local_rank if launch.distributed else 0)
-
-
-def prepare_network(net, device: torch.device):
-    """`net` on `device`, in channels-last memory order on a GPU (faster convolutions under
-    autocast)."""
-    net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
-
-
-def _json_safe(value):
-    """NaN (a class absent from GT and prediction) -> None, so metrics.json is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def format_report(metrics: dict, names: list[str]) -> str:
@@ -142,7 +45,7 @@ def format_report(metrics: dict, names: list[str]) -> str:
 
 
 def _write_report(out_dir: Path, summary: dict, names: list[str]) -> None:
-    atomic_write_json(out_dir / "metrics.json", _json_safe(summary))
+    atomic_write_json(out_dir / "metrics.json", json_safe(summary))
     atomic_write_text(out_dir / "metrics.md", format_report(summary["modes"], names) + "\n")
 
 
@@ -205,7 +108,7 @@ def check_inputs(cfg: Config, checkpoint: str | None, data, split: str, score: b
     dataset = None
     if problems.passes(lambda: require_data_root(cfg)):
         dataset = problems.check(lambda: _dataset(data, split, score))
-    crf = problems.check(lambda: make_crf(cfg, modes))
+    crf = problems.check(lambda: crf_for_modes(cfg, modes))
     ckpt_path = problems.check(lambda: checkpoint_path(cfg, checkpoint))
     if ckpt_path is not None:
         problems.check(lambda: require_checkpoint(
@@ -214,27 +117,6 @@ def check_inputs(cfg: Config, checkpoint: str | None, data, split: str, score: b
     problems.check(lambda: require_writable(cfg.run_dir / EVAL_DIR, "OUTPUT_DIR"))
     problems.raise_if_any()
     return crf, ckpt_path, dataset
-
-
-def checkpoint_path(cfg: Config, checkpoint: str | None = None) -> Path:
-    """The model to evaluate: `checkpoint` (--checkpoint) if given, else MODEL.WEIGHTS."""
-    if checkpoint:
-        return Path(checkpoint)
-    if cfg.MODEL.WEIGHTS:
-        return cfg.output_path(cfg.MODEL.WEIGHTS)
-    raise BanaError("no model to evaluate: set MODEL.WEIGHTS (relative to OUTPUT_DIR, e.g. "
-                    "--opts MODEL.WEIGHTS stage3_vgg/checkpoints/final.ckpt) or pass "
-                    "--checkpoint PATH.")
-
-
-def make_crf(cfg: Config, modes: list[str]):
-    """The DenseCRF of MODEL.DCRF when a "+crf" mode is configured, else None."""
-    if not any(m.endswith("+crf") for m in modes):
-        return None
-    try:
-        return _make_crf(cfg.MODEL.DCRF, cfg.MODEL.CRF_BACKEND)
-    except BanaError as e:
-        raise BanaError(f"{e} Or set TEST.CRF false.") from None
 
 
 def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, crf,
@@ -264,19 +146,14 @@ def _stream(cfg: Config, net, loader, device: torch.device, state: _Evaluation, 
             x = image.float().to(device, non_blocking=device.type == "cuda")
             scores = {}
             with torch.inference_mode(), inference_autocast(cfg.TRAINER.PRECISION, device):
-                if {"single", "single+crf"} & modes:
-                    scores["single"] = net(x[None], out_size=x.shape[-2:])[0]
-                if {"multiscale", "multiscale+crf"} & modes:
-                    scores["multiscale"] = predict_multiscale(net, x, cfg.TEST.SCALES,
-                                                              cfg.TEST.FLIP)
+                for base in ("single", "multiscale"):
+                    if {base, f"{base}+crf"} & modes:
+                        scores[base] = mode_scores(net, x, base, cfg.TEST.SCALES, cfg.TEST.FLIP)
             for base, cos in scores.items():
                 if base in modes:
-                    state.record(image_id, base, cos.argmax(0).byte().cpu().numpy())
+                    state.record(image_id, base, argmax_labels(cos))
                 if f"{base}+crf" in modes:
-                    # The real RGB image, as SPEC §7 says; the authors' script hands the CRF the
-                    # mean-subtracted input cast to uint8, a bug we do not copy (docs/SPEC.md §8).
-                    job = {"crf": crf, "image": rgb, "cos": cos.float().cpu().numpy(),
-                           "temperature": cfg.MODEL.TEMPERATURE}
+                    job = crf_job(crf, rgb, cos, cfg.MODEL.TEMPERATURE)
                     record(pool.submit(labels_job, job, tag=(image_id, f"{base}+crf")))
             bar.update(state.done - bar.n)
         record(pool.finish())
@@ -405,7 +282,7 @@ def _evaluate(cfg, data, split, score, modes, crf, ckpt_path, dataset, workers, 
         if save_dir is not None:
             print(f"Predictions ({modes[-1]}): {save_dir}")
     else:
-        atomic_write_json(out_dir / "metrics.json", _json_safe(summary))
+        atomic_write_json(out_dir / "metrics.json", json_safe(summary))
         print(f"'{split}' has no ground truth: wrote the {modes[0]} predictions to {save_dir} "
               f"for the evaluation server (upload a tar of {out_dir / 'results'}).")
     if state.vis_ids:

@@ -13,7 +13,6 @@ server takes) and, where the split has masks, prints COCOeval's segm and bbox AP
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from engine.config import Config
 from engine.optim import make_optimizer, parameter_groups
 from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, finished_run, model_spec,
                          start_training)
-from engine.training import BanaLitModule, fit, make_trainer
+from engine.training import BanaLitModule, final_checkpoint, fit, make_trainer
 from utils.errors import BanaError
 
 STAGE = 3
@@ -151,12 +150,8 @@ def _train(cfg: Config, dataset, class_map, devices, resume, reconfigure, overwr
     trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
     fit(trainer, InstanceLitModule(model, cfg, **extra), train_dataloaders=loader,
         ckpt_path=ckpt_path)
-    final = ckpt_dir / "final.ckpt"
+    final = final_checkpoint(trainer, ckpt_dir, "stage 3", cfg.SOLVER.MAX_ITER)
     if trainer.is_global_zero:
-        if not final.is_file():  # never report a file that was not written
-            raise BanaError(f"stage 3 stopped after {trainer.global_step} of "
-                            f"{cfg.SOLVER.MAX_ITER} iterations without writing {final}; rerun "
-                            "with --resume to finish it.")
         print(f"Stage 3 (instance) done: {trainer.global_step} iterations, checkpoint {final}")
     return {"iterations": trainer.global_step, "checkpoint": str(final),
             **{k: float(v) for k, v in trainer.callback_metrics.items()}}
@@ -212,11 +207,11 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
 
     from data.base import read_dataset_image
     from data.datasets import open_data
-    from engine.evaluate import EVAL_DIR, checkpoint_path, inference_device
+    from engine.inference import EVAL_DIR, checkpoint_path, inference_device
     from engine.preflight import Problems, require_checkpoint, require_data_root, require_writable
     from utils.coco_eval import evaluate_instances, format_ap, load_ground_truth
     from utils.instances import encode_masks
-    from utils.io import atomic_write_json, atomic_write_png
+    from utils.io import atomic_write_json, atomic_write_png, json_safe
 
     split = cfg.TEST.SPLIT
     problems = Problems("evaluate.py (instance)")
@@ -283,7 +278,7 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
             summary["ap"][iou_type] = evaluate_instances(gt, results, image_ids=image_ids,
                                                          category_ids=evaluated,
                                                          iou_type=iou_type)
-    atomic_write_json(out_dir / "metrics.json", {k: _finite(v) for k, v in summary.items()})
+    atomic_write_json(out_dir / "metrics.json", json_safe(summary))
     print(f"Wrote {out_dir / 'results_segm.json'} and {out_dir / 'results_bbox.json'} "
           f"({len(segm)} detections on {len(image_ids)} images).")
     if vis_n:
@@ -293,11 +288,3 @@ def evaluate(cfg: Config, *, checkpoint: str | None = None, devices: str = "0",
     for iou_type, stats in summary["ap"].items():
         print(f"{iou_type} {format_ap(stats)}")
     return summary
-
-
-def _finite(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value

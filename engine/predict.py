@@ -16,8 +16,8 @@ per line, relative to the list's folder). For each image `<stem>.<ext>` it write
     <output>/overlay/<stem>.jpg    the image with the classes painted over it and a legend
 with the config's TEST.SCALES / TEST.FLIP / TEST.CRF (its most refined mode, as evaluate.py),
 through a `Segmenter` whose CRF runs in worker processes. Images whose two outputs exist are
-skipped, so a killed run resumes. The inference functions are evaluate.py's, so a single-scale
-prediction here is the label evaluate.py scores.
+skipped, so a killed run resumes. The inference is engine/inference.py's, as evaluate.py's is, so a
+single-scale prediction here is the label evaluate.py scores.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engine.inference import (STAGE3_HINT, argmax_labels, checkpoint_path, crf_for_modes,
+                              crf_job, inference_device, inference_modes, mode_scores, modes_of,
+                              prepare_network)
 from utils.errors import BanaError
 
 if TYPE_CHECKING:
@@ -161,7 +164,6 @@ class Segmenter:
                  crf: bool = False, precision: str = "32", dcrf=None,
                  crf_backend: str | None = None, temperature: float | None = None,
                  max_pixels: int = 0):
-        from engine.evaluate import STAGE3_HINT, prepare_network
         from models.zoo import Checkpoint, read_checkpoint
         from utils.crf import make_crf
 
@@ -186,29 +188,23 @@ class Segmenter:
     @property
     def mode(self) -> str:
         """The evaluate.py mode this segmenter computes: single / multiscale, "+crf"."""
-        base = "single" if self.scales == (1.0,) and not self.flip else "multiscale"
-        return base + ("+crf" if self.crf is not None else "")
+        return inference_modes(self.scales, self.flip, self.crf is not None)[-1]
 
     def scores(self, image: np.ndarray, what: str = "the image") -> torch.Tensor:
         """Cosine scores float32 (C, H, W) of an (H, W, 3) uint8 RGB image, before the CRF; an
         image too small for the network at its smallest scale is refused, named `what`."""
-        from engine.evaluate import predict_multiscale
         from utils.precision import inference_autocast
 
-        image = _checked_image(image, self.scales if self.mode.startswith("multi") else (1.0,),
-                               what)
+        mode = self.mode
+        image = _checked_image(image, self.scales if mode.startswith("multi") else (1.0,), what)
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
         x = x.to(self.device)
         with torch.inference_mode(), inference_autocast(self.precision, self.device):
-            if self.mode.startswith("single"):
-                return self.net(x[None], out_size=x.shape[-2:])[0].float()
-            return predict_multiscale(self.net, x, self.scales, self.flip).float()
+            return mode_scores(self.net, x, mode, self.scales, self.flip).float()
 
     def crf_job(self, image: np.ndarray, scores: torch.Tensor) -> dict:
         """The CRF of one image as a job for `utils.crf.labels_job` (in a worker process)."""
-        # pydensecrf takes a writable C-ordered image (np.asarray of a PIL image is read-only).
-        return {"crf": self.crf, "image": np.require(_checked_image(image), requirements="CW"),
-                "cos": scores.cpu().numpy(), "temperature": self.temperature}
+        return crf_job(self.crf, _checked_image(image), scores, self.temperature)
 
     def fit(self, image: np.ndarray) -> np.ndarray:
         """The image the network and the CRF see: `image` itself, or, above max_pixels, the
@@ -239,7 +235,7 @@ class Segmenter:
         small = self.fit(_checked_image(image))
         scores = self.scores(small)
         if self.crf is None:
-            return self.full_size(scores.argmax(0).byte().cpu().numpy(), image.shape)
+            return self.full_size(argmax_labels(scores), image.shape)
         return self.full_size(labels_job(self.crf_job(small, scores)), image.shape)
 
 
@@ -276,7 +272,6 @@ def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None,
                  recursive: bool = False):
     """Images, checkpoint and output folder, checked before the model is loaded; returns (the
     images, the checkpoint path). What the input folders hold besides images is said."""
-    from engine.evaluate import checkpoint_path, make_crf, modes_of
     from engine.preflight import Problems, require_checkpoint, require_writable
 
     problems = Problems("predict.py")
@@ -293,7 +288,7 @@ def check_inputs(cfg: Config, inputs: list[str], output, checkpoint: str | None,
         problems.check(lambda: require_checkpoint(
             ckpt_path, "the stage-3 checkpoint (MODEL.WEIGHTS, relative to OUTPUT_DIR, or "
             "--checkpoint)", "Train stage 3 first, or pass --checkpoint PATH."))
-    problems.check(lambda: make_crf(cfg, modes_of(cfg)[-1:]))
+    problems.check(lambda: crf_for_modes(cfg, modes_of(cfg)[-1:]))
     problems.check(lambda: require_writable(Path(output), "--output"))
     problems.raise_if_any()
     return images, ckpt_path
@@ -350,7 +345,6 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
 
     from tqdm import tqdm
 
-    from engine.evaluate import STAGE3_HINT, inference_device
     from engine.runs import expectations
     from models.zoo import read_checkpoint
     from utils.crf import labels_job
@@ -430,7 +424,7 @@ def _predict(cfg: Config, out: Path, devices, workers, images, ckpt_path, launch
                 bar.update()
                 continue
             if seg.crf is None:
-                write([((path, image), scores.argmax(0).byte().cpu().numpy())])
+                write([((path, image), argmax_labels(scores))])
             else:
                 write(pool.submit(labels_job, seg.crf_job(small, scores), tag=(path, image)))
         write(pool.finish())

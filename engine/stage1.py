@@ -10,8 +10,7 @@ from engine.config import Config
 from engine.optim import make_optimizer, network_groups
 from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, finished_run,
                          model_spec, start_training)
-from engine.training import BanaLitModule, fit, make_trainer
-from utils.errors import BanaError
+from engine.training import BanaLitModule, final_checkpoint, fit, make_trainer
 
 STAGE = 1
 
@@ -137,11 +136,7 @@ def _train(cfg: Config, data, dataset, devices, resume, reconfigure, overwrite) 
     trainer = make_trainer(cfg, devices, [AtomicCheckpoint(ckpt_dir, cfg.SOLVER.CKPT_EVERY)])
     fit(trainer, module, train_dataloaders=loader, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    final = ckpt_dir / "final.ckpt"
+    final = final_checkpoint(trainer, ckpt_dir, "stage 1", cfg.SOLVER.MAX_ITER)
     if trainer.is_global_zero:
-        if not final.is_file():  # a stage never reports a file it did not write
-            raise BanaError(f"stage 1 stopped after {trainer.global_step} of "
-                            f"{cfg.SOLVER.MAX_ITER} iterations without writing {final}; rerun "
-                            "with --resume to finish it.")
         print(f"Stage 1 done: {trainer.global_step} iterations, checkpoint {final}")
     return {"iterations": trainer.global_step, "checkpoint": str(final), **metrics}

@@ -354,12 +354,9 @@ def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str]) 
 
 def labelling_record(cfg: Config) -> dict:
     """The settings the labels of DATA.PSEUDO_LABEL_DIR are made with."""
-    record = {}
-    for key in RECORD_KEYS:
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        record[key] = value
+    from engine.config import key_value
+
+    record = {key: key_value(cfg, key) for key in RECORD_KEYS}
     record["stage-1 model (sha256)"] = file_sha256(cfg.output_path(cfg.MODEL.WEIGHTS))
     return record
 

@@ -11,7 +11,8 @@ from engine.config import Config
 from engine.optim import make_optimizer, network_groups
 from engine.runs import (CHECKPOINT_DIR, AtomicCheckpoint, check_steps, finished_run,
                          model_spec, start_training)
-from engine.training import BanaLitModule, fit, make_trainer, needs_sync_batchnorm
+from engine.training import (BanaLitModule, final_checkpoint, fit, make_trainer,
+                             needs_sync_batchnorm)
 from utils.errors import BanaError
 
 STAGE = 3
@@ -48,8 +49,10 @@ class Stage3LitModule(BanaLitModule):
         self.confmat.reset()
 
     def validation_step(self, batch, batch_idx):
+        from engine.inference import single_scale
+
         images, gt = batch["image"].float(), batch["label"][:, 0]
-        pred = self.net(images, out_size=images.shape[-2:]).argmax(1)
+        pred = single_scale(self.net, images).argmax(1)
         self.confmat.update(pred.cpu(), gt.cpu())
 
     def on_validation_epoch_end(self):
@@ -237,14 +240,11 @@ def _train(cfg: Config, train, val, classes, devices, resume, reconfigure, overw
     if validate and trainer.global_step % val_every:
         trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final = final_checkpoint(trainer, ckpt_dir, "stage 3", cfg.SOLVER.MAX_ITER)
     if trainer.is_global_zero:
-        if not (ckpt_dir / "final.ckpt").is_file():  # never report a file that was not written
-            raise BanaError(f"stage 3 stopped after {trainer.global_step} of "
-                            f"{cfg.SOLVER.MAX_ITER} iterations without writing "
-                            f"{ckpt_dir / 'final.ckpt'}; rerun with --resume to finish it.")
         score = (f"val mIoU {metrics.get('val/miou', float('nan')):.2f} (best during training "
                  f"{checkpoint.best:.2f}, selected on val)" if validate else "no validation")
         print(f"Stage 3 done: {trainer.global_step} iterations, {score}, checkpoints in "
               f"{ckpt_dir}")
     return {"iterations": trainer.global_step, "best_miou": checkpoint.best,
-            "checkpoint": str(ckpt_dir / "final.ckpt"), **metrics}
+            "checkpoint": str(final), **metrics}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -209,6 +210,17 @@ def fit(trainer: pl.Trainer, module, **kwargs) -> None:
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+
+
+def final_checkpoint(trainer: pl.Trainer, ckpt_dir: Path, stage: str, max_iter: int) -> Path:
+    """ckpt_dir/final.ckpt after `fit`. A stage never reports a file it did not write: on the
+    global-zero rank, a run that stopped before writing it (a failure Lightning swallowed, too few
+    iterations) is an error that says how to finish it."""
+    final = ckpt_dir / "final.ckpt"
+    if trainer.is_global_zero and not final.is_file():
+        raise BanaError(f"{stage} stopped after {trainer.global_step} of {max_iter} iterations "
+                        f"without writing {final}; rerun with --resume to finish it.")
+    return final
 
 
 def needs_sync_batchnorm(net: nn.Module, devices) -> bool:

@@ -8,23 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.names import POOLINGS, ROI_SAMPLINGS
 from models.pooling import (background_attention, background_prototypes, box_prototypes,
                             sampled_box_prototypes, to_device)
 from utils.errors import BanaError
 from utils.precision import float32_region, full
-
-# MODEL.POOLING: how a box's features are weighted before pooling (SPEC §2).
-POOLINGS = {
-    "bap": "background-aware: each position weighted by A_fg = 1 - its background attention",
-    "gap": "global average: every position of the box weighted alike (A_fg = 1)",
-}
-# MODEL.ROI_SAMPLING: how a box becomes its ROI cells.
-ROI_SAMPLINGS = {
-    "reference": "the authors' sampling: grid_sample over the box, attention on the samples, "
-                 "overlapping windows (`sampled_box_prototypes`)",
-    "roi_align": "faster opt-in: attention at feature pixels, one roi_align, disjoint cells "
-                 "(`box_prototypes`)",
-}
 
 
 class Labeler(nn.Module):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from models.pooling import grid_padding
+from utils.boxes import pixel_ranges
+from utils.crf import crf_in_regions
 
 # Guards divisions by a sum or a maximum that is zero (a cell without background, a box whose CAM
 # is zero everywhere); the numerator is then zero too. Same value as F.normalize's eps.
@@ -154,9 +156,8 @@ def background_attention_2d(feats: UpsampledFeatures, protos: torch.Tensor,
 def box_masks(boxes: np.ndarray, height: int, width: int, device=None) -> torch.Tensor:
     """(K,H,W) bool; box k covers rows y1:y2 and columns x1:x2 (as slices) after clipping to the
     image, so negative coordinates never wrap around. boxes (K,≥4) int, x1,y1,x2,y2 first."""
-    b = torch.as_tensor(np.asarray(boxes)[:, :4], dtype=torch.int64, device=device)
-    x1, x2 = b[:, 0].clamp(0, width), b[:, 2].clamp(0, width)
-    y1, y2 = b[:, 1].clamp(0, height), b[:, 3].clamp(0, height)
+    b = torch.as_tensor(pixel_ranges(boxes, height, width), device=device)
+    x1, y1, x2, y2 = b.unbind(1)
     ys, xs = torch.arange(height, device=b.device), torch.arange(width, device=b.device)
     rows = (ys >= y1[:, None]) & (ys < y2[:, None])  # (K,H)
     cols = (xs >= x1[:, None]) & (xs < x2[:, None])  # (K,W)
@@ -294,17 +295,6 @@ def unaries(features: torch.Tensor, weight: torch.Tensor, boxes: np.ndarray, bg_
     return probs, ImageState(feats, label_weight, masks, box_channel, class_regions, ids)
 
 
-def crf_channels(crf, image: np.ndarray, probs: np.ndarray, class_regions: np.ndarray) -> np.ndarray:
-    """SPEC §3 steps 4-5 on the CPU: the CRF's refined probabilities, each class zeroed outside
-    its boxes, then the arg-max channel (H,W) int64. probs (L,H,W) float32; class_regions
-    (L-1,H,W) bool."""
-    refined = np.asarray(crf(image, probs), dtype=np.float32).copy()
-    refined[1:] *= class_regions
-    # NumPy's argmax over the leading axis is ~6x faster than torch's on the CPU, with the same
-    # ties (the first maximum).
-    return refined.argmax(0)
-
-
 def retrieval(state: ImageState, y_crf_channels, return_box_scores: bool = False):
     """SPEC §3 step 6 on the state's device: (y_crf, y_ret) uint8 (H,W) class ids, and with
     return_box_scores the per-box normalised CAM (K,H,W) float32."""
@@ -335,7 +325,7 @@ def make_pseudo_labels(features, classifier_weight, image: np.ndarray, boxes, bg
     (`utils.instances.instance_masks`).
 
     Runs where `features` lies (a tensor on a GPU: there, but the CRF on the CPU); stage 2 calls
-    the three phases (`unaries`, `crf_channels`, `retrieval`) itself to overlap them.
+    the three phases (`unaries`, `utils.crf.crf_in_regions`, `retrieval`) itself to overlap them.
     """
     features, weight, bg_mask, boxes = check_inputs(features, classifier_weight, np.shape(image),
                                                     boxes, bg_mask)
@@ -345,5 +335,5 @@ def make_pseudo_labels(features, classifier_weight, image: np.ndarray, boxes, bg
         return (empty, empty.copy(), np.zeros((0, height, width), np.float32)) \
             if return_box_scores else (empty, empty.copy())
     probs, state = unaries(features, weight, boxes, bg_mask, grid_size, bg_threshold, use_u0)
-    channels = crf_channels(crf, image, probs.cpu().numpy(), state.class_regions.cpu().numpy())
+    channels = crf_in_regions(crf, image, probs.cpu().numpy(), state.class_regions.cpu().numpy())
     return retrieval(state, channels, return_box_scores)

@@ -498,7 +498,7 @@ def test_stage2_refuses_a_config_that_contradicts_the_stage1_checkpoint(tmp_path
 def test_evaluate_refuses_a_config_that_contradicts_the_stage3_checkpoint(tmp_path):
     """A DeepLab-V1 checkpoint with fc6 dilation 12 (configs/stage3_vgg.yml): that config loads
     it; MODEL.FC6_DILATION 6 is refused, naming 12 and 6."""
-    from engine.evaluate import load_model
+    from engine.inference import load_model
 
     path = tmp_path / "stage3.ckpt"
     _checkpoint(path, 3, ModelSpec("deeplab", "vgg16", num_classes=21, fc6_dilation=12))

@@ -242,7 +242,7 @@ def test_string_class_count_is_not_echoed_as_advice(artifacts, tmp_path):
     """A class count stored as the string '21' compared unequal to DATA.NUM_CLASSES 21 and the
     message advised "Set DATA.NUM_CLASSES 21"; nothing a refused file holds is given as a
     setting to use."""
-    from engine.evaluate import load_model
+    from engine.inference import load_model
     from engine.config import load_config
     from utils.errors import BanaError
 

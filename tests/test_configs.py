@@ -216,3 +216,37 @@ def test_label_dir_through_dot_dot_inside_the_root_is_accepted(tmp_path):
         load_config(config)
     with pytest.raises(BanaError, match=r"^--opts SOLVER.MAX_ITER: SOLVER.MAX_ITER = 0"):
         load_config(ROOT / "configs/demo/stage2.yml", ["SOLVER.MAX_ITER", "0"])
+
+
+def test_the_schema_names_are_the_registries_keys():
+    """The schema reads its choices from torch-free name tuples; each must list exactly the keys
+    of the dict that implements it, in its order (an entry missing from one side fails here)."""
+    from data.datasets import FORMATS
+    from data.names import FORMAT_NAMES
+    from engine.config import PARAM_GROUP_NAMES
+    from engine.optim import PARAM_GROUPS
+    from models.backbones import BACKBONES
+    from models.instance import MASK_RCNN_BACKBONES
+    from models.losses import LOSSES
+    from models.names import BACKBONE_NAMES, LOSS_NAMES, MASK_RCNN_BACKBONE_NAMES
+
+    assert FORMAT_NAMES == tuple(FORMATS)
+    assert PARAM_GROUP_NAMES == tuple(PARAM_GROUPS)
+    assert BACKBONE_NAMES == tuple(BACKBONES)
+    assert MASK_RCNN_BACKBONE_NAMES == tuple(MASK_RCNN_BACKBONES)
+    assert LOSS_NAMES == tuple(LOSSES)
+
+
+def test_loading_a_config_imports_no_torch():
+    """A fresh interpreter reads and checks a YAML without importing torch (or any network):
+    the schema needs the names of the choices, not their implementations."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.config import load_config; "
+            f"load_config({str(ROOT / 'configs/stage1.yml')!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'torchvision', 'pytorch_lightning', 'lightning')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "[]"

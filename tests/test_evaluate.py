@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from engine.config import load_config
-from engine.evaluate import (SERVER_LAYOUT, load_model, modes_of, predict_multiscale, run,
-                             score_folder)
+from engine.evaluate import SERVER_LAYOUT, run, score_folder
+from engine.inference import load_model, modes_of, predict_multiscale
 from models.zoo import ModelSpec, build
 from utils.crf import crf_labels
 from utils.errors import BanaError

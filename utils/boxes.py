@@ -13,8 +13,13 @@ from utils.errors import BanaError
 from utils.io import atomic_write_png, read_image_size, read_index_png
 
 
-def _pixel_ranges(boxes, height: int, width: int) -> np.ndarray:
-    """int64 (K, 4) = (col0, row0, col1, row1), the truncated box ranges clipped to the image."""
+def pixel_ranges(boxes, height: int, width: int) -> np.ndarray:
+    """int64 (K, 4) = (col0, row0, col1, row1), the truncated box ranges clipped to the image.
+
+    boxes: (K, >=4) array-like (columns after the fourth are ignored), or one box; K may be 0.
+    Every rasteriser of boxes (here, utils/instances.py, models/pseudo_labels.py, the label
+    records of data/labelset.py) goes through this one function.
+    """
     boxes = np.asarray(boxes, dtype=np.float64)
     boxes = boxes.reshape(0, 4) if boxes.size == 0 else np.atleast_2d(boxes)
     ranges = np.trunc(boxes[:, :4]).astype(np.int64)
@@ -29,7 +34,7 @@ def bg_mask_from_boxes(boxes, height: int, width: int) -> np.ndarray:
     boxes: (K, 4) or (K, 5) array-like (a class column is ignored); K may be 0, giving all ones.
     """
     mask = np.ones((height, width), dtype=np.uint8)
-    for x0, y0, x1, y1 in _pixel_ranges(boxes, height, width):
+    for x0, y0, x1, y1 in pixel_ranges(boxes, height, width):
         mask[y0:y1, x0:x1] = 0
     return mask
 
@@ -44,7 +49,7 @@ def fill_boxes(boxes, height: int, width: int) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float64)
     boxes = boxes.reshape(0, 5) if boxes.size == 0 else np.atleast_2d(boxes)
     label = np.zeros((height, width), dtype=np.uint8)
-    ranges = _pixel_ranges(boxes, height, width)
+    ranges = pixel_ranges(boxes, height, width)
     areas = (ranges[:, 2] - ranges[:, 0]) * (ranges[:, 3] - ranges[:, 1])
     for k in np.argsort(-areas, kind="stable"):
         x0, y0, x1, y1 = ranges[k]

@@ -13,18 +13,18 @@ pixel has one label, and only boxes of that class can claim it.
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from utils.boxes import pixel_ranges
+
 
 def box_pixel_masks(boxes, height: int, width: int) -> np.ndarray:
     """bool (K, H, W): pixel (y, x) is True in row k iff y1 <= y < y2 and x1 <= x < x2 of box k.
 
     boxes: (K, 4) or (K, 5) array-like; coordinates are truncated to integers, then clipped.
     """
-    boxes = np.asarray(boxes, dtype=np.float64)
-    boxes = boxes.reshape(0, 4) if boxes.size == 0 else np.atleast_2d(boxes)
-    x1, y1, x2, y2 = (np.trunc(boxes[:, i]).astype(np.int64) for i in range(4))
+    x1, y1, x2, y2 = pixel_ranges(boxes, height, width).T
     rows, cols = np.arange(height), np.arange(width)
-    in_rows = (rows >= y1.clip(0, height)[:, None]) & (rows < y2.clip(0, height)[:, None])
-    in_cols = (cols >= x1.clip(0, width)[:, None]) & (cols < x2.clip(0, width)[:, None])
+    in_rows = (rows >= y1[:, None]) & (rows < y2[:, None])
+    in_cols = (cols >= x1[:, None]) & (cols < x2[:, None])
     return in_rows[:, :, None] & in_cols[:, None, :]
 
 

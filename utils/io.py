@@ -7,6 +7,7 @@ leaves a truncated PNG behind, which matters because the setup scripts skip file
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -124,6 +125,18 @@ def atomic_write_jpeg(path, rgb: np.ndarray, quality: int = 95) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Write UTF-8 text atomically."""
     _atomic_write(path, text.encode("utf-8"))
+
+
+def json_safe(value):
+    """`value` with every NaN float (a class absent from ground truth and prediction, an AP with
+    nothing to score) replaced by None, through dicts and lists, so the JSON written is strict."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def atomic_write_json(path, obj) -> None:

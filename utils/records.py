@@ -83,6 +83,3 @@ class Ledger:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def forget(self) -> None:
-        self.path.unlink(missing_ok=True)
