@@ -126,11 +126,16 @@ def expectations(cfg) -> dict:
     return expect
 
 
+def check_watch(trainer, pl_module) -> None:
+    """The module's `finite_watch.check` (engine/training.py's FiniteCheck), if it has one."""
+    watch = getattr(pl_module, "finite_watch", None)
+    if watch is not None:
+        watch.check(trainer.strategy)
+
+
 def atomic_save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
     """trainer.save_checkpoint to a temporary file, then rename (rank 0 does the rename). A
     failed write (a full disk) removes the temporary file and names the checkpoint."""
-    from engine.training import check_watch
-
     path = Path(path)
     check_watch(trainer, getattr(trainer, "lightning_module", None))
     tmp = path.with_name(f".{path.name}.tmp")

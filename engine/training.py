@@ -106,17 +106,15 @@ class FiniteCheck(pl.Callback):
         self.every = max(1, every)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from engine.runs import check_watch
+
         if trainer.global_step % self.every == 0:
             check_watch(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
+        from engine.runs import check_watch
+
         check_watch(trainer, pl_module)
-
-
-def check_watch(trainer, pl_module) -> None:
-    watch = getattr(pl_module, "finite_watch", None)
-    if watch is not None:
-        watch.check(trainer.strategy)
 
 
 class LineProgress(pl.callbacks.ProgressBar):

@@ -126,9 +126,11 @@ MASK_RCNN_BACKBONES = {
 
 
 def mask_rcnn(backbone: str, num_classes: int, init: str = "none", min_size: int = 800,
-              max_size: int = 1333) -> nn.Module:
+              max_size: int = 1333, own_checkpoint=None) -> nn.Module:
     """torchvision's MaskRCNN with `num_classes` outputs (background included); models/zoo.py's
-    `build` is the way in."""
+    `build` is the way in. own_checkpoint(path, raw, num_classes) -> state dict: how a MODEL.INIT
+    that is one of this project's checkpoints is read (zoo's, passed in: zoo imports this
+    module)."""
     if backbone not in MASK_RCNN_BACKBONES:
         raise BanaError(f"MODEL.BACKBONE {backbone!r} is no Mask R-CNN backbone: choose one of "
                         f"{', '.join(MASK_RCNN_BACKBONES)}.")
@@ -136,11 +138,11 @@ def mask_rcnn(backbone: str, num_classes: int, init: str = "none", min_size: int
     model = MASK_RCNN_BACKBONES[backbone](num_classes, init if named else "none", min_size,
                                           max_size)
     if not named:
-        _load_path(model, init)
+        _load_path(model, init, own_checkpoint)
     return model
 
 
-def _load_path(model: nn.Module, path: str) -> None:
+def _load_path(model: nn.Module, path: str, own_checkpoint=None) -> None:
     if not os.path.isfile(path):
         raise BanaError(f"MODEL.INIT is {path!r}, which is not a file: expected none, imagenet, "
                         "coco or the path of a Mask R-CNN state dict.")
@@ -153,8 +155,8 @@ def _load_path(model: nn.Module, path: str) -> None:
         raise BanaError(f"MODEL.INIT {path} holds a {type(state).__name__}, expected a state dict "
                         "of a Mask R-CNN (names to tensors) or one of this project's instance "
                         "checkpoints.")
-    if isinstance(state.get("bana"), dict) and "stage" in state["bana"]:
-        state = _own_checkpoint_weights(model, path, state)
+    if isinstance(state.get("bana"), dict) and "stage" in state["bana"] and own_checkpoint:
+        state = own_checkpoint(path, state, model.roi_heads.box_predictor.cls_score.out_features)
     else:
         state = state.get("state_dict", state)
     expected = model.state_dict()
@@ -174,26 +176,3 @@ def _load_path(model: nn.Module, path: str) -> None:
                         f"{found}. Give a state dict of the same backbone and classes, one of "
                         "this project's instance checkpoints, 'coco', 'imagenet' or 'none'.")
     model.load_state_dict(state)
-
-
-def _own_checkpoint_weights(model: nn.Module, path: str, raw: dict) -> dict:
-    """The Mask R-CNN weights of one of this project's checkpoints (checked as every checkpoint
-    is: `models.zoo.check_entry`), to start from: an instance checkpoint of the same backbone and
-    class count. Anything else is refused saying what the file holds."""
-    from pathlib import Path
-
-    from models.zoo import _parse, _raise_defects, check_entry
-
-    hint = "Or set MODEL.INIT to 'coco', 'imagenet', 'none' or a Mask R-CNN state dict."
-    _raise_defects(Path(path), check_entry(raw), hint)
-    ckpt = _parse(Path(path), raw)
-    if ckpt.spec.kind != "maskrcnn":
-        raise BanaError(f"MODEL.INIT {path} holds {ckpt.spec.describe()} (stage {ckpt.stage}), "
-                        "not a Mask R-CNN: the instance task starts from an instance checkpoint "
-                        f"of this project or a Mask R-CNN state dict. {hint}")
-    outputs = model.roi_heads.box_predictor.cls_score.out_features
-    if ckpt.spec.num_classes != outputs:
-        raise BanaError(f"MODEL.INIT {path} is a Mask R-CNN of {ckpt.spec.num_classes} classes, "
-                        f"but this run trains {outputs} (DATA.NUM_CLASSES / the class map): its "
-                        f"class layers cannot be used. {hint}")
-    return ckpt.state

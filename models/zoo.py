@@ -108,7 +108,8 @@ def build(spec: ModelSpec, init: str = "none") -> nn.Module:
     if spec.kind == "maskrcnn":
         from models.instance import mask_rcnn
 
-        net = mask_rcnn(spec.backbone, spec.num_classes, init, *spec.instance_size)
+        net = mask_rcnn(spec.backbone, spec.num_classes, init, *spec.instance_size,
+                        own_checkpoint=own_instance_weights)
         net.spec = spec
         return net
     backbone = _backbone(spec, init)
@@ -593,3 +594,24 @@ def _parse(path: Path, raw: dict) -> Checkpoint:
              if k.startswith(prefix)}
     return Checkpoint(path, meta["stage"], spec, state, raw.get("global_step", 0),
                       meta.get("config") or {}, extra)
+
+
+def own_instance_weights(path: str, raw: dict, outputs: int) -> dict:
+    """MODEL.INIT of the instance task that is one of this project's checkpoints (`raw`, read
+    weights-only; checked as every checkpoint is: `check_entry`): its Mask R-CNN weights, to
+    start a network of `outputs` classes from: an instance checkpoint of the same backbone and
+    class count. Anything else is refused saying what the file holds."""
+    from pathlib import Path
+
+    hint = "Or set MODEL.INIT to 'coco', 'imagenet', 'none' or a Mask R-CNN state dict."
+    _raise_defects(Path(path), check_entry(raw), hint)
+    ckpt = _parse(Path(path), raw)
+    if ckpt.spec.kind != "maskrcnn":
+        raise BanaError(f"MODEL.INIT {path} holds {ckpt.spec.describe()} (stage {ckpt.stage}), "
+                        "not a Mask R-CNN: the instance task starts from an instance checkpoint "
+                        f"of this project or a Mask R-CNN state dict. {hint}")
+    if ckpt.spec.num_classes != outputs:
+        raise BanaError(f"MODEL.INIT {path} is a Mask R-CNN of {ckpt.spec.num_classes} classes, "
+                        f"but this run trains {outputs} (DATA.NUM_CLASSES / the class map): its "
+                        f"class layers cannot be used. {hint}")
+    return ckpt.state

@@ -187,3 +187,29 @@ def test_u0_check_drops_u0_only_when_it_alone_makes_the_labels_implausible(
     assert all(not folder.exists() for _, _, folder in labelled)  # a temporary folder
     assert ("labelling WITHOUT u0" in printed.getvalue()) is not keeps
     assert cfg.DATA.PSEUDO_LABEL_DIR == "Generation"  # the run's own config is untouched
+
+
+@pytest.mark.slow
+def test_the_demo_labels_raise_no_warning(tmp_path):
+    """The first half of `make demo` as it runs (its default preset: 200 synthetic images of 96
+    px, stage 1 BAP 600 iterations, stage 2 with u0): labels the demo shows to be better than the
+    boxes (docs/demo_results.md) must not be called implausible."""
+    import demo
+    from data.synthetic import make_synthetic_voc
+    from engine import stage1, stage2
+
+    p = demo.PRESETS["default"]
+    data = tmp_path / "synthetic"
+    make_synthetic_voc(data, n_train=p["n_train"], n_val=p["n_val"], size=p["size"], seed=0)
+    common = ["DATA.ROOT", str(data), "OUTPUT_DIR", str(tmp_path / "runs")]
+    it = p["stage1_iter"]
+    stage1.run(load_config(ROOT / "configs/demo/stage1.yml", [
+        *common, "NAME", "stage1_bap", "DATA.CROP_SIZE", str(p["crop"]), "DATA.BATCH_SIZE",
+        str(p["batch"]), "SOLVER.MAX_ITER", str(it), "SOLVER.MILESTONES", f"[{it * 2 // 3}]",
+        "SOLVER.CKPT_EVERY", str(it)]), devices="cpu")
+    result = stage2.run(load_config(ROOT / "configs/demo/stage2.yml", [
+        *common, "NAME", "stage2_bap", "MODEL.WEIGHTS", "stage1_bap/checkpoints/final.ckpt"]),
+        devices="cpu", workers=p["workers"])
+    assert result["warnings"] == []
+    fills = LabelSet(data / "Generation").quality["signals"]["variants"]["Y_crf"]["overall"]
+    assert fills["fill_mean"] >= MIN_FILL and fills["lost_share"] <= 0.10
