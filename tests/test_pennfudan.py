@@ -172,9 +172,21 @@ def test_stages_1_and_2_run_on_the_photos_with_the_benchmarks_keys(six_photos, t
     assert quality["images"] == len(ids) == 4
     assert set(quality["per_class_iou"]["Y_crf"]) == {"background", "person"}
     assert all(0 <= v <= 100 for v in quality["miou"].values())
-    # Filled boxes cover every pedestrian: the box baseline's person IoU is the masks' share of
-    # their boxes, about 60 % on Penn-Fudan; far lower means boxes and photos do not line up.
-    assert quality["per_class_iou"]["box_baseline"]["person"] > 45
+    # Stage 2's box baseline is the converted boxes filled: its person IoU is the one computed
+    # here from the XML and the masks (the masks cover 34-44 % of these photos' boxes), up to
+    # the 1-px moves of the authors' box arithmetic (DATA.BOX_ARITHMETIC reference).
+    from data.voc import read_xml
+
+    inter = union = 0
+    for i in ids:
+        person = read_index_png(six_photos / "SegmentationClass" / f"{i}.png") == 1
+        filled = np.zeros_like(person)
+        for x1, y1, x2, y2 in read_xml(six_photos / "Annotations" / f"{i}.xml",
+                                       ("background", "person"))[0].astype(int):
+            filled[y1:y2, x1:x2] = True
+        inter, union = inter + (filled & person).sum(), union + (filled | person).sum()
+    assert quality["per_class_iou"]["box_baseline"]["person"] == pytest.approx(
+        100 * inter / union, abs=0.5)
     assert result["quality"] == quality["miou"]
 
     # No-ground-truth quality signals (issue 26, being added to stage 2 on another branch): once
