@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Sizes: "default" is the measured benchmark; "quick" checks that every step runs (minutes).
 PRESETS = {
-    "default": {"n_train": None, "n_val": None, "stage1_iter": 250, "stage3_iter": 250,
+    "default": {"n_train": None, "n_val": None, "stage1_iter": 150, "stage3_iter": 150,
                 "batch": 8, "crop": 241},
     "quick": {"n_train": 8, "n_val": 4, "stage1_iter": 10, "stage3_iter": 10, "batch": 4,
               "crop": 161},
@@ -248,7 +248,7 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="8 train / 4 val photos and 10 iterations: checks that every step "
@@ -277,6 +277,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if len(args.opts) % 2:
         parser.error("--opts takes KEY VALUE pairs")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     preset = dict(PRESETS["quick" if args.quick else "default"])
     for key in ("stage1_iter", "stage3_iter", "batch", "crop"):
         if getattr(args, key) is not None:

@@ -192,3 +192,41 @@ def test_stages_1_and_2_run_on_the_photos_with_the_benchmarks_keys(six_photos, t
     # No-ground-truth quality signals (issue 26, being added to stage 2 on another branch): once
     # stage 2 reports them, assert here that `result` and quality.json carry them for these
     # photos, and that they agree with the masks' verdict above. Not asserted yet.
+
+
+def benchmark_commands(tmp_path, argv: list[str]) -> list[list[str]]:
+    """The argv of every step benchmarks/pennfudan.py would run with `argv`, none run."""
+    import benchmarks.pennfudan as bench
+
+    commands = []
+    runner = bench.Benchmark(bench.parse_args(argv), dict(bench.PRESETS["default"]),
+                             tmp_path / "out", tmp_path / "data")
+    runner.step = lambda key, script, *rest: commands.append([script, *rest])
+    runner.collect = lambda: None
+    runner.run()
+    return commands
+
+
+@pytest.mark.parametrize("user_opts", [[], ["MODEL.BACKBONE", "vgg16", "MODEL.INIT", "imagenet"]])
+def test_benchmark_configs_load_and_take_the_passthrough_opts(tmp_path, user_opts):
+    """Every stage's config, as the benchmark builds it, loads; by default the tiny preset from
+    scratch with stage 3 from the stage-1 BAP checkpoint, and with the GPU user's --opts the
+    configs' VGG-16 recipe (its learning rate, stage 3 from ImageNet)."""
+    from engine.config import load_config
+
+    commands = benchmark_commands(tmp_path, ["--opts", *user_opts] if user_opts else [])
+    scripts = [c[0] for c in commands]
+    assert scripts == ["data/pennfudan.py", "stage1.py", "stage1.py", "stage2.py", "stage2.py",
+                       "stage2.py"] + ["stage3.py", "evaluate.py"] * 3
+    for command in commands[1:]:
+        config = command[command.index("--config-file") + 1]
+        cfg = load_config(REPO / config, command[command.index("--opts") + 1:])
+        assert cfg.DATA.ROOT == str(tmp_path / "data") and cfg.DATA.NUM_CLASSES == 2
+        assert cfg.MODEL.BACKBONE == ("vgg16" if user_opts else "tiny")
+        if command[0] in ("stage1.py", "stage3.py"):
+            assert cfg.SOLVER.LR == (0.001 if user_opts else 0.01)
+        if command[0] == "stage1.py":
+            assert cfg.MODEL.INIT == ("imagenet" if user_opts else "none")
+        if command[0] == "stage3.py":
+            assert cfg.MODEL.INIT == ("imagenet" if user_opts else
+                                      str(tmp_path / "out/stage1_bap/checkpoints/final.ckpt"))
