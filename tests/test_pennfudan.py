@@ -230,3 +230,14 @@ def test_benchmark_configs_load_and_take_the_passthrough_opts(tmp_path, user_opt
         if command[0] == "stage3.py":
             assert cfg.MODEL.INIT == ("imagenet" if user_opts else
                                       str(tmp_path / "out/stage1_bap/checkpoints/final.ckpt"))
+
+
+def test_upper_bound_adds_a_stage_3_run_on_the_masks(tmp_path):
+    from engine.config import load_config
+
+    commands = benchmark_commands(tmp_path, ["--upper-bound"])
+    assert [c[0] for c in commands].count("stage3.py") == 4
+    stage3 = commands[-2]
+    cfg = load_config(REPO / "configs/custom/stage3.yml", stage3[stage3.index("--opts") + 1:])
+    assert cfg.NAME == "stage3_gt" and cfg.MODEL.LOSS == "ce_crf"
+    assert cfg.DATA.GT_IDS == str(tmp_path / "data/ImageSets/Segmentation/train.txt")
