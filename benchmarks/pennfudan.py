@@ -24,8 +24,8 @@ stage 3 starting from the stage-1 BAP backbone, as demo.py does: 38 minutes on a
 machine.
 On a GPU, the paper's networks: `--gpu-id 0 --opts MODEL.BACKBONE vgg16 MODEL.INIT imagenet`
 (with a backbone named in --opts, the tiny preset's SOLVER.LR and MODEL.INIT are not applied:
-the configs' VGG-16 recipe is, stage 3 from ImageNet); add --batch, --crop and the iteration
-counts to taste. --opts reach every stage and evaluate.py, after the benchmark's own keys.
+the configs' VGG-16 recipe is; a MODEL.INIT in --opts also replaces stage 3's start from the
+stage-1 checkpoint); add --batch, --crop and the iteration counts to taste. --opts reach every stage and evaluate.py, after the benchmark's own keys.
 """
 
 import sys
