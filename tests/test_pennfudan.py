@@ -189,9 +189,44 @@ def test_stages_1_and_2_run_on_the_photos_with_the_benchmarks_keys(six_photos, t
         100 * inter / union, abs=0.5)
     assert result["quality"] == quality["miou"]
 
-    # No-ground-truth quality signals (issue 26, being added to stage 2 on another branch): once
-    # stage 2 reports them, assert here that `result` and quality.json carry them for these
-    # photos, and that they agree with the masks' verdict above. Not asserted yet.
+    # The no-ground-truth signals and their verdict, for every variant, in the result, in
+    # quality.json and in the label set's manifest; Y_box fills its boxes by construction.
+    from data.labelset import LabelSet
+    from engine.label_quality import label_warnings
+
+    signals = quality["signals"]
+    boxes = sum(len(read_xml(six_photos / "Annotations" / f"{i}.xml",
+                             ("background", "person"))[0]) for i in ids)
+    assert signals["images"] == 4 and signals["boxes"] == boxes
+    assert set(signals["variants"]) == {"Y_crf", "Y_ret", "Y_box"}
+    assert signals["variants"]["Y_box"]["overall"]["fill_mean"] == 1.0
+    for variant in ("Y_crf", "Y_ret"):
+        person = signals["variants"][variant]["per_class"]["person"]
+        assert person["boxes"] == boxes and 0 <= person["fill_p10"] <= person["fill_mean"] <= 1
+    assert 0 <= signals["agreement"]["overall"]["mean"] <= 1
+    assert result["warnings"] == quality["warnings"] == label_warnings(signals)
+    assert LabelSet(six_photos / "Generation/bap").quality["warnings"] == result["warnings"]
+    # Labels that lost the pedestrians (each photo's Y_crf with its person pixels eroded away
+    # to a quarter of their boxes' width at most), indexed as a label set: the warning fires,
+    # naming the class.
+    from engine.labels import index_folder
+    from utils.io import atomic_write_png
+
+    lost = tmp_path / "lost"
+    for i in ids:
+        label = read_index_png(six_photos / "Generation/bap/Y_crf" / f"{i}.png")
+        label[:, ::4] = 0
+        label[:, 1::4] = 0
+        label[:, 2::4] = 0
+        label[::2] = 0
+        atomic_write_png(lost / f"{i}.png", label)
+    cfg2 = load_config(REPO / "configs/custom/stage2.yml", [*common, *preset_opts([], "stage2"),
+                                                            *stage2_opts("bap", "stage1_bap",
+                                                                         True, 0)])
+    index_folder(cfg2, lost, variant="Y_crf", progress=False)
+    warned = LabelSet(lost).quality["warnings"]
+    assert warned and warned[0].startswith("Y_crf: boxes are mostly background") \
+        and "person" in warned[0], warned
 
 
 def benchmark_commands(tmp_path, argv: list[str]) -> list[list[str]]:
