@@ -574,8 +574,10 @@ def parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
         if t is str or (t == list[str] and not raw.lstrip().startswith("[")):
             pairs.append((key, raw))
             continue
-        try:
-            value = yaml.safe_load(raw)
+        try:  # bounded: an alias bomb or a deep nest in a value is refused, not expanded
+            value = yaml.load(raw, Loader=BoundedYamlLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.composer.ComposerError as err:
+            raise BanaError(f"--opts {key}: {err.problem}.") from None
         except yaml.YAMLError:
             value = raw
         # A bare YAML scalar like `runs/x` stays a string; '' means an empty string.

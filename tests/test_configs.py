@@ -250,3 +250,21 @@ def test_loading_a_config_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_an_alias_bomb_in_opts_is_not_expanded():
+    """--opts values are read as YAML (lists, numbers); an alias bomb there (10^6 values from
+    a few hundred characters) is refused by the bounded loader, naming the key (yaml.safe_load
+    built it, and only the shortened repr of the message kept it from spreading)."""
+    import time
+
+    bomb = "[" + ", ".join(["&a [x,x,x,x,x,x,x,x,x,x]"] + [f"&{c} [*{p},*{p},*{p},*{p},*{p},*{p},"
+                                                          f"*{p},*{p},*{p},*{p}]"
+                                                          for p, c in zip("abcde",
+                                                                          "bcdef")]) + "]"
+    start = time.monotonic()
+    with pytest.raises(BanaError, match=r"--opts DATA.EXPORTS: its aliases \(\*name\) expand to "
+                                        r"more than 100,000 values") as info:
+        load_config(ROOT / "configs/demo/stage2.yml", ["DATA.EXPORTS", bomb])
+    assert time.monotonic() - start < 30
+    assert len(str(info.value)) < 3000
