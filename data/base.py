@@ -421,7 +421,8 @@ class MaskDataset(Dataset):
         self.label_dirs = [fmt.root / d for d in label_dirs]  # an absolute d replaces the root
         self.gt_ids = frozenset(gt_ids or ())
         self.num_classes = len(fmt.classes)
-        ids = [i for i in fmt.split_ids(split) if i not in set(exclude)]
+        exclude = set(exclude)
+        ids = [i for i in fmt.split_ids(split) if i not in exclude]
         if not self.label_dirs or self.gt_ids or only_gt:
             with_gt = set(fmt.gt_ids(split))
             if only_gt:

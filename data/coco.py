@@ -734,7 +734,8 @@ class COCOInstanceDataset(Dataset):
                             "CONFIG` with the same DATA.ROOT, DATA.SPLIT and "
                             "DATA.PSEUDO_LABEL_DIR writes the label set they are made from).")
         self.coco = load_ground_truth(self.annotation_file)
-        self.ids = [str(i) for i in sorted(self.coco.getImgIds()) if str(i) not in set(exclude)]
+        exclude = set(exclude)
+        self.ids = [str(i) for i in sorted(self.coco.getImgIds()) if str(i) not in exclude]
         if masks == "gt":
             anns = [a for a in self.coco.dataset.get("annotations", []) if not a.get("iscrowd")]
             if not anns or any(not a.get("segmentation") for a in anns):

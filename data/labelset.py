@@ -149,12 +149,16 @@ class LabelSet:
             raise BanaError(f"{path} is version {manifest.get('version')!r}; this code reads "
                             f"version {VERSION}: run stage 2 (or labels.py index) again.")
         self.manifest = manifest
-        self.classes = tuple(manifest["classes"])
-        self.category_ids = list(manifest["category_ids"])
-        self.split = manifest["split"]
-        self.ids = list(manifest["ids"])
-        self.variants = tuple(manifest["variants"])
-        self.root = Path(manifest["root"])
+        try:
+            self.classes = tuple(manifest["classes"])
+            self.category_ids = list(manifest["category_ids"])
+            self.split = manifest["split"]
+            self.ids = list(manifest["ids"])
+            self.variants = tuple(manifest["variants"])
+            self.root = Path(manifest["root"])
+        except (KeyError, TypeError) as err:
+            raise BanaError(f"{path} lacks {err} or holds it in another form: run stage 2 (or "
+                            "labels.py index) again to rewrite it.") from None
 
     @property
     def quality(self) -> dict:
@@ -178,6 +182,9 @@ class LabelSet:
         except FileNotFoundError:
             raise BanaError(f"{path} is missing: {self.folder} is incomplete; rerun stage 2 "
                             "(it resumes) or labels.py index.") from None
+        except ValueError as err:
+            raise BanaError(f"{path} is not a readable record ({err}): delete it and rerun stage "
+                            "2 (it labels that image again) or labels.py index.") from None
 
     def records(self):
         for image_id in self.ids:

@@ -68,11 +68,15 @@ def signals(records, classes) -> dict:
     cls, agree_cls = np.asarray(cls, dtype=np.int64), np.asarray(agree_cls, dtype=np.int64)
     out = {"images": images, "boxes": int(len(cls)), "lost_fill": LOST_FILL, "variants": {}}
     present = [c for c in range(1, len(classes)) if (cls == c).any()]
+    # Classes with too few boxes to be judged alone are judged together.
+    rare = [c for c in present if (cls == c).sum() < MIN_BOXES]
     for variant, values in fills.items():
         values = np.asarray(values, dtype=np.float64)
         out["variants"][variant] = {
             "overall": _stats(values),
-            "per_class": {classes[c]: _stats(values[cls == c]) for c in present}}
+            "per_class": {classes[c]: _stats(values[cls == c]) for c in present},
+            "rare_classes": {"names": [classes[c] for c in rare],
+                             **_stats(values[np.isin(cls, rare)])}}
     if agree:
         values = np.asarray(agree, dtype=np.float64)
         out["agreement"] = {
@@ -106,15 +110,21 @@ ADVICE = (
 def label_warnings(sig: dict) -> list[str]:
     """Warnings for the signals outside their plausible range (an empty list when none is): one
     line each, naming the signal, the variant, the classes and the plausible range. Every
-    variant is judged but Y_box, whose fill is 1 by construction."""
+    variant is judged but Y_box (the filled boxes: their fill is 1 but where a smaller box of
+    another class covers part of a box). A class is judged alone from MIN_BOXES boxes on; the
+    rarer ones are judged together once they reach MIN_BOXES boxes between them."""
     found = []
     for variant in [v for v in sig["variants"] if v != BOX_LABEL]:
         entry = sig["variants"].get(variant)
         if not entry or not entry["overall"]["boxes"]:
             continue
         judged = {name: s for name, s in entry["per_class"].items() if s["boxes"] >= MIN_BOXES}
+        rare = entry.get("rare_classes", {"boxes": 0})
         if not judged:  # too few boxes per class: judge the classes together
             judged = {"all classes": entry["overall"]}
+        elif rare["boxes"] >= MIN_BOXES:  # the rare classes together, beside the others
+            judged[f"the rare classes ({', '.join(rare['names'][:5])}"
+                   f"{', ...' if len(rare['names']) > 5 else ''})"] = rare
         low = {n: s["fill_mean"] for n, s in judged.items() if s["fill_mean"] < MIN_FILL}
         if low:
             found.append(f"{variant}: boxes are mostly background — mean box fill "

@@ -5,7 +5,9 @@ stage 3's predictions on its own training images, a second and cleaner round of 
 label set (data/labelset.py) by joining each map with the image's boxes from the dataset: each
 box's instance is its pixels of its class (where boxes of one class overlap, the smaller box's),
 and the same signals as stage 2's are computed. Exporters and the review page then read it as
-they read stage 2's folders.
+they read stage 2's folders. Boxes become pixel ranges by truncation (`pixel_edges`), not
+through stage 2's default float32 round trip (DATA.BOX_ARITHMETIC reference), which moves a few
+box edges by one pixel.
 """
 
 from __future__ import annotations
@@ -60,14 +62,14 @@ def index_folder(cfg: Config, folder, variant: str = PREDICTION, progress: bool 
     for image_id in tqdm(ids, desc="index", unit="img", disable=not progress,
                          dynamic_ncols=True):
         out = record_path(folder, image_id)
-        if out.is_file() and out.stat().st_mtime >= maps[image_id].stat().st_mtime:
-            continue
         image_path = data.image_path(split, image_id)
         height, width = read_image_size(image_path, exif=True)
-        label = read_label_png(maps[image_id], len(data.classes), "label map", (height, width),
-                               "predict it again for this image")
         ann = data.annotation(split, image_id)
         boxes, keep = clip_boxes(ann.boxes, height, width)
+        if _still_valid(out, maps[image_id], folder, variant, boxes[keep], ann.classes[keep]):
+            continue
+        label = read_label_png(maps[image_id], len(data.classes), "label map", (height, width),
+                               "predict it again for this image")
         atomic_write_json(out, image_record(
             image_id, relative_name(image_path, data.root), boxes[keep], ann.classes[keep],
             {variant: label}, {variant: maps[image_id].relative_to(folder).as_posix()}))
@@ -79,6 +81,27 @@ def index_folder(cfg: Config, folder, variant: str = PREDICTION, progress: bool 
     sig = signals(labels.records(), data.classes)
     return write_manifest(folder, **manifest,
                           quality={"signals": sig, "warnings": label_warnings(sig)})
+
+
+def _still_valid(record: Path, label_map: Path, folder: Path, variant: str, boxes,
+                 classes) -> bool:
+    """A record written before is kept when it is newer than its label map and was made for the
+    same variant name and the same boxes (an edited annotation, or another --variant, redoes
+    it)."""
+    import json
+
+    from utils.boxes import pixel_ranges
+
+    if not record.is_file() or record.stat().st_mtime < label_map.stat().st_mtime:
+        return False
+    try:
+        rec = json.loads(record.read_text())
+    except ValueError:
+        return False
+    height, width = rec.get("height", 0), rec.get("width", 0)
+    return (rec.get("labels") == {variant: label_map.relative_to(folder).as_posix()}
+            and rec.get("boxes") == pixel_ranges(boxes, height, width).tolist()
+            and rec.get("classes") == [int(c) for c in classes])
 
 
 def gt_reader(cfg: Config | None, split: str):
@@ -113,6 +136,7 @@ def read_exclusions(path, known_ids) -> dict[str, list[int] | None]:
 
 
 def excluded_ids(exclusions: dict) -> set[str]:
-    """The images stage 3 leaves out: those marked whole, and those with a marked box (a label
-    map cannot drop one box's pixels without leaving them as background, which they are not)."""
+    """The images stage 3 leaves out: those marked whole, and those with a marked box (the
+    simple, safe choice: training on the image's other boxes would need its label maps to
+    mark that box's pixels 'ignore', which they do not)."""
     return set(exclusions)

@@ -28,7 +28,8 @@ UTF-8 text, one line per excluded image or set of boxes:
     # a comment (a line whose first character is '#'); blank lines are ignored too
     2008_000123               the whole image: stage 3 does not train on it
     2008_000456<TAB>0 2       boxes 0 and 2 of the image (0-based, the order of the record's
-                              `boxes`, as the page numbers them): their pixels are ignored
+                              `boxes`, as the page numbers them): stage 3 leaves the whole
+                              image out (DATA.EXCLUDE), since its label maps hold no box
 The id is the image id exactly as in the label folder's records. The page separates the id from the
 box indices with a TAB, because ids may hold spaces; a person writing the file by hand may use any
 whitespace when the id has none. Lines of one id add up; a whole-image line wins over box lines.
@@ -70,7 +71,8 @@ def read_exclusions(path, ids=None) -> dict[str, set[int] | None]:
     spaces ("a b 3": id "a b 3" if it is known, else id "a b", box 3)."""
     known = set(ids) if ids is not None else set()
     excluded: dict[str, set[int] | None] = {}
-    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    # utf-8-sig: a file saved by a Windows editor starts with a byte-order mark.
+    for number, raw in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         line = raw.rstrip("\r\n")
         if not line.strip() or line.lstrip().startswith("#"):
             continue

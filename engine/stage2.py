@@ -327,7 +327,8 @@ def redo_changed_inputs(out_root: Path, ids: list[str], prints: dict[str, str]) 
     was made from): their files are deleted, so that this run labels them again; says how many.
     A label folder written before the ledger existed keeps its labels, with a note."""
     ledger = Ledger(out_root / INPUTS)
-    written = [i for i in ids if i not in set(pending_ids(ids, out_root))]
+    pending = set(pending_ids(ids, out_root))
+    written = [i for i in ids if i not in pending]
     if not written:
         return []
     if not ledger.exists():
@@ -484,8 +485,10 @@ def check_u0(cfg: Config, net, dataset, device: torch.device, workers: int) -> b
             trial.MODEL.USE_U0 = use_u0
             trial.DATA.PSEUDO_LABEL_DIR = str(Path(tmp) / str(use_u0))
             generate(trial, net, dataset, sample, device, workers, progress=False)
-            fills = [f for i in sample for f in json.loads(
-                (trial.pseudo_label_dir / RECORDS / f"{i}.json").read_text())["fill"]["Y_crf"]]
+            # An image the trial skipped as unusable has no record: the others decide.
+            written = [trial.pseudo_label_dir / RECORDS / f"{i}.json" for i in sample]
+            fills = [f for p in written if p.is_file()
+                     for f in json.loads(p.read_text())["fill"]["Y_crf"]]
             fill[use_u0] = float(np.mean(fills)) if fills else 1.0
     keep = not (fill[True] < MIN_FILL <= fill[False])
     print(f"MODEL.U0_CHECK on {len(sample)} images: mean Y_crf box fill {100 * fill[True]:.1f} % "
@@ -567,7 +570,8 @@ def _label(cfg: Config, data, dataset, net, launch, devices, workers: int, overw
         raise skipped  # the run was cut short: nothing to report on yet
     # Images skipped as unusable are left out of the label set, which the others still get
     # (signals, page, exports); the run then ends with the list of skipped images.
-    done = [i for i in ids if i not in set(missing)]
+    unlabelled = set(missing)
+    done = [i for i in ids if i not in unlabelled]
     result = {"images": len(ids), "labelled_now": todo, "seconds": round(seconds, 2),
               "images_per_second": round(todo / seconds, 3) if todo and seconds > 0 else None,
               "label_dir": str(out_root)}

@@ -13,9 +13,9 @@ import numpy as np
 
 def mask_polygons(mask: np.ndarray) -> list[np.ndarray]:
     """The outer outline of each connected part of a bool (H, W) mask, largest part first: a list
-    of float (N, 2) polygons with N >= 3. A part of one pixel, or a one-pixel-wide line, is
-    traced around its pixels' outer edges instead (its centre-line outline would have no
-    area)."""
+    of float (N, 2) polygons with N >= 3. A part whose centre-line outline has (almost) no area
+    (one pixel, a one-pixel-wide line, straight or not) gets the rectangle around its pixels'
+    outer edges instead, so that it is not lost (for a diagonal line, a coarse outline)."""
     import cv2
 
     contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8),
@@ -25,7 +25,7 @@ def mask_polygons(mask: np.ndarray) -> list[np.ndarray]:
         points = contour[:, 0, :].astype(np.float64)
         x0, y0 = points.min(0)
         x1, y1 = points.max(0)
-        if len(points) < 3 or x0 == x1 or y0 == y1:
+        if len(points) < 3 or x0 == x1 or y0 == y1 or abs(_area(points)) < 1:
             points = np.array([[x0 - 0.5, y0 - 0.5], [x1 + 0.5, y0 - 0.5], [x1 + 0.5, y1 + 0.5],
                                [x0 - 0.5, y1 + 0.5]])
         polygons.append(points)

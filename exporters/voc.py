@@ -20,7 +20,7 @@ import numpy as np
 
 
 def _border(ids: np.ndarray, width: int) -> np.ndarray:
-    """bool (H, W): pixels of a region within `width` pixels of another region's pixel (4-way
+    """bool (H, W): pixels of a region within `width` pixels of another region's pixel (square
     erosion of each id's mask; background 0 gets no band of its own)."""
     import cv2
 
@@ -45,9 +45,18 @@ def export(labels, variant: str, out: Path, border: bool = False, border_width: 
         semantic = labels.label(rec, variant).copy()
         objects = np.zeros_like(semantic)
         n = 0
-        for mask in labels.instance_masks(rec, variant):
+        for mask, c in zip(labels.instance_masks(rec, variant), rec["classes"]):
+            # Only the pixels SegmentationClass gives the instance's class: where filled boxes
+            # (Y_box) overlap, the smaller box's class wins there, and so does its object.
+            mask = mask & (semantic == c)
             if mask.any():
                 n += 1
+                if n > 254:
+                    from utils.errors import BanaError
+
+                    raise BanaError(f"VOC export: image {rec['id']} has more than 254 instances; "
+                                    "SegmentationObject PNGs hold 1..254 (255 is void). Export "
+                                    "it as coco or yolo_seg.")
                 objects[mask] = n
         if border:
             band = _border(objects, border_width) | _border(semantic, border_width)

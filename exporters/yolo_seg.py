@@ -29,6 +29,11 @@ def safe_name(image_id: str) -> str:
 
 
 def _place_image(src: Path, dst: Path, how: str) -> None:
+    if not src.is_file():
+        from utils.errors import BanaError
+
+        raise BanaError(f"YOLO-seg export: image {src} not found (the label set's dataset root "
+                        "moved?): labelset.json's 'root' names where the images are.")
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
         dst.unlink()

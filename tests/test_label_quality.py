@@ -73,7 +73,12 @@ def test_no_warning_on_plausible_labels_and_rare_classes_are_judged_together():
     # 3 bike boxes with nothing labelled: too few to judge alone, and the whole set is fine
     few = recs + [record([0.0], [0.5], [3], [0.5]) for _ in range(3)]
     assert label_warnings(signals(few, CLASSES)) == []
-    # ...but 3 of 4 boxes of a set that small are judged together, and are lost
+    # ...but once the rare classes have 5 boxes between them, they are judged together
+    rarer = recs + [record([0.0], [0.5], [3], [0.5]) for _ in range(3)] \
+        + [record([0.0], [0.5], [4], [0.5]) for _ in range(2)]
+    warned = label_warnings(signals(rarer, CLASSES + ("boat",)))
+    assert any("the rare classes (bike, boat)" in w for w in warned), warned
+    # ...and 3 of 4 boxes of a set that small are judged together, and are lost
     tiny = [record([0.0], [0.5], [2], [0.5]) for _ in range(3)] + [record([0.6], [0.6], [1])]
     warned = label_warnings(signals(tiny, CLASSES))
     assert any("all classes" in w for w in warned)
