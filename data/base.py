@@ -345,12 +345,24 @@ def read_dataset_image(fmt: DatasetFormat, split: str, image_id: str,
     return image
 
 
+def check_ids(ids, split: str) -> list[str]:
+    """Image ids name output files (labels, records, masks): one that is an absolute path or
+    climbs out with '..' would write outside the output folder, and is refused."""
+    bad = [i for i in ids if Path(i).is_absolute() or ".." in Path(i).parts]
+    if bad:
+        raise BanaError(f"split '{split}' names {len(bad)} image(s) by a path that leaves its "
+                        f"folder (e.g. {bad[0]!r}): an image id names the files written for it, "
+                        "so it may hold sub-folders but no '..' and no leading '/'. Fix the "
+                        "split's list or annotation file.")
+    return list(ids)
+
+
 class BoxDataset(Dataset):
     """Images with their boxes and background mask (stage 1, and stage 2 at full size)."""
 
     def __init__(self, fmt: DatasetFormat, split: str, transform=None):
         self.fmt, self.split, self.transform = fmt, split, transform
-        self.ids = list(fmt.split_ids(split))
+        self.ids = check_ids(fmt.split_ids(split), split)
         self.classes = fmt.classes
         fmt.check_images(split, self.ids)
 

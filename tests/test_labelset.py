@@ -269,3 +269,14 @@ def test_labels_cli_exports_an_indexed_folder(indexed, tmp_path, run_script):
     assert (tmp_path / "voc/SegmentationClass").is_dir()
     proc = run_script("labels.py", "export", "--labels", str(tmp_path), "--format", "coco")
     assert proc.returncode == 2 and "has no labelset.json" in proc.stderr
+
+
+def test_an_image_id_that_leaves_the_folder_is_refused(tmp_path):
+    """Ids name the files stage 2 writes (labels, records): '../x' or '/x' would write outside
+    DATA.PSEUDO_LABEL_DIR, so the split is refused before anything is written."""
+    from data.base import check_ids
+
+    assert check_ids(["a", "sub/b", "c d"], "train") == ["a", "sub/b", "c d"]
+    for bad in ("../escape", "/etc/x", "sub/../../x"):
+        with pytest.raises(BanaError, match=r"split 'train' names 1 image\(s\) by a path"):
+            check_ids(["a", bad], "train")
