@@ -68,13 +68,14 @@ def run(args):
         from engine.labels import gt_reader
         from engine.review import build_review
 
-        cfg = None
+        data = None
         if args.config_file:
+            from data.datasets import open_data
             from engine.config import load_config
 
-            cfg = load_config(args.config_file, args.opts)
+            data = open_data(load_config(args.config_file, args.opts))
         return build_review(labels, Path(args.out) if args.out else None,
-                            gt=gt_reader(cfg, labels.split))
+                            gt=gt_reader(data, labels.split))
     from exporters import run_exports
 
     variant = args.variant or ("Y_crf" if "Y_crf" in labels.variants else labels.variants[0])

@@ -104,14 +104,11 @@ def _still_valid(record: Path, label_map: Path, folder: Path, variant: str, boxe
             and rec.get("classes") == [int(c) for c in classes])
 
 
-def gt_reader(cfg: Config | None, split: str):
-    """A callable id -> ground-truth label map or None (the review page's GT), from cfg's dataset;
-    None without a config."""
-    if cfg is None:
+def gt_reader(data, split: str):
+    """A callable id -> ground-truth label map or None (the review page's GT) of a dataset
+    (`data.base.DatasetFormat`); None without one."""
+    if data is None:
         return None
-    from data.datasets import open_data
-
-    data = open_data(cfg)
     with_gt = set(data.gt_ids(split))
     return lambda image_id: data.gt_label(split, image_id) if image_id in with_gt else None
 

@@ -625,11 +625,10 @@ def finish_label_set(cfg: Config, data, ids: list[str]) -> dict:
         quality.update(instance)
         result["instance_quality"] = {k: v["AP"] for k, v in instance["ap"].items()}
     atomic_write_json(cfg.run_dir / "quality.json", quality)
+    from engine.labels import gt_reader
     from engine.review import build_review
 
-    with_gt = set(data.gt_ids(split))
-    build_review(labels, gt=lambda i: data.gt_label(split, i) if i in with_gt else None,
-                 progress=len(ids) >= 200)
+    build_review(labels, gt=gt_reader(data, split), progress=len(ids) >= 200)
     if cfg.DATA.EXPORTS:
         from exporters import run_exports
 

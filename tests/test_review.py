@@ -208,6 +208,22 @@ def test_odd_ids_get_safe_thumbnail_names(synthetic_voc, tmp_path):
     assert re.fullmatch(r"thumbs/a_b_c_d-[0-9a-f]{12}\.jpg", card["thumb"])
 
 
+def test_labels_review_command_takes_the_ground_truth_from_a_config(labels, synthetic_voc,
+                                                                    tmp_path, run_script):
+    """With --config-file the page shows the dataset's ground truth and opens sorted by IoU;
+    without it, by the no-ground-truth signal."""
+    proc = run_script("labels.py", "review", "--labels", str(labels.folder), "--out",
+                      str(tmp_path / "gt"), "--config-file", "configs/demo/stage2.yml",
+                      "--opts", "DATA.ROOT", str(synthetic_voc), "DATA.SPLIT", labels.split)
+    assert proc.returncode == 0, proc.stderr
+    data = page_data(tmp_path / "gt" / "index.html")
+    assert data["order"] == "iou_Y_crf" and all("GT" in c["panels"] for c in data["cards"])
+    proc = run_script("labels.py", "review", "--labels", str(labels.folder), "--out",
+                      str(tmp_path / "nogt"))
+    data = page_data(tmp_path / "nogt" / "index.html")
+    assert data["order"] != "iou_Y_crf" and not any("GT" in c["panels"] for c in data["cards"])
+
+
 def test_labels_review_command_writes_the_page_where_asked(labels, tmp_path, run_script):
     proc = run_script("labels.py", "review", "--labels", str(labels.folder), "--out",
                       str(tmp_path / "r"))
